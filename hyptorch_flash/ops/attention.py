@@ -1,0 +1,114 @@
+"""The public functional op: :func:`hyperbolic_attention`."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backends
+from .problem import build_problem
+from .reference import attention_probabilities
+
+
+def hyperbolic_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    score: str = "lorentz_dot",
+    output: Optional[str] = None,
+    curvature=1.0,
+    tau=None,
+    scale=None,
+    beta=None,
+    squared: bool = False,
+    causal: bool = False,
+    attn_mask: Optional[torch.Tensor] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    full_lorentz: bool = False,
+    return_lse: bool = False,
+    backend: Optional[str] = None,
+    check_inputs: bool = True,
+    acosh_eps: Optional[float] = None,
+):
+    r"""Hyperbolic multi-head attention: softmax over a hyperbolic score, centroid aggregation.
+
+    For query i: P_ij = softmax_j(s(q_i, k_j) + mask_ij), O_i = Σ_j P_ij·lift(v_j), output = the
+    centroid of the lifted values (DESIGN.md §2), written in the chosen model.
+
+    Args:
+        q: ``(B, H, N, D)`` queries. ``k``: ``(B, Hkv, M, D)``, ``v``: ``(B, Hkv, M, Dv)`` with H a
+            multiple of Hkv (GQA/MQA). For ``lorentz_dot``/``distance`` these are the *space*
+            coordinates of points on H_k (time x0 = sqrt(k + |xs|²) is implied); with
+            ``full_lorentz=True`` they are full ``(..., D+1)`` Lorentz points, checked to lie on H_k.
+            For ``poincare_distance`` they are points of geoopt ``PoincareBall(c=1/k)``; for
+            ``euclidean`` plain vectors. dtype float64/float32/float16/bfloat16 (the math runs in
+            float32 or better; the output has the input dtype).
+        score: ``"lorentz_dot"`` s = (2/τ)<q,k>_L (HyboNet/Hypformer); ``"distance"`` s = −β·d(q,k)
+            (or −β·d² with ``squared=True``), d = sqrt(k)·arccosh(−<q,k>_L/k) with the argument clamped
+            to ≥ 1 + ``acosh_eps``; ``"poincare_distance"`` s = −β·d_P(q,k); ``"euclidean"`` s = q·k/τ.
+        output: ``"lorentz"`` (space coordinates of the Lorentz centroid; full ``(…, Dv+1)`` point
+            with ``full_lorentz=True``), ``"klein"`` (Einstein midpoint, ball of radius sqrt(k)),
+            ``"poincare"`` (gyromidpoint in ``PoincareBall(c=1/k)``); ``"euclidean"`` only for the
+            euclidean score. Default: ``"poincare"`` for ``poincare_distance``, else ``"lorentz"``.
+        curvature: k > 0 as a float, 0-d tensor, per-head ``(H,)`` tensor (learnable tensors get
+            gradients), ``geoopt.Lorentz`` or ``geoopt.PoincareBall`` (k = 1/c).
+        tau, scale: temperature of the dot-product scores (default τ = sqrt(D)); ``scale`` is the
+            multiplier itself (s = scale·<q,k>). ``beta``: β of the distance scores (default 1).
+            Each may be a float, a 0-d or an ``(H,)`` tensor.
+        causal: query i attends to keys j ≤ i (top-left aligned, as SDPA's ``is_causal``).
+        attn_mask: bool (True = may attend) or float (added to the scores), broadcastable to
+            ``(B, H, N, M)`` — the ``F.scaled_dot_product_attention`` convention.
+        key_padding_mask: bool ``(B, M)``, True = padded key (ignored).
+        return_lse: also return the log-sum-exp of the masked scores, ``(B, H, N)`` in float32
+            (float64 for float64 inputs); −inf for rows that see no key.
+        backend: ``"reference" | "blockwise" | "cuda" | "auto"``; ``None`` uses the
+            :func:`attention_backend` context, then ``$HYPTORCH_FLASH_BACKEND``, then ``"auto"``.
+        check_inputs: validate values (NaN/Inf, curvature sign, points on the manifold / in the
+            ball). Costs a device sync; shapes, dtypes and devices are always checked.
+
+    Rows whose keys are all masked return the origin (zero space part) with zero gradient.
+
+    Example::
+
+        >>> q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+        >>> out = hyperbolic_attention(q, k, v, score="distance", causal=True, backend="blockwise")
+        >>> out.shape
+        torch.Size([2, 4, 16, 8])
+    """
+    problem = build_problem(
+        q, k, v, score=score, output=output, curvature=curvature, tau=tau, scale=scale, beta=beta,
+        squared=squared, causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+        full_lorentz=full_lorentz, check_inputs=check_inputs, acosh_eps=acosh_eps,
+    )
+    out, lse = backends.select_backend(problem, backend).run(problem)
+    return (out, lse) if return_lse else out
+
+
+def hyperbolic_attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    score: str = "lorentz_dot",
+    curvature=1.0,
+    tau=None,
+    scale=None,
+    beta=None,
+    squared: bool = False,
+    causal: bool = False,
+    attn_mask: Optional[torch.Tensor] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    check_inputs: bool = True,
+    acosh_eps: Optional[float] = None,
+) -> torch.Tensor:
+    """The attention weights P ``(B, H, N, M)`` of :func:`hyperbolic_attention` (same arguments).
+
+    Always materialised by the reference math (O(N·M) memory), for inspection and ``need_weights``.
+    Rows that see no key are all zero.
+    """
+    problem = build_problem(
+        q, k, k[..., :1], score=score, output=None, curvature=curvature, tau=tau, scale=scale, beta=beta,
+        squared=squared, causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+        full_lorentz=False, check_inputs=check_inputs, acosh_eps=acosh_eps,
+    )
+    return attention_probabilities(problem)[0].to(q.dtype)
