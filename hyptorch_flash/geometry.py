@@ -51,7 +51,7 @@ def resolve_curvature(
             )
         k = 1.0 / c
     elif isinstance(curvature, Real) and not isinstance(curvature, bool):
-        k = torch.tensor(float(curvature), device=device)
+        k = torch.tensor(float(curvature), dtype=torch.float64, device=device)  # exact; cast at use
     elif isinstance(curvature, torch.Tensor):
         k = curvature
     else:
