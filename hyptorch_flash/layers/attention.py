@@ -1,0 +1,187 @@
+"""Hyperbolic multi-head attention modules on top of :func:`hyptorch_flash.hyperbolic_attention`."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import geometry
+from ..ops import hyperbolic_attention, hyperbolic_attention_weights
+from .cache import KVCache
+from .curvature import Curvature, CurvatureArg, as_curvature
+from .linear import LorentzLinear
+from .masks import module_masks_to_sdpa
+from .points import check_points, lorentz_point
+
+LORENTZ_SCORES = ("lorentz_dot", "distance")
+OUTPUT_CHARTS = ("lorentz", "klein", "poincare")
+
+
+def _positive_head_parameter(module: nn.Module, name: str, value: float, num_heads: int, learnable: bool) -> None:
+    """Register log(value) per head as a parameter (learnable) or a buffer; read back with exp."""
+    log_value = torch.full((num_heads,), math.log(value), dtype=torch.get_default_dtype())
+    if learnable:
+        module.register_parameter(name, nn.Parameter(log_value))
+    else:
+        module.register_buffer(name, log_value)
+
+
+class HyperbolicMultiheadAttention(nn.Module):
+    r"""Multi-head attention between points of H^embed_dim_k, in the Lorentz model.
+
+    Queries, keys and values are Lorentz linear maps of the inputs (:class:`LorentzLinear`, Hypformer /
+    HyperCore "space" form by default, HyboNet's with ``projection="hybonet"``), split into heads of
+    ``head_dim = embed_dim // num_heads`` space coordinates each, i.e. points of H^head_dim_{k_h}. The
+    core is the functional :func:`hyptorch_flash.hyperbolic_attention` (so every backend — reference,
+    blockwise, cuda — runs through this module): softmax of a hyperbolic score, then the Lorentz
+    centroid of the values (Chen et al. 2022, "Fully Hyperbolic Neural Networks", ACL, §3.2 for
+    ``score="lorentz_dot"``: s = (2/τ)<q,k>_L; Gulcehre et al. 2019, "Hyperbolic Attention Networks",
+    ICLR, for ``score="distance"``: s = −β·d(q,k), or −β·d² with ``squared=True``). The heads' space
+    parts are concatenated (a point of H^embed_dim_k once its time is recomputed) and mapped by an
+    output :class:`LorentzLinear`.
+
+    Representation: inputs and outputs are full Lorentz points ``(..., embed_dim + 1)`` (time first);
+    ``kdim``/``vdim`` likewise count space dimensions. ``output`` selects the chart of the *returned*
+    tensor: ``"lorentz"`` (full points, default; what the other layers take), ``"klein"`` or
+    ``"poincare"`` (``(..., embed_dim)`` in the Klein ball of radius sqrt(k) / geoopt
+    ``PoincareBall(c=1/k)``) — the same point in another chart.
+
+    Interface of ``nn.MultiheadAttention`` (differences marked):
+
+    - ``batch_first`` (default **True** here): ``(B, N, E+1)``, else ``(N, B, E+1)``.
+    - ``attn_mask``: as ``nn.MultiheadAttention``: bool **True = may NOT attend**, or float added to
+      the scores; shape ``(N, M)`` or ``(B·num_heads, N, M)``. (The functional op follows
+      ``F.scaled_dot_product_attention``, bool True = *may* attend; this module converts.)
+    - ``key_padding_mask``: bool ``(B, M)``, True = padded key. ``is_causal``: query i sees keys
+      j ≤ i (with a cache: j ≤ past + i). Rows that see no key return the origin.
+    - ``need_weights`` (default **False** here, since weights cost O(N·M) memory): also return the
+      attention weights ``(B, N, M)`` (head-averaged) or ``(B, H, N, M)`` from
+      :func:`hyptorch_flash.hyperbolic_attention_weights` (reference math); else ``None``.
+    - ``key``/``value`` default to ``query`` (self-attention).
+
+    Extras: ``num_kv_heads`` (GQA/MQA), ``per_head_curvature`` (a learnable k_h > 0 per head, the
+    heads' own hyperboloids), ``learnable_scale`` (per-head learnable τ or β, kept positive),
+    ``attn_backend`` (``None`` = context manager / ``$HYPTORCH_FLASH_BACKEND`` / auto; see
+    :func:`hyptorch_flash.set_attention_backend`), and ``cache=`` (:class:`KVCache`) for incremental
+    decoding: each call appends the new keys/values, so a decoding step costs O(past length).
+
+    Returns ``(output, weights_or_None)`` like ``nn.MultiheadAttention``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
+                 kdim: Optional[int] = None, vdim: Optional[int] = None, batch_first: bool = True,
+                 curvature: CurvatureArg = 1.0, learnable_curvature: bool = False,
+                 per_head_curvature: bool = False, score: str = "lorentz_dot", output: str = "lorentz",
+                 tau: Optional[float] = None, beta: float = 1.0, squared: bool = False,
+                 learnable_scale: bool = False, bias: bool = True, projection: str = "space",
+                 attn_backend: Optional[str] = None, check_inputs: bool = True):
+        super().__init__()
+        name = type(self).__name__
+        if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
+            raise ValueError(f"{name}: embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"{name}: num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if score not in LORENTZ_SCORES:
+            raise ValueError(f"{name}: score must be one of {LORENTZ_SCORES}, got {score!r} "
+                             "(use PoincareMultiheadAttention for poincare_distance)")
+        if output not in OUTPUT_CHARTS:
+            raise ValueError(f"{name}: output must be one of {OUTPUT_CHARTS}, got {output!r}")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.kdim = embed_dim if kdim is None else kdim
+        self.vdim = self.kdim if vdim is None else vdim
+        self.batch_first, self.score, self.output, self.squared = batch_first, score, output, squared
+        self.attn_backend, self.check_inputs = attn_backend, check_inputs
+        self.curvature = as_curvature(curvature, learnable=learnable_curvature)
+        if per_head_curvature:
+            k0 = self.curvature().detach()
+            self.head_curvature = Curvature(k0, learnable=True, num_heads=num_heads)
+        else:
+            self.head_curvature = self.curvature
+        if score == "lorentz_dot":
+            tau = math.sqrt(self.head_dim) if tau is None else tau
+            if not tau > 0:
+                raise ValueError(f"{name}: tau must be > 0, got {tau}")
+            _positive_head_parameter(self, "log_coef", 2.0 / tau, num_heads, learnable_scale)
+        else:
+            if not beta > 0:
+                raise ValueError(f"{name}: beta must be > 0, got {beta}")
+            _positive_head_parameter(self, "log_coef", beta, num_heads, learnable_scale)
+        proj = dict(curvature=self.curvature, bias=bias, mode=projection, check_inputs=False)
+        self.q_proj = LorentzLinear(embed_dim, num_heads * self.head_dim, **proj)
+        self.k_proj = LorentzLinear(self.kdim, num_kv_heads * self.head_dim, **proj)
+        self.v_proj = LorentzLinear(self.vdim, num_kv_heads * self.head_dim, **proj)
+        self.out_proj = LorentzLinear(num_heads * self.head_dim, embed_dim, **proj)
+
+    def _score_kwargs(self) -> dict:
+        coef = self.log_coef.exp()
+        if self.score == "lorentz_dot":
+            return {"scale": coef}
+        return {"beta": coef, "squared": self.squared}
+
+    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        B, N = x.shape[:2]
+        return x.reshape(B, N, heads, self.head_dim).transpose(1, 2)  # (B, N, h·dh) → (B, h, N, dh)
+
+    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False, cache: Optional[KVCache] = None):
+        name = type(self).__name__
+        self_attention = key is None and value is None
+        key = query if key is None else key
+        value = key if value is None else value
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) if isinstance(t, torch.Tensor) and t.dim() == 3 else t
+                                 for t in (query, key, value))
+        k = self.curvature()
+        if query.dim() != 3:
+            raise ValueError(f"{name}: query must be 3-D (batch, seq, embed_dim + 1) with batch_first="
+                             f"{self.batch_first}, got shape {tuple(query.shape)}")
+        check_points(query, self.embed_dim, k, name="query", layer=name, check_manifold=self.check_inputs)
+        reuse_static = cache is not None and cache.static and cache.length > 0
+        if not reuse_static and not self_attention:
+            check_points(key, self.kdim, k, name="key", layer=name, check_manifold=self.check_inputs)
+            if value is not key:
+                check_points(value, self.vdim, k, name="value", layer=name, check_manifold=self.check_inputs)
+            if key.dim() != 3 or key.shape[:2] != value.shape[:2] or key.shape[0] != query.shape[0]:
+                raise ValueError(f"{name}: key {tuple(key.shape)} and value {tuple(value.shape)} must be "
+                                 f"(batch, seq, dim + 1) with the query's batch ({query.shape[0]})")
+        B, N = query.shape[:2]
+        q = self._heads(self.q_proj.space(query), self.num_heads)
+        if reuse_static:
+            k_heads, v_heads = cache.key, cache.value
+        else:
+            k_heads = self._heads(self.k_proj.space(key), self.num_kv_heads)
+            v_heads = self._heads(self.v_proj.space(value), self.num_kv_heads)
+            if cache is not None:
+                k_heads, v_heads = cache.update(k_heads, v_heads)
+        M = k_heads.shape[2]
+        past = M - N if (cache is not None and not cache.static) else 0
+        causal, sdpa_mask = module_masks_to_sdpa(attn_mask, is_causal=is_causal, past=past, batch=B,
+                                                 num_heads=self.num_heads, q_len=N, k_len=M, layer=name)
+        head_k = self.head_curvature()
+        common = dict(score=self.score, curvature=head_k, causal=causal, attn_mask=sdpa_mask,
+                      key_padding_mask=key_padding_mask, check_inputs=False, **self._score_kwargs())
+        out = hyperbolic_attention(q, k_heads, v_heads, output="lorentz", backend=self.attn_backend, **common)
+        out = out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)  # (B, H, N, dh) → (B, N, H·dh)
+        y = self.out_proj(lorentz_point(out, k))
+        if self.output == "klein":
+            y = geometry.lorentz_to_klein(y, k)
+        elif self.output == "poincare":
+            y = geometry.lorentz_to_poincare(y, k)
+        if not self.batch_first:
+            y = y.transpose(0, 1)
+        weights = None
+        if need_weights:
+            weights = hyperbolic_attention_weights(q, k_heads, **common)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+        return y, weights
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"score={self.score!r}, output={self.output!r}, attn_backend={self.attn_backend!r}")
