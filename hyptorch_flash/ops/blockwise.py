@@ -73,28 +73,41 @@ class BlockwiseAttention(torch.autograd.Function):
         N, M = q.shape[2], k.shape[2]
         d_out = d_out.contiguous()
         d_lse = torch.zeros_like(lse) if d_lse is None else d_lse
-        delta = (d_out * out).sum(dim=-1, keepdim=True)  # D_i = rowsum(dO_i ∘ O_i)
         lse_safe = lse.masked_fill(lse == NEG_INF, 0.0).unsqueeze(-1)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         d_curv, d_coef = torch.zeros_like(curv), torch.zeros_like(coef)
+
+        def key_tiles(n, i0):
+            for j0 in range(0, M, ctx.block_k):
+                if not ctx.mask.tile_fully_masked(i0, i0 + n, j0, min(j0 + ctx.block_k, M)):
+                    yield j0, slice(j0, j0 + ctx.block_k)
+
+        def probabilities_and_dp(q_i, k_j, c, a, i0, j0, sl_i, sl_j):
+            s_raw, s_ij = _masked_scores(ctx.score_fn, ctx.score_kwargs, ctx.mask, q_i, k_j, c, a, i0, j0)
+            p_ij = torch.exp(s_ij.detach() - lse_safe[:, :, sl_i])  # P_ij recomputed from L_i
+            dp_ij = d_out[:, :, sl_i] @ v[:, :, sl_j].transpose(-1, -2)  # dP_ij = dO_i V_jᵀ
+            return s_raw, p_ij, dp_ij
+
         for i0 in range(0, N, ctx.block_q):
             sl_i = slice(i0, i0 + ctx.block_q)
             n = q[:, :, sl_i].shape[2]
-            for j0 in range(0, M, ctx.block_k):
-                sl_j = slice(j0, j0 + ctx.block_k)
-                if ctx.mask.tile_fully_masked(i0, i0 + n, j0, min(j0 + ctx.block_k, M)):
-                    continue
+            # D_i = rowsum(P_i ∘ dP_i), equal to FA2's rowsum(dO_i ∘ O_i) in exact arithmetic. Summing the
+            # very dP values used below keeps Σ_j dS_ij ≈ 0 to rounding: the centroid epilogue makes dO nearly
+            # orthogonal to O with large entries, and rowsum(dO ∘ O) loses that cancellation (50× worse dq in fp32).
+            delta = torch.zeros_like(lse_safe[:, :, sl_i])
+            for j0, sl_j in key_tiles(n, i0):
+                _, p_ij, dp_ij = probabilities_and_dp(q[:, :, sl_i], k[:, :, sl_j], curv, coef, i0, j0, sl_i, sl_j)
+                delta += (p_ij * dp_ij).sum(dim=-1, keepdim=True)
+            for j0, sl_j in key_tiles(n, i0):
                 leaves = [
                     t.detach().requires_grad_(need)
                     for t, need in ((q[:, :, sl_i], need_q), (k[:, :, sl_j], need_k), (curv, need_curv), (coef, need_coef))
                 ]
                 with torch.enable_grad():
-                    s_raw, s_ij = _masked_scores(ctx.score_fn, ctx.score_kwargs, ctx.mask, *leaves[:2], *leaves[2:], i0, j0)
-                p_ij = torch.exp(s_ij.detach() - lse_safe[:, :, sl_i])  # P_ij recomputed from L_i
+                    s_raw, p_ij, dp_ij = probabilities_and_dp(*leaves, i0, j0, sl_i, sl_j)
                 if need_v:
                     dv[:, :, sl_j] += p_ij.transpose(-1, -2) @ d_out[:, :, sl_i]  # dV_j += P_ijᵀ dO_i
-                dp_ij = d_out[:, :, sl_i] @ v[:, :, sl_j].transpose(-1, -2)  # dP_ij = dO_i V_jᵀ
-                ds_ij = p_ij * (dp_ij - delta[:, :, sl_i] + d_lse[:, :, sl_i].unsqueeze(-1))  # dS_ij
+                ds_ij = p_ij * (dp_ij - delta + d_lse[:, :, sl_i].unsqueeze(-1))  # dS_ij = P_ij ∘ (dP_ij − D_i) (+ dL_i)
                 wanted = [t for t in leaves if t.requires_grad]
                 if not wanted:
                     continue
