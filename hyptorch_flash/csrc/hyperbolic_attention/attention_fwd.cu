@@ -1,0 +1,35 @@
+// Entry point of the forward: validates the run-time configuration, launches the key-record
+// prologue, then the main kernel instantiation for (dtype, head dim, score family).
+#include "attention_fwd_kernel.cuh"
+
+namespace hyptorch_flash {
+
+template <typename T, int kHeadDim, bool kDistance>
+cudaError_t launch_fwd_main(const FwdParams& p, cudaStream_t stream);
+
+namespace {
+
+template <typename T>
+cudaError_t launch_typed(const FwdParams& p, cudaStream_t stream) {
+  constexpr int kWarpsPerBlock = 8;
+  const dim3 grid((p.n_keys_padded + kWarpsPerBlock - 1) / kWarpsPerBlock, p.batch * p.heads);
+  key_records_kernel<T><<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const bool distance = p.score == SCORE_DISTANCE || p.score == SCORE_POINCARE;
+  if (p.head_dim == 64) {
+    return distance ? launch_fwd_main<T, 64, true>(p, stream) : launch_fwd_main<T, 64, false>(p, stream);
+  }
+  return distance ? launch_fwd_main<T, 128, true>(p, stream) : launch_fwd_main<T, 128, false>(p, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_attention_fwd(const FwdParams& p, cudaStream_t stream) {
+  if ((p.head_dim != 64 && p.head_dim != 128) || p.n_keys_padded % kFwdBlockN != 0 || p.heads % p.kv_heads != 0) {
+    return cudaErrorInvalidValue;
+  }
+  return p.is_bf16 ? launch_typed<__nv_bfloat16>(p, stream) : launch_typed<__half>(p, stream);
+}
+
+}  // namespace hyptorch_flash

@@ -1,0 +1,49 @@
+// Torch-free interface of the fused hyperbolic attention forward (DESIGN.md §3).
+// binding.cpp fills FwdParams from tensors; the .cu files launch the kernels.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace hyptorch_flash {
+
+// Score and output ids shared with hyptorch_flash/ops/cuda_backend.py.
+enum ScoreId : int { SCORE_EUCLIDEAN = 0, SCORE_LORENTZ_DOT = 1, SCORE_DISTANCE = 2, SCORE_POINCARE = 3 };
+enum OutputId : int { OUTPUT_EUCLIDEAN = 0, OUTPUT_LORENTZ = 1, OUTPUT_KLEIN = 2, OUTPUT_POINCARE = 3 };
+
+// Number of per-key records the prologue kernel writes per (batch, query head): see KeyRecord.
+constexpr int kKeyRecordFields = 5;
+
+struct FwdParams {
+  // Space coordinates, contiguous: q (B, H, N, D), k and v (B, Hkv, M, D), D = head_dim (64 or 128).
+  const void* q;
+  const void* k;
+  const void* v;
+  // Outputs: out (B, H, N, D) in the input dtype, lse and o0 (B, H, N) float32.
+  void* out;
+  float* lse;
+  float* o0;
+  // Scratch (B, H, kKeyRecordFields, Mpad) float32, written by the prologue kernel.
+  float* key_records;
+  // Per query head (H,) float32: curvature k_h > 0 and the score coefficient (scale or β).
+  const float* curvature;
+  const float* coef;
+  // (B, M) bool/uint8, nonzero = padded key; nullptr when there is no padding mask.
+  const uint8_t* key_padding;
+  int batch, heads, kv_heads, n_queries, n_keys, n_keys_padded;
+  int head_dim;
+  int score;   // ScoreId
+  int output;  // OutputId
+  bool causal;
+  bool squared;
+  bool is_bf16;  // else float16
+  float acosh_eps;
+};
+
+// Launches the key-record prologue and the fused forward on `stream`; returns the first CUDA error.
+cudaError_t launch_attention_fwd(const FwdParams& params, cudaStream_t stream);
+
+// Key tile height of the forward kernel; key_records must be padded to a multiple of it.
+constexpr int kFwdBlockN = 64;
+
+}  // namespace hyptorch_flash

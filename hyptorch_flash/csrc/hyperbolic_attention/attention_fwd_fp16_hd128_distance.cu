@@ -1,0 +1,6 @@
+// One instantiation of the forward kernel: fp16, head dim 128, arccosh scores (distance, poincare_distance).
+#include "attention_fwd_launch.cuh"
+
+namespace hyptorch_flash {
+template cudaError_t launch_fwd_main<__half, 128, true>(const FwdParams&, cudaStream_t);
+}  // namespace hyptorch_flash

@@ -1,0 +1,419 @@
+// Fused hyperbolic attention forward: FlashAttention-2 (Dao 2023, Algorithm 1) on tensor cores,
+// with the hyperbolic parts of DESIGN.md §2-§3 in float32.
+//
+// Notation of the FA2 paper: the query tile Q_i (kBlockM rows), key/value tiles K_j, V_j (kBlockN
+// rows), scores S_ij, probabilities P_ij, row state m_i (running max), l_i (running sum), the output
+// accumulator O_i and the log-sum-exp L_i. Scores are kept in the exp2 domain (S·log2 e), so each
+// probability costs one ex2.
+//
+// Layout: one CTA = 4 warps = one 64-row query tile of one (batch, head); each warp owns 16 rows
+// (split-Q, no inter-warp reduction). K_j/V_j are double-buffered in XOR-swizzled shared memory by
+// cp.async; fragments come from ldmatrix; S_ij = Q_i K_jᵀ and O_i += P_ij V_j run on
+// mma.sync.m16n8k16 with fp32 accumulation, and the S fragment is reused as the A operand of P·V.
+//
+// Hyperbolic parts (all float32): the time coordinates q0 = sqrt(k + |q|²), k0, v0 are recomputed
+// from the space coordinates (the key-side ones once per call by key_records_kernel); the rank-1
+// Minkowski term scale·q0·k0ᵀ is subtracted from the tensor-core tile; O_0 = Σ_j P_ij v0_j is an
+// fp32 row reduction; the epilogue maps O = [O_0 | O_s] to the centroid in the chosen model.
+#pragma once
+
+#include <cstdint>
+#include <math_constants.h>
+
+#include "attention_fwd.h"
+#include "device_primitives.cuh"
+#include "numerics.cuh"
+
+namespace hyptorch_flash {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Per-key record fields (rows of key_records, each Mpad floats long).
+//   A: k0 (lorentz_dot, distance) or |k|² (poincare)      B: b_j = 1/(1 − c|k|²) (poincare)
+//   V0: time coordinate of the lifted value               VS: value scale (poincare lift 2/(1 − c|v|²), else 1)
+//   BIAS: 0 or −inf (padded key or j ≥ M)
+enum KeyRecordField : int { REC_A = 0, REC_B = 1, REC_V0 = 2, REC_VS = 3, REC_BIAS = 4 };
+
+// ---------------------------------------------------------------------------------------------
+// Prologue: one warp per (batch, query head, key j < Mpad) writes the key's record. Per query head
+// because the curvature is per query head (a GQA key/value head is shared by heads of different k).
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void __launch_bounds__(256) key_records_kernel(const FwdParams p) {
+  const int warps_per_block = blockDim.x / 32;
+  const int j = blockIdx.x * warps_per_block + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int bh = blockIdx.y;
+  const int b = bh / p.heads, h = bh % p.heads;
+  const int hk = h / (p.heads / p.kv_heads);
+  if (j >= p.n_keys_padded) return;
+  float* rec = p.key_records + (size_t)bh * kKeyRecordFields * p.n_keys_padded + j;
+  const size_t stride = p.n_keys_padded;
+  if (j >= p.n_keys) {  // tile padding: never visible, finite everywhere
+    if (lane == 0) {
+      rec[REC_A * stride] = 0.f;
+      rec[REC_B * stride] = 1.f;
+      rec[REC_V0 * stride] = 0.f;
+      rec[REC_VS * stride] = 0.f;
+      rec[REC_BIAS * stride] = -CUDART_INF_F;
+    }
+    return;
+  }
+  const size_t row = ((size_t)b * p.kv_heads + hk) * p.n_keys + j;
+  const T* k = static_cast<const T*>(p.k) + row * p.head_dim;
+  const T* v = static_cast<const T*>(p.v) + row * p.head_dim;
+  float k_sq = 0.f, v_sq = 0.f;
+  for (int d = lane; d < p.head_dim; d += 32) {
+    const float kd = to_float(k[d]), vd = to_float(v[d]);
+    k_sq = fmaf(kd, kd, k_sq);
+    v_sq = fmaf(vd, vd, v_sq);
+  }
+  for (int off = 16; off > 0; off /= 2) {
+    k_sq += __shfl_xor_sync(0xffffffffu, k_sq, off);
+    v_sq += __shfl_xor_sync(0xffffffffu, v_sq, off);
+  }
+  if (lane != 0) return;
+  const float kh = p.curvature[h];
+  float a = 0.f, bcoef = 1.f, v0 = 0.f, vscale = 1.f;
+  if (p.score == SCORE_LORENTZ_DOT || p.score == SCORE_DISTANCE) {
+    a = sqrtf(kh + k_sq);  // k0
+    v0 = sqrtf(kh + v_sq);  // v0
+  } else if (p.score == SCORE_POINCARE) {
+    // Lift identity (DESIGN.md §2.3), c = 1/k, c|p|² clamped below 1 − margin
+    const float c = 1.f / kh, top = 1.f - numerics::BALL_MARGIN_F32;
+    a = k_sq;
+    bcoef = 1.f / (1.f - fminf(c * k_sq, top));
+    const float av = fminf(v_sq / kh, top), inv = 1.f / (1.f - av);
+    v0 = sqrtf(kh) * (1.f + av) * inv;  // Lorentz lift of a ball point: x0 = sqrt(k)(1 + a)/(1 − a)
+    vscale = 2.f * inv;                 //                                xs = 2p/(1 − a)
+  }
+  const bool padded = p.key_padding != nullptr && p.key_padding[(size_t)b * p.n_keys + j] != 0;
+  rec[REC_A * stride] = a;
+  rec[REC_B * stride] = bcoef;
+  rec[REC_V0 * stride] = v0;
+  rec[REC_VS * stride] = vscale;
+  rec[REC_BIAS * stride] = padded ? -CUDART_INF_F : 0.f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Main kernel.
+//   T: __nv_bfloat16 or __half; kHeadDim: 64 or 128;
+//   kDistance: false = dot-product scores (euclidean, lorentz_dot), true = arccosh scores
+//   (distance, poincare_distance). The rest (variant inside a family, output model, causal,
+//   squared) are run-time switches, uniform over the CTA.
+// ---------------------------------------------------------------------------------------------
+template <int kHeadDim>
+struct FwdTile {
+  static constexpr int kBlockM = 64;                 // query rows per CTA
+  static constexpr int kBlockN = kFwdBlockN;         // keys per tile
+  static constexpr int kWarps = 4;                   // 16 query rows per warp
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kChunks = kHeadDim / 8;       // 16-byte chunks per row
+  static constexpr int kSteps = kHeadDim / 16;       // k-steps of Q Kᵀ
+  static constexpr int kScoreTiles = kBlockN / 8;    // n8 tiles of S
+  static constexpr int kOutTiles = kHeadDim / 8;     // n8 tiles of O
+  template <typename T>
+  static constexpr int smem_bytes() {
+    return (kBlockM + 4 * kBlockN) * kHeadDim * (int)sizeof(T) + 2 * kKeyRecordFields * kBlockN * (int)sizeof(float);
+  }
+};
+
+// Element offset of the 16-byte chunk `chunk` of row `row` in a swizzled tile: chunk ^ (row % 8), so
+// the 8 rows one ldmatrix reads (same logical chunk) land in 8 different bank groups.
+template <int kHeadDim>
+__device__ __forceinline__ int swizzled(int row, int chunk) {
+  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
+}
+
+// Copy rows [row0, row0 + kRows) of a (rows, kHeadDim) matrix into a swizzled tile; rows past
+// `n_rows` are zero-filled.
+template <typename T, int kHeadDim, int kRows, int kThreads>
+__device__ __forceinline__ void load_tile_async(T* tile, const T* src, int row0, int n_rows) {
+  constexpr int kChunks = kHeadDim / 8;
+  constexpr int kIters = kRows * kChunks / kThreads;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int idx = it * kThreads + threadIdx.x;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const bool valid = row0 + r < n_rows;
+    const T* g = src + (size_t)(valid ? row0 + r : 0) * kHeadDim + c * 8;
+    cp_async_16(smem_addr(tile + swizzled<kHeadDim>(r, c)), g, valid);
+  }
+}
+
+template <typename T, int kHeadDim, bool kDistance>
+__global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_kernel(const FwdParams p) {
+  using Tile = FwdTile<kHeadDim>;
+  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kThreads = Tile::kThreads;
+  constexpr int kSteps = Tile::kSteps, kScoreTiles = Tile::kScoreTiles, kOutTiles = Tile::kOutTiles;
+  constexpr int kRecFloats = kKeyRecordFields * kBlockN;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kBlockM * kHeadDim;   // 2 stages
+  T* sV = sK + 2 * kBlockN * kHeadDim;  // 2 stages
+  float* sRec = reinterpret_cast<float*>(sV + 2 * kBlockN * kHeadDim);  // 2 stages × fields × kBlockN
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;          // mma fragment row group / column pair
+  const int lrow = lane % 8, lmat = lane / 8;    // ldmatrix: row within matrix, matrix index
+
+  // Heaviest (causal) query tiles first.
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int hk = h / (p.heads / p.kv_heads);
+  const int i0 = m_block * kBlockM;
+  const int N = p.n_queries, M = p.n_keys;
+
+  const T* q_ptr = static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim;
+  const T* k_ptr = static_cast<const T*>(p.k) + ((size_t)b * p.kv_heads + hk) * M * kHeadDim;
+  const T* v_ptr = static_cast<const T*>(p.v) + ((size_t)b * p.kv_heads + hk) * M * kHeadDim;
+  const float* rec_ptr = p.key_records + (size_t)bh * kKeyRecordFields * p.n_keys_padded;
+
+  // Causal (top-left aligned): rows < i0 + kBlockM see keys < i0 + kBlockM only; skip later tiles.
+  const int kv_end = p.causal ? min(M, min(N, i0 + kBlockM)) : M;
+  const int n_tiles = (kv_end + kBlockN - 1) / kBlockN;
+
+  auto load_kv = [&](int j, int stage) {
+    load_tile_async<T, kHeadDim, kBlockN, kThreads>(sK + stage * kBlockN * kHeadDim, k_ptr, j * kBlockN, M);
+    load_tile_async<T, kHeadDim, kBlockN, kThreads>(sV + stage * kBlockN * kHeadDim, v_ptr, j * kBlockN, M);
+    constexpr int kRecChunks = kRecFloats / 4;
+    if (threadIdx.x < kRecChunks) {
+      const int field = threadIdx.x / (kBlockN / 4), c = threadIdx.x % (kBlockN / 4);
+      cp_async_16(smem_addr(sRec + stage * kRecFloats + field * kBlockN + c * 4),
+                  rec_ptr + (size_t)field * p.n_keys_padded + j * kBlockN + c * 4, true);
+    }
+  };
+
+  // Load Q_i and K_0, V_0 (one cp.async group).
+  load_tile_async<T, kHeadDim, kBlockM, kThreads>(sQ, q_ptr, i0, N);
+  load_kv(0, 0);
+  cp_async_commit();
+
+  // Per-row constants of this thread's two rows (r = 0: row g, r = 1: row g + 8 of the warp's 16).
+  const float kh = p.curvature[h], coef = p.coef[h];
+  const bool poincare = p.score == SCORE_POINCARE;
+  float row_a[2], row_b[2];
+  float score_c = 0.f;  // arccosh scores: S·log2e = score_c·lg2(w) (or ·lg2(w)²), w = z + sqrt(z² − 1)
+  const float dot_c = coef * kLog2e;  // dot scores: S·log2e = dot_c·(q·k) − row_a·k0
+  const float inv_k = 1.f / kh;
+
+  uint32_t q_frag[kSteps][4];
+  float acc_o[kOutTiles][4];
+#pragma unroll
+  for (int n = 0; n < kOutTiles; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[n][e] = 0.f;
+  float m_i[2] = {-CUDART_INF_F, -CUDART_INF_F};  // running max of S·log2e
+  float l_i[2] = {0.f, 0.f};                      // running Σ_j exp2(S − m), this thread's columns
+  float o0_i[2] = {0.f, 0.f};                     // running Σ_j P_ij v0_j, this thread's columns
+
+  const int warp_row0 = i0 + warp * 16;
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int stage = j & 1;
+    // Prefetch K_{j+1}, V_{j+1} into the other stage while this one is consumed.
+    if (j + 1 < n_tiles) {
+      load_kv(j + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    if (j == 0) {
+      // Q_i fragments into registers (kept for the whole loop) and the row constants.
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s) {
+        const int row = warp * 16 + ((lmat & 1) << 3) + lrow;
+        ldmatrix_x4(q_frag[s], smem_addr(sQ + swizzled<kHeadDim>(row, 2 * s + (lmat >> 1))));
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = warp * 16 + g + 8 * r;
+        float sq = 0.f;
+#pragma unroll
+        for (int c = t; c < Tile::kChunks; c += 4) {
+          const T* x = sQ + swizzled<kHeadDim>(row, c);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) sq = fmaf(to_float(x[e]), to_float(x[e]), sq);
+        }
+        sq = quad_sum(sq);
+        const float q0 = sqrtf(kh + sq);
+        if (p.score == SCORE_EUCLIDEAN) {
+          row_a[r] = 0.f, row_b[r] = 0.f;
+        } else if (p.score == SCORE_LORENTZ_DOT) {
+          row_a[r] = dot_c * q0, row_b[r] = 0.f;
+        } else if (p.score == SCORE_DISTANCE) {
+          row_a[r] = q0 * inv_k, row_b[r] = 0.f;  // z = (q0·k0 − q·k)/k
+        } else {
+          // z = 1 + 2c·a_i·b_j·max(|q|² + |k|² − 2 q·k, 0), a_i = 1/(1 − c|q|²), c = 1/k
+          const float a_i = 1.f / (1.f - fminf(sq * inv_k, 1.f - numerics::BALL_MARGIN_F32));
+          row_a[r] = 2.f * inv_k * a_i, row_b[r] = sq;
+        }
+      }
+      if (p.score == SCORE_DISTANCE || p.score == SCORE_POINCARE) {
+        // d = sqrt(k)·arccosh z:  −β·d·log2e = −β·sqrt(k)·lg2 w;   −β·d²·log2e = −β·k·ln2·(lg2 w)²
+        score_c = p.squared ? -coef * kh * kLn2 : -coef * sqrtf(kh);
+      }
+    }
+
+    const T* sKs = sK + stage * kBlockN * kHeadDim;
+    const T* sVs = sV + stage * kBlockN * kHeadDim;
+    const float* sRecs = sRec + stage * kRecFloats;
+
+    // S_ij = Q_i K_jᵀ on tensor cores (fp32 accumulate).
+    float acc_s[kScoreTiles][4];
+#pragma unroll
+    for (int n = 0; n < kScoreTiles; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_s[n][e] = 0.f;
+#pragma unroll
+    for (int s = 0; s < kSteps; ++s) {
+#pragma unroll
+      for (int np = 0; np < kScoreTiles / 2; ++np) {
+        uint32_t kf[4];
+        const int key = np * 16 + ((lmat >> 1) << 3) + lrow;
+        ldmatrix_x4(kf, smem_addr(sKs + swizzled<kHeadDim>(key, 2 * s + (lmat & 1))));
+        mma_16816<T>(acc_s[2 * np], q_frag[s], kf[0], kf[1]);
+        mma_16816<T>(acc_s[2 * np + 1], q_frag[s], kf[2], kf[3]);
+      }
+    }
+
+    // Score functor in fp32 (exp2 domain): rank-1 Minkowski correction or clamped arccosh.
+    const int j0 = j * kBlockN;
+    const bool key_bias = p.key_padding != nullptr || j0 + kBlockN > M;
+    const bool causal_tile = p.causal && j0 + kBlockN - 1 > warp_row0;
+#pragma unroll
+    for (int n = 0; n < kScoreTiles; ++n) {
+      const int col = n * 8 + 2 * t;
+      const float2 ka = *reinterpret_cast<const float2*>(sRecs + REC_A * kBlockN + col);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const float kcol = (e & 1) ? ka.y : ka.x;
+        float s;
+        if constexpr (!kDistance) {
+          // S = scale·(q_s·k_s − q0·k0)·log2e (row_a = 0 for euclidean)
+          s = fmaf(dot_c, acc_s[n][e], -row_a[r] * kcol);
+        } else {
+          float z;
+          if (!poincare) {
+            z = fmaf(row_a[r], kcol, -acc_s[n][e] * inv_k);
+          } else {
+            const float bcol = sRecs[REC_B * kBlockN + col + (e & 1)];
+            const float dist_sq = fmaxf(fmaf(-2.f, acc_s[n][e], row_b[r] + kcol), 0.f);
+            z = fmaf(row_a[r] * bcol, dist_sq, 1.f);
+          }
+          z = fmaxf(z, 1.f + p.acosh_eps);
+          // arccosh z = ln(z + sqrt(z² − 1)); z² − 1 by one fma (no cancellation for z → 1)
+          const float lg = fast_log2(z + fast_sqrt(fmaf(z, z, -1.f)));
+          s = p.squared ? score_c * lg * lg : score_c * lg;
+        }
+        acc_s[n][e] = s;
+      }
+      if (key_bias) {
+        const float2 bias = *reinterpret_cast<const float2*>(sRecs + REC_BIAS * kBlockN + col);
+        acc_s[n][0] += bias.x, acc_s[n][1] += bias.y, acc_s[n][2] += bias.x, acc_s[n][3] += bias.y;
+      }
+      if (causal_tile) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (j0 + col + (e & 1) > warp_row0 + g + 8 * (e >> 1)) acc_s[n][e] = -CUDART_INF_F;
+        }
+      }
+    }
+
+    // Online softmax: m_i ← max(m_i, rowmax S_ij), P_ij = exp2(S_ij − m_i), rescale l_i, O_i by exp2(m_old − m_new).
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = m_i[r];
+#pragma unroll
+      for (int n = 0; n < kScoreTiles; ++n) mx = fmaxf(mx, fmaxf(acc_s[n][2 * r], acc_s[n][2 * r + 1]));
+      mx = quad_max(mx);
+      const float m_use = mx == -CUDART_INF_F ? 0.f : mx;  // a row with no visible key yet: P = 0, no NaN
+      const float alpha = fast_exp2(m_i[r] - m_use);
+      m_i[r] = mx;
+      float row_sum = 0.f, row_v0 = 0.f;
+#pragma unroll
+      for (int n = 0; n < kScoreTiles; ++n) {
+        const float2 v0 = *reinterpret_cast<const float2*>(sRecs + REC_V0 * kBlockN + n * 8 + 2 * t);
+        const float p0 = fast_exp2(acc_s[n][2 * r] - m_use), p1 = fast_exp2(acc_s[n][2 * r + 1] - m_use);
+        acc_s[n][2 * r] = p0, acc_s[n][2 * r + 1] = p1;
+        row_sum += p0 + p1;
+        row_v0 = fmaf(p0, v0.x, fmaf(p1, v0.y, row_v0));
+      }
+      l_i[r] = fmaf(l_i[r], alpha, row_sum);
+      o0_i[r] = fmaf(o0_i[r], alpha, row_v0);
+#pragma unroll
+      for (int n = 0; n < kOutTiles; ++n) acc_o[n][2 * r] *= alpha, acc_o[n][2 * r + 1] *= alpha;
+    }
+
+    // O_i += P_ij V_j: the S fragment becomes the A operand (Poincaré: P scaled by the value lift 2/(1 − c|v|²)).
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      float w[8];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) w[e] = acc_s[2 * kk][e], w[4 + e] = acc_s[2 * kk + 1][e];
+      if (poincare) {
+        const float2 s0 = *reinterpret_cast<const float2*>(sRecs + REC_VS * kBlockN + kk * 16 + 2 * t);
+        const float2 s1 = *reinterpret_cast<const float2*>(sRecs + REC_VS * kBlockN + kk * 16 + 8 + 2 * t);
+        w[0] *= s0.x, w[1] *= s0.y, w[2] *= s0.x, w[3] *= s0.y;
+        w[4] *= s1.x, w[5] *= s1.y, w[6] *= s1.x, w[7] *= s1.y;
+      }
+      const uint32_t a[4] = {pack2<T>(w[0], w[1]), pack2<T>(w[2], w[3]), pack2<T>(w[4], w[5]), pack2<T>(w[6], w[7])};
+#pragma unroll
+      for (int np = 0; np < kOutTiles / 2; ++np) {
+        uint32_t vf[4];
+        const int key = kk * 16 + ((lmat & 1) << 3) + lrow;
+        ldmatrix_x4_trans(vf, smem_addr(sVs + swizzled<kHeadDim>(key, 2 * np + (lmat >> 1))));
+        mma_16816<T>(acc_o[2 * np], a, vf[0], vf[1]);
+        mma_16816<T>(acc_o[2 * np + 1], a, vf[2], vf[3]);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+
+  // Epilogue: O_i /= l_i, L_i = m_i + log l_i, then the centroid map in fp32 (DESIGN.md §2.4).
+  const float sqrt_k = sqrtf(kh);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(l_i[r]);
+    const float inv_l = l > 0.f ? 1.f / l : 0.f;  // l = 0: every key masked → O = 0, L = −inf
+    const float o0 = quad_sum(o0_i[r]) * inv_l;
+    float os_sq = 0.f;
+#pragma unroll
+    for (int n = 0; n < kOutTiles; ++n) {
+      acc_o[n][2 * r] *= inv_l, acc_o[n][2 * r + 1] *= inv_l;
+      os_sq = fmaf(acc_o[n][2 * r], acc_o[n][2 * r], fmaf(acc_o[n][2 * r + 1], acc_o[n][2 * r + 1], os_sq));
+    }
+    os_sq = quad_sum(os_sq);
+    float factor = 1.f;
+    if (p.output != OUTPUT_EUCLIDEAN) {
+      // n = sqrt(O0² − |Os|²) as (O0 − |Os|)(O0 + |Os|): one rounding instead of a cancellation.
+      const float os_norm = sqrtf(fmaxf(os_sq, numerics::MIN_SQ_NORM_F32));
+      const float n_lor = sqrtf(fmaxf((o0 - os_norm) * (o0 + os_norm), numerics::MIN_SQ_NORM_F32));
+      if (p.output == OUTPUT_LORENTZ) factor = sqrt_k / n_lor;
+      else if (p.output == OUTPUT_KLEIN) factor = sqrt_k / o0;
+      else factor = sqrt_k / (o0 + n_lor);
+      if (!(o0 > 0.f)) factor = 0.f;  // masked row → the origin
+    }
+    const int row = warp_row0 + g + 8 * r;
+    if (row < N) {
+      T* out_row = static_cast<T*>(p.out) + ((size_t)bh * N + row) * kHeadDim;
+#pragma unroll
+      for (int n = 0; n < kOutTiles; ++n) {
+        *reinterpret_cast<uint32_t*>(out_row + n * 8 + 2 * t) =
+            pack2<T>(acc_o[n][2 * r] * factor, acc_o[n][2 * r + 1] * factor);
+      }
+      if (t == 0) {
+        p.lse[(size_t)bh * N + row] = l > 0.f ? (m_i[r] + log2f(l)) * kLn2 : -CUDART_INF_F;
+        p.o0[(size_t)bh * N + row] = o0;
+      }
+    }
+  }
+}
+
+}  // namespace hyptorch_flash

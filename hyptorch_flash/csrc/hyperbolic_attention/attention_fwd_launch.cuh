@@ -1,0 +1,21 @@
+// Launcher of the main forward kernel for one (dtype, head dim); instantiated by the small
+// attention_fwd_<dtype>_hd<D>_<family>.cu files so the cold build compiles them in parallel.
+#pragma once
+
+#include "attention_fwd_kernel.cuh"
+
+namespace hyptorch_flash {
+
+template <typename T, int kHeadDim, bool kDistance>
+cudaError_t launch_fwd_main(const FwdParams& p, cudaStream_t stream) {
+  using Tile = FwdTile<kHeadDim>;
+  constexpr int smem = Tile::template smem_bytes<T>();
+  auto kernel = attention_fwd_kernel<T, kHeadDim, kDistance>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid((p.n_queries + Tile::kBlockM - 1) / Tile::kBlockM, p.batch * p.heads);
+  kernel<<<grid, Tile::kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace hyptorch_flash

@@ -1,0 +1,103 @@
+// PyTorch binding of the fused hyperbolic attention forward: checks tensors, allocates the outputs
+// and the key-record scratch, fills FwdParams and launches on the current stream. The only file of
+// the extension that includes torch; hyptorch_flash/ops/cuda_backend.py wraps `fwd` in the custom op
+// hyptorch_flash::attention_fwd.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <optional>
+
+#include "attention_fwd.h"
+
+namespace {
+
+void check_input(const at::Tensor& x, const char* name, int64_t head_dim) {
+  TORCH_CHECK(x.is_cuda(), "hyptorch_flash_cuda.fwd: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(x.dim() == 4, "hyptorch_flash_cuda.fwd: ", name, " must be 4-D (B, H, seq, D), got ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), "hyptorch_flash_cuda.fwd: ", name, " must be contiguous");
+  TORCH_CHECK(x.size(3) == head_dim, "hyptorch_flash_cuda.fwd: ", name, " has head dim ", x.size(3),
+              ", expected ", head_dim);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const at::Tensor& curvature, const at::Tensor& coef,
+                                                   const std::optional<at::Tensor>& key_padding_mask, int64_t score,
+                                                   int64_t output, bool causal, bool squared, double acosh_eps) {
+  const int64_t D = q.size(-1);
+  TORCH_CHECK(D == 64 || D == 128, "hyptorch_flash_cuda.fwd: head dim must be 64 or 128 (pad first), got ", D);
+  check_input(q, "q", D);
+  check_input(k, "k", D);
+  check_input(v, "v", D);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "hyptorch_flash_cuda.fwd: dtype must be bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "hyptorch_flash_cuda.fwd: q, k, v must share one dtype");
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Hkv = k.size(1), M = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == M,
+              "hyptorch_flash_cuda.fwd: shapes q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " do not match");
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "hyptorch_flash_cuda.fwd: H = ", H, " is not a multiple of Hkv = ", Hkv);
+  for (const at::Tensor* param : {&curvature, &coef}) {
+    TORCH_CHECK(param->is_cuda() && param->scalar_type() == at::kFloat && param->dim() == 1 &&
+                    param->size(0) == H && param->is_contiguous(),
+                "hyptorch_flash_cuda.fwd: curvature and coef must be contiguous float32 CUDA tensors of shape (H,)");
+  }
+  TORCH_CHECK(score >= 0 && score <= 3, "hyptorch_flash_cuda.fwd: score id must be 0..3, got ", score);
+  TORCH_CHECK(output >= 0 && output <= 3, "hyptorch_flash_cuda.fwd: output id must be 0..3, got ", output);
+  TORCH_CHECK((score == hyptorch_flash::SCORE_EUCLIDEAN) == (output == hyptorch_flash::OUTPUT_EUCLIDEAN),
+              "hyptorch_flash_cuda.fwd: the euclidean output goes with the euclidean score only");
+  at::Tensor padding;
+  if (key_padding_mask.has_value()) {
+    padding = key_padding_mask->contiguous();
+    TORCH_CHECK(padding.is_cuda() && padding.scalar_type() == at::kBool && padding.dim() == 2 &&
+                    padding.size(0) == B && padding.size(1) == M,
+                "hyptorch_flash_cuda.fwd: key_padding_mask must be a bool CUDA tensor of shape (B, M)");
+  }
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({B, H, N}, f32);
+  at::Tensor o0 = at::empty({B, H, N}, f32);
+  const int64_t m_padded = (M + hyptorch_flash::kFwdBlockN - 1) / hyptorch_flash::kFwdBlockN * hyptorch_flash::kFwdBlockN;
+  at::Tensor records = at::empty({B, H, hyptorch_flash::kKeyRecordFields, m_padded}, f32);
+
+  hyptorch_flash::FwdParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.o0 = o0.data_ptr<float>();
+  p.key_records = records.data_ptr<float>();
+  p.curvature = curvature.data_ptr<float>();
+  p.coef = coef.data_ptr<float>();
+  p.key_padding = padding.defined() ? reinterpret_cast<const uint8_t*>(padding.data_ptr<bool>()) : nullptr;
+  p.batch = (int)B;
+  p.heads = (int)H;
+  p.kv_heads = (int)Hkv;
+  p.n_queries = (int)N;
+  p.n_keys = (int)M;
+  p.n_keys_padded = (int)m_padded;
+  p.head_dim = (int)D;
+  p.score = (int)score;
+  p.output = (int)output;
+  p.causal = causal;
+  p.squared = squared;
+  p.is_bf16 = q.scalar_type() == at::kBFloat16;
+  p.acosh_eps = (float)acosh_eps;
+  if (N > 0 && B * H > 0) {
+    const cudaError_t err = hyptorch_flash::launch_attention_fwd(p, at::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "hyptorch_flash_cuda.fwd: kernel launch failed: ", cudaGetErrorString(err));
+  }
+  return {out, lse, o0};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused hyperbolic attention kernels (hyptorch_flash)";
+  m.def("fwd", &fwd, "Fused hyperbolic attention forward -> (out, lse, o0)", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("curvature"), py::arg("coef"), py::arg("key_padding_mask"), py::arg("score"),
+        py::arg("output"), py::arg("causal"), py::arg("squared"), py::arg("acosh_eps"));
+}

@@ -1,0 +1,8 @@
+// Backward kernels for bf16, head dim 128, every score family (see bwd_kernel.cuh).
+#include "bwd_kernel.cuh"
+
+namespace hyptorch_flash {
+namespace bwd {
+template cudaError_t launch_for_score<__nv_bfloat16, 128>(const BwdParams&, cudaStream_t);
+}  // namespace bwd
+}  // namespace hyptorch_flash

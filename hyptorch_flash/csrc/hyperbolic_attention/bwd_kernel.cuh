@@ -1,0 +1,707 @@
+// Fused hyperbolic attention backward: FlashAttention-2 (Dao 2023, Algorithm 2) on tensor cores,
+// with the hyperbolic parts of DESIGN.md §2-§3 in float32.
+//
+// Notation of the FA2 paper: key/value tile K_j, V_j (kBlockN rows, owned by one CTA), query tiles
+// Q_i, dO_i (kBlockM rows, looped over), S_ij, P_ij = exp(S_ij − L_i) recomputed from the saved
+// log-sum-exp L_i, dP_ij = dO_i V_jᵀ, dS_ij = P_ij ∘ (dP_ij − D_i), D_i = rowsum(dO_i ∘ O_i).
+//
+// Every variant's score is a function of one inner quantity X_ij that comes from the tensor-core tile
+// (dot = q_i·k_j) plus fp32 row/column terms:
+//   euclidean, lorentz_dot   X = dot − q0_i k0_j (q0 = k0 = 0 for euclidean)   s = coef·X
+//   distance                 X = dot − q0_i k0_j = <q,k>_L,  z = −X/k,            s = −coef·√k·arccosh z (or −coef·k·arccosh² z)
+//   poincare_distance        X = |p|² + |q|² − 2 dot,       z = 1 + 2cX·a_i b_j, s as distance
+// so the chain rule needs dX_ij = dS_ij·∂s/∂X (fp32, rounded once to the input dtype and used
+// consistently by every contraction below). The time coordinates enter through the rank-1 fp32 terms:
+// dP_ij = λ_j (dO_s,i·v_j) + dO0_i v0_j with the value lift (v0, λ); the lifted value time part gives
+// dv0_j = Σ_i P_ij dO0_i.
+//
+// Layout (kernel 1, key-parallel): one CTA = 4 warps = one K_j/V_j tile of 64 keys of one (batch,
+// query head); warp w owns keys 16w..16w+15 and computes S_ijᵀ = K_j Q_iᵀ and dP_ijᵀ = V_j dO_iᵀ for
+// all kBlockM queries (mma.sync.m16n8k16, fp32 accumulate), so Pᵀ and dXᵀ stay in registers as the A
+// operands of dV_j += P_ijᵀ dO_i and dK_j += dX_ijᵀ Q_i. dQ_i += dX_ij K_j goes through shared memory
+// (dXᵀ tile) and fp32 atomics; the row sums R_i, RX_i likewise. Kernel 2 (query-parallel, the
+// deterministic mode) recomputes the same tiles for one Q_i and loops over K_j, V_j, accumulating dQ_i
+// and the row sums in registers/shared memory in a fixed order: no atomics anywhere.
+#pragma once
+
+#include <cstdint>
+#include <math_constants.h>
+#include <type_traits>
+
+#include "bwd_params.cuh"
+#include "device_primitives.cuh"
+#include "numerics.cuh"
+
+namespace hyptorch_flash {
+namespace bwd {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Score families sharing one kernel body (the variant inside a family is a run-time switch).
+enum Family : int { FAMILY_DOT = 0, FAMILY_DISTANCE = 1, FAMILY_POINCARE = 2 };
+
+template <int kHeadDim>
+struct Tile {
+  static constexpr int kBlockN = kBwdBlockN;               // keys per CTA (kernel 1) / per step (kernel 2)
+  static constexpr int kBlockM = kHeadDim == 64 ? 64 : 32;  // queries per step (kernel 1) / per CTA (kernel 2)
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kQTiles = kBlockM / 8;  // n8 tiles of Sᵀ (queries)
+  static constexpr int kDTiles = kHeadDim / 8;  // n8 tiles of dK, dV (head dim)
+  // dQ_i (kBlockM × D) is split over the 4 warps: 16 query rows × kDqCols columns each.
+  static constexpr int kRowGroups = kBlockM / 16;
+  static constexpr int kDqCols = kHeadDim * kRowGroups / kWarps;
+  static constexpr int kRowFields = 5;  // L_i, D_i, dO0_i, w_i (q0 or a_i), |q_i|²
+  static constexpr int kKeyFields = 5;  // w_j (k0 or b_j), |k_j|², v0_j, λ_j, visible
+  template <typename T>
+  static constexpr int smem_bytes() {
+    return (2 * kBlockN * kHeadDim + 2 * kBlockM * kHeadDim + kBlockN * kBlockM) * (int)sizeof(T) +
+           (kRowFields * kBlockM + kKeyFields * kBlockN + kWarps * kBlockM * 2 + kWarps * 2) * (int)sizeof(float);
+  }
+};
+
+// Element offset of (row, col) in a tile of kCols 16-bit columns whose 16-byte chunks are XOR-swizzled,
+// so the 8 rows one ldmatrix reads land in 8 different bank groups (kCols = 32: two rows per 128 bytes).
+template <int kCols>
+__device__ __forceinline__ int swz(int row, int col) {
+  constexpr int kChunks = kCols / 8;
+  static_assert(kChunks == 4 || kChunks == 8 || kChunks == 16, "tile width must be 32, 64 or 128");
+  const int x = kChunks >= 8 ? (row & 7) : ((row >> 1) & 3);
+  return row * kCols + ((((col >> 3) ^ x)) << 3) + (col & 7);
+}
+
+// Rows [row0, row0 + kRows) of a contiguous (n_rows, kCols) matrix → swizzled tile; rows past n_rows are 0.
+template <typename T, int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void load_tile(T* tile, const T* src, int row0, int n_rows) {
+  constexpr int kChunks = kCols / 8;
+  static_assert(kRows * kChunks % kThreads == 0, "tile must split evenly over the threads");
+#pragma unroll
+  for (int it = 0; it < kRows * kChunks / kThreads; ++it) {
+    const int idx = it * kThreads + threadIdx.x;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const bool valid = row0 + r < n_rows;
+    cp_async_16(smem_addr(tile + swz<kCols>(r, c * 8)), src + (size_t)(valid ? row0 + r : 0) * kCols + c * 8, valid);
+  }
+}
+
+// mma fragments from swizzled shared memory (lane = thread index in the warp).
+// A (16×16) of a [m][k] tile at (m0, k0).
+template <int kCols, typename T>
+__device__ __forceinline__ void frag_a(uint32_t (&a)[4], const T* s, int m0, int k0, int lane) {
+  ldmatrix_x4(a, smem_addr(s + swz<kCols>(m0 + (lane & 15), k0 + (lane >> 4) * 8)));
+}
+// A (16×16) of a tile stored transposed, [k][m], at (m0, k0).
+template <int kCols, typename T>
+__device__ __forceinline__ void frag_a_trans(uint32_t (&a)[4], const T* s, int m0, int k0, int lane) {
+  const int mat = lane >> 3, r = lane & 7;
+  ldmatrix_x4_trans(a, smem_addr(s + swz<kCols>(k0 + (mat >> 1) * 8 + r, m0 + (mat & 1) * 8)));
+}
+// B of two n8 tiles (n0..n0+15) × k16 from a [n][k] tile: b[0], b[1] → tile n0, b[2], b[3] → tile n0 + 8.
+template <int kCols, typename T>
+__device__ __forceinline__ void frag_b_nk(uint32_t (&b)[4], const T* s, int n0, int k0, int lane) {
+  const int mat = lane >> 3, r = lane & 7;
+  ldmatrix_x4(b, smem_addr(s + swz<kCols>(n0 + (mat >> 1) * 8 + r, k0 + (mat & 1) * 8)));
+}
+// Same from a [k][n] tile.
+template <int kCols, typename T>
+__device__ __forceinline__ void frag_b_kn(uint32_t (&b)[4], const T* s, int k0, int n0, int lane) {
+  const int mat = lane >> 3, r = lane & 7;
+  ldmatrix_x4_trans(b, smem_addr(s + swz<kCols>(k0 + (mat & 1) * 8 + r, n0 + (mat >> 1) * 8)));
+}
+
+template <typename T>
+__device__ __forceinline__ float round_to(float x) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __bfloat162float(__float2bfloat16_rn(x));
+  } else {
+    return __half2float(__float2half_rn(x));
+  }
+}
+
+// Per-(batch, head) constants.
+struct HeadConst {
+  float kappa, inv_kappa, sqrt_k, coef, acosh_eps;
+  bool squared, lorentz;  // lorentz: time coordinates in use (every score but euclidean)
+};
+
+// X_ij, u_ij = s_ij/coef and ∂s/∂X for one score element (see the header comment).
+// qw, kw: q0/k0 (dot, distance) or a_i/b_j (poincare); qsq, ksq: |q|², |k|² (poincare).
+template <int kFamily>
+__device__ __forceinline__ void score_terms(float dot, float qw, float qsq, float kw, float ksq, const HeadConst& hc,
+                                            float& X, float& u, float& ds_dX) {
+  if constexpr (kFamily == FAMILY_DOT) {
+    X = dot - qw * kw;
+    u = X;
+    ds_dX = hc.coef;
+  } else {
+    float z, dz_dX;
+    bool pass = true;
+    if constexpr (kFamily == FAMILY_DISTANCE) {
+      X = dot - qw * kw;  // <q,k>_L
+      z = -X * hc.inv_kappa;
+      dz_dX = -hc.inv_kappa;
+    } else {
+      const float x_raw = qsq + ksq - 2.f * dot;  // |p − q|², clamped ≥ 0 like the reference
+      pass = x_raw >= 0.f;
+      X = fmaxf(x_raw, 0.f);
+      dz_dX = 2.f * hc.inv_kappa * qw * kw;
+      z = fmaf(dz_dX, X, 1.f);
+    }
+    // arccosh with its argument clamped to ≥ 1 + eps (arccosh' is infinite at 1: the diagonal)
+    const float zmin = 1.f + hc.acosh_eps;
+    const float zc = fmaxf(z, zmin);
+    const float root = sqrtf((zc - 1.f) * (zc + 1.f));
+    const float acosh_z = log1pf((zc - 1.f) + root);
+    const float inv_root = 1.f / root;
+    float ds_dz;
+    if (hc.squared) {
+      u = -hc.kappa * acosh_z * acosh_z;
+      ds_dz = -2.f * hc.coef * hc.kappa * acosh_z * inv_root;
+    } else {
+      u = -hc.sqrt_k * acosh_z;
+      ds_dz = -hc.coef * hc.sqrt_k * inv_root;
+    }
+    ds_dX = (pass && z >= zmin) ? ds_dz * dz_dX : 0.f;
+  }
+}
+
+// Shared memory of both kernels.
+template <typename T, int kHeadDim>
+struct Smem {
+  using Tl = Tile<kHeadDim>;
+  T* k;       // K_j  [kBlockN][D]
+  T* v;       // V_j  [kBlockN][D]
+  T* q;       // Q_i  [kBlockM][D]
+  T* dout;    // dO_i [kBlockM][D]
+  T* dxt;     // dX_ijᵀ [kBlockN][kBlockM]
+  float* row;  // [kRowFields][kBlockM]
+  float* key;  // [kKeyFields][kBlockN]
+  float* row_part;  // [kWarps][kBlockM][2]: per-warp partial row sums (R_i, RX_i)
+  float* scal;      // [kWarps][2]
+  __device__ explicit Smem(char* base) {
+    k = reinterpret_cast<T*>(base);
+    v = k + Tl::kBlockN * kHeadDim;
+    q = v + Tl::kBlockN * kHeadDim;
+    dout = q + Tl::kBlockM * kHeadDim;
+    dxt = dout + Tl::kBlockM * kHeadDim;
+    row = reinterpret_cast<float*>(dxt + Tl::kBlockN * Tl::kBlockM);
+    key = row + Tl::kRowFields * Tl::kBlockM;
+    row_part = key + Tl::kKeyFields * Tl::kBlockN;
+    scal = row_part + Tl::kWarps * Tl::kBlockM * 2;
+  }
+};
+
+enum RowField : int { ROW_LSE = 0, ROW_DELTA = 1, ROW_DO0 = 2, ROW_W = 3, ROW_SQ = 4 };
+enum KeyField : int { KEY_W = 0, KEY_SQ = 1, KEY_V0 = 2, KEY_LAMBDA = 3, KEY_VISIBLE = 4 };
+
+template <int kFamily>
+__device__ __forceinline__ HeadConst head_const(const BwdParams& p, int h) {
+  HeadConst hc;
+  hc.kappa = p.curvature[h];
+  hc.inv_kappa = 1.f / hc.kappa;
+  hc.sqrt_k = sqrtf(hc.kappa);
+  hc.coef = p.coef[h];
+  hc.acosh_eps = p.acosh_eps;
+  hc.squared = p.squared;
+  hc.lorentz = p.score != 0;
+  return hc;
+}
+
+// Row fields of Q_i (rows i0..i0+kBlockM-1 of head bh); rows ≥ N and rows that see no key get L = +inf,
+// so every P_ij of theirs is exp2(−inf) = 0.
+template <int kHeadDim, int kFamily>
+__device__ __forceinline__ void load_row_fields(float* row, const BwdParams& p, const HeadConst& hc, size_t bh, int i0) {
+  using Tl = Tile<kHeadDim>;
+  for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
+    const int i = i0 + r;
+    float lse = CUDART_INF_F, delta = 0.f, do0 = 0.f, w = 0.f, sq = 0.f;
+    if (i < p.n_queries) {
+      const size_t idx = bh * p.n_queries + i;
+      const float l = p.lse[idx];
+      lse = l == -CUDART_INF_F ? CUDART_INF_F : l;
+      delta = p.delta[idx];
+      do0 = p.dout0[idx];
+      sq = p.q_sq[idx];
+    }
+    if constexpr (kFamily == FAMILY_POINCARE) {
+      w = 1.f / (1.f - fminf(hc.inv_kappa * sq, 1.f - numerics::BALL_MARGIN_F32));  // a_i
+    } else {
+      w = hc.lorentz ? sqrtf(hc.kappa + sq) : 0.f;  // q0_i
+    }
+    row[ROW_LSE * Tl::kBlockM + r] = lse;
+    row[ROW_DELTA * Tl::kBlockM + r] = delta;
+    row[ROW_DO0 * Tl::kBlockM + r] = do0;
+    row[ROW_W * Tl::kBlockM + r] = w;
+    row[ROW_SQ * Tl::kBlockM + r] = sq;
+  }
+}
+
+// Key fields of K_j/V_j (keys j0..j0+kBlockN-1 of kv head (b, hk)); invisible = j ≥ M or padded.
+template <int kHeadDim, int kFamily>
+__device__ __forceinline__ void load_key_fields(float* key, const BwdParams& p, const HeadConst& hc, int b,
+                                                size_t bhk, int j0) {
+  using Tl = Tile<kHeadDim>;
+  for (int r = threadIdx.x; r < Tl::kBlockN; r += Tl::kThreads) {
+    const int j = j0 + r;
+    float ksq = 0.f, vsq = 0.f, visible = 0.f;
+    if (j < p.n_keys) {
+      ksq = p.k_sq[bhk * p.n_keys + j];
+      vsq = p.v_sq[bhk * p.n_keys + j];
+      visible = (p.key_padding != nullptr && p.key_padding[(size_t)b * p.n_keys + j] != 0) ? 0.f : 1.f;
+    }
+    float w, v0, lambda = 1.f;
+    if constexpr (kFamily == FAMILY_POINCARE) {
+      const float top = 1.f - numerics::BALL_MARGIN_F32;
+      w = 1.f / (1.f - fminf(hc.inv_kappa * ksq, top));  // b_j
+      const float av = fminf(vsq / hc.kappa, top), inv = 1.f / (1.f - av);
+      v0 = hc.sqrt_k * (1.f + av) * inv;  // Lorentz lift of a ball point: x0 = √k(1 + a)/(1 − a), xs = 2p/(1 − a)
+      lambda = 2.f * inv;
+    } else {
+      w = hc.lorentz ? sqrtf(hc.kappa + ksq) : 0.f;   // k0_j
+      v0 = hc.lorentz ? sqrtf(hc.kappa + vsq) : 0.f;  // v0_j
+    }
+    key[KEY_W * Tl::kBlockN + r] = w;
+    key[KEY_SQ * Tl::kBlockN + r] = ksq;
+    key[KEY_V0 * Tl::kBlockN + r] = v0;
+    key[KEY_LAMBDA * Tl::kBlockN + r] = lambda;
+    key[KEY_VISIBLE * Tl::kBlockN + r] = visible;
+  }
+}
+
+// Per-thread accumulators of the key-side reductions (kernel 1): rows g and g + 8 of the warp's keys.
+struct KeySums {
+  float c[2] = {0.f, 0.f}, cx[2] = {0.f, 0.f}, dv0[2] = {0.f, 0.f};
+  float s1 = 0.f, s2 = 0.f;  // Σ dS·u, Σ dX·X
+};
+
+// One (Q_i, K_j) step shared by both kernels: recompute S_ijᵀ, P_ijᵀ and dP_ijᵀ for the warp's 16 keys
+// and all kBlockM queries; leave Pᵀ in `sp` and the rounded dXᵀ in `dp`. Row sums (R_i, RX_i) of the
+// warp go to row_part[warp] (overwritten if !kAccumulateRows, else added); key sums to `ks`.
+template <typename T, int kHeadDim, int kFamily, bool kKeySums, bool kAccumulateRows>
+__device__ __forceinline__ void tile_step(const Smem<T, kHeadDim>& sm, const HeadConst& hc, int i0, int j0,
+                                          bool causal, bool row_sums,
+                                          float (&sp)[Tile<kHeadDim>::kQTiles][4],
+                                          float (&dp)[Tile<kHeadDim>::kQTiles][4], KeySums& ks) {
+  using Tl = Tile<kHeadDim>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int key0 = warp * 16;
+
+  // S_ijᵀ = K_j Q_iᵀ and dP_ijᵀ = V_j dO_iᵀ (space parts, fp32 accumulate)
+#pragma unroll
+  for (int n = 0; n < Tl::kQTiles; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sp[n][e] = dp[n][e] = 0.f;
+  }
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    uint32_t ak[4], av[4];
+    frag_a<kHeadDim>(ak, sm.k, key0, kk * 16, lane);
+    frag_a<kHeadDim>(av, sm.v, key0, kk * 16, lane);
+#pragma unroll
+    for (int n2 = 0; n2 < Tl::kQTiles / 2; ++n2) {
+      uint32_t bq[4], bo[4];
+      frag_b_nk<kHeadDim>(bq, sm.q, n2 * 16, kk * 16, lane);
+      frag_b_nk<kHeadDim>(bo, sm.dout, n2 * 16, kk * 16, lane);
+      mma_16816<T>(sp[2 * n2], ak, bq[0], bq[1]);
+      mma_16816<T>(sp[2 * n2 + 1], ak, bq[2], bq[3]);
+      mma_16816<T>(dp[2 * n2], av, bo[0], bo[1]);
+      mma_16816<T>(dp[2 * n2 + 1], av, bo[2], bo[3]);
+    }
+  }
+
+  // Key fields of this thread's two key rows
+  float kw[2], ksq[2], v0[2], lam[2];
+  bool visible[2];
+  int jg[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = key0 + g + 8 * h;
+    kw[h] = sm.key[KEY_W * Tl::kBlockN + r];
+    ksq[h] = sm.key[KEY_SQ * Tl::kBlockN + r];
+    v0[h] = sm.key[KEY_V0 * Tl::kBlockN + r];
+    lam[h] = sm.key[KEY_LAMBDA * Tl::kBlockN + r];
+    visible[h] = sm.key[KEY_VISIBLE * Tl::kBlockN + r] != 0.f;
+    jg[h] = j0 + r;
+  }
+
+#pragma unroll
+  for (int n = 0; n < Tl::kQTiles; ++n) {
+    float r_w[2] = {0.f, 0.f}, r_x[2] = {0.f, 0.f};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int h = e >> 1, c = e & 1;
+      const int ii = n * 8 + 2 * t + c;
+      const float lse = sm.row[ROW_LSE * Tl::kBlockM + ii];
+      const float delta = sm.row[ROW_DELTA * Tl::kBlockM + ii];
+      const float do0 = sm.row[ROW_DO0 * Tl::kBlockM + ii];
+      const float qw = sm.row[ROW_W * Tl::kBlockM + ii];
+      const float qsq = sm.row[ROW_SQ * Tl::kBlockM + ii];
+      float X, u, ds_dX;
+      score_terms<kFamily>(sp[n][e], qw, qsq, kw[h], ksq[h], hc, X, u, ds_dX);
+      const bool valid = visible[h] && (!causal || jg[h] <= i0 + ii);
+      // P_ij = exp(S_ij − L_i)
+      const float P = valid ? fast_exp2((hc.coef * u - lse) * kLog2e) : 0.f;
+      // dP_ij = dO_L,i · lift(v_j) = λ_j (dO_s,i · v_j) + dO0_i v0_j;  dS_ij = P_ij (dP_ij − D_i)
+      const float dP = fmaf(lam[h], dp[n][e], do0 * v0[h]);
+      const float dS = P * (dP - delta);
+      const float dX = round_to<T>(dS * ds_dX);
+      if constexpr (kKeySums) {
+        if (valid) {
+          ks.s1 = fmaf(dS, u, ks.s1);
+          if constexpr (kFamily != FAMILY_DOT) ks.s2 = fmaf(dX, X, ks.s2);
+        }
+        ks.dv0[h] = fmaf(P, do0, ks.dv0[h]);
+        ks.c[h] = fmaf(dX, kFamily == FAMILY_POINCARE ? 1.f : qw, ks.c[h]);
+        if constexpr (kFamily == FAMILY_POINCARE) ks.cx[h] = fmaf(dX, X, ks.cx[h]);
+      }
+      r_w[c] = fmaf(dX, kFamily == FAMILY_POINCARE ? 1.f : kw[h], r_w[c]);
+      if constexpr (kFamily == FAMILY_POINCARE) r_x[c] = fmaf(dX, X, r_x[c]);
+      sp[n][e] = P;
+      dp[n][e] = dX;
+    }
+    if (row_sums) {
+      // Σ over the warp's 16 keys: the 8 lanes sharing t hold the same two query columns.
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) {
+          r_w[c] += __shfl_xor_sync(0xffffffffu, r_w[c], off);
+          if constexpr (kFamily == FAMILY_POINCARE) r_x[c] += __shfl_xor_sync(0xffffffffu, r_x[c], off);
+        }
+        if (g == 0) {
+          float* dst = sm.row_part + (warp * Tl::kBlockM + n * 8 + 2 * t + c) * 2;
+          if constexpr (kAccumulateRows) {
+            dst[0] += r_w[c];
+            dst[1] += r_x[c];
+          } else {
+            dst[0] = r_w[c];
+            dst[1] = r_x[c];
+          }
+        }
+      }
+    }
+  }
+}
+
+// m16n8 accumulators of kBlockM columns → A operands (16 × kBlockM), the FA2 register reuse:
+// the C fragments of n-tiles 2kk and 2kk+1 are the A fragment of k-step kk.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void to_a_operands(const float (&c)[Tile<kHeadDim>::kQTiles][4],
+                                              uint32_t (&a)[Tile<kHeadDim>::kBlockM / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < Tile<kHeadDim>::kBlockM / 16; ++kk) {
+    a[kk][0] = pack2<T>(c[2 * kk][0], c[2 * kk][1]);
+    a[kk][1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
+    a[kk][2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[kk][3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+}
+
+// acc (warp's 16 keys × D) += A (16 keys × kBlockM queries, registers) · tile [query][D] (shared memory).
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void acc_mma_kn(float (&acc)[Tile<kHeadDim>::kDTiles][4],
+                                           const uint32_t (&a)[Tile<kHeadDim>::kBlockM / 16][4], const T* tile) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int n2 = 0; n2 < Tile<kHeadDim>::kDTiles / 2; ++n2) {
+#pragma unroll
+    for (int kk = 0; kk < Tile<kHeadDim>::kBlockM / 16; ++kk) {
+      uint32_t b[4];
+      frag_b_kn<kHeadDim>(b, tile, kk * 16, n2 * 16, lane);
+      mma_16816<T>(acc[2 * n2], a[kk], b[0], b[1]);
+      mma_16816<T>(acc[2 * n2 + 1], a[kk], b[2], b[3]);
+    }
+  }
+}
+
+// dXᵀ as A operands (warp's 16 keys × kBlockM queries) → shared memory tile dxt [key][query].
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void store_dxt(const Smem<T, kHeadDim>& sm, const uint32_t (&ax)[Tile<kHeadDim>::kBlockM / 16][4]) {
+  using Tl = Tile<kHeadDim>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int kk = 0; kk < Tl::kBlockM / 16; ++kk) {
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) {  // reg: bit 0 = row g / g+8, bit 1 = query columns +0 / +8
+      const int r = warp * 16 + g + 8 * (reg & 1);
+      *reinterpret_cast<uint32_t*>(sm.dxt + swz<Tl::kBlockM>(r, kk * 16 + 8 * (reg >> 1) + 2 * t)) = ax[kk][reg];
+    }
+  }
+}
+
+// acc (the warp's 16 query rows × kCols columns from col0) += dX_ij K_j, from dxt and K_j in shared memory.
+template <typename T, int kHeadDim, int kCols>
+__device__ __forceinline__ void dq_mma(const Smem<T, kHeadDim>& sm, float (&acc)[kCols / 8][4], int col0) {
+  using Tl = Tile<kHeadDim>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row0 = 16 * (warp % Tl::kRowGroups);
+#pragma unroll
+  for (int kk = 0; kk < Tl::kBlockN / 16; ++kk) {
+    uint32_t a[4];
+    frag_a_trans<Tl::kBlockM>(a, sm.dxt, row0, kk * 16, lane);
+#pragma unroll
+    for (int n2 = 0; n2 < kCols / 16; ++n2) {
+      uint32_t b[4];
+      frag_b_kn<kHeadDim>(b, sm.k, kk * 16, col0 + n2 * 16, lane);
+      mma_16816<T>(acc[2 * n2], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * n2 + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+__device__ __forceinline__ void add_float2(float* dst, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x, y));
+#else
+  atomicAdd(dst, x);
+  atomicAdd(dst + 1, y);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 1 (key-parallel): grid (ceil(M / kBlockN), B·H).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int kHeadDim, int kFamily>
+__global__ void __launch_bounds__(Tile<kHeadDim>::kThreads) attention_bwd_kv_kernel(const BwdParams p) {
+  using Tl = Tile<kHeadDim>;
+  extern __shared__ __align__(16) char smem_raw[];
+  const Smem<T, kHeadDim> sm(smem_raw);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int hk = h / (p.heads / p.kv_heads);
+  const size_t bhk = (size_t)b * p.kv_heads + hk;
+  const int j0 = blockIdx.x * Tl::kBlockN;
+  const int N = p.n_queries, M = p.n_keys;
+  const HeadConst hc = head_const<kFamily>(p, h);
+  const T* q = static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim;
+  const T* dout = static_cast<const T*>(p.dout_s) + (size_t)bh * N * kHeadDim;
+
+  // Load K_j, V_j and the key fields once
+  load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm.k, static_cast<const T*>(p.k) + bhk * M * kHeadDim, j0, M);
+  load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm.v, static_cast<const T*>(p.v) + bhk * M * kHeadDim, j0, M);
+  cp_async_commit();
+  load_key_fields<kHeadDim, kFamily>(sm.key, p, hc, b, bhk, j0);
+
+  float dk[Tl::kDTiles][4], dv[Tl::kDTiles][4];
+#pragma unroll
+  for (int n = 0; n < Tl::kDTiles; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+  }
+  KeySums ks;
+
+  // Causal (top-left): query i sees key j iff j ≤ i, so query tiles ending before j0 are skipped.
+  const int i_begin = p.causal ? (j0 / Tl::kBlockM) * Tl::kBlockM : 0;
+  for (int i0 = i_begin; i0 < N; i0 += Tl::kBlockM) {
+    // Load Q_i, dO_i and the row fields
+    load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.q, q, i0, N);
+    load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.dout, dout, i0, N);
+    cp_async_commit();
+    load_row_fields<kHeadDim, kFamily>(sm.row, p, hc, bh, i0);
+    cp_async_wait<0>();
+    __syncthreads();
+
+    float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
+    tile_step<T, kHeadDim, kFamily, true, false>(sm, hc, i0, j0, p.causal, p.dq_atomic, sp, dp, ks);
+
+    // dV_j += P_ijᵀ dO_i and dK_j += dX_ijᵀ Q_i: the Sᵀ/dPᵀ accumulators become A operands
+    uint32_t ap[Tl::kBlockM / 16][4], ax[Tl::kBlockM / 16][4];
+    to_a_operands<T, kHeadDim>(sp, ap);
+    to_a_operands<T, kHeadDim>(dp, ax);
+    acc_mma_kn<T, kHeadDim>(dv, ap, sm.dout);
+    acc_mma_kn<T, kHeadDim>(dk, ax, sm.q);
+
+    if (p.dq_atomic) {
+      // dQ_i += dX_ij K_j (fp32 atomics), R_i and RX_i likewise
+      store_dxt<T, kHeadDim>(sm, ax);
+      __syncthreads();
+      // in chunks of 32 columns, so the chunk's accumulators fit next to dK_j, dV_j
+      const int row0 = 16 * (warp % Tl::kRowGroups);
+#pragma unroll 1
+      for (int col0 = (warp / Tl::kRowGroups) * Tl::kDqCols; col0 < (warp / Tl::kRowGroups + 1) * Tl::kDqCols; col0 += 32) {
+        float acc[4][4];
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+        }
+        dq_mma<T, kHeadDim, 32>(sm, acc, col0);
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int i = i0 + row0 + g + 8 * hh;
+            if (i < N) add_float2(p.dq_acc + ((size_t)bh * N + i) * kHeadDim + col0 + n * 8 + 2 * t, acc[n][2 * hh], acc[n][2 * hh + 1]);
+          }
+        }
+      }
+      for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
+        if (i0 + r < N) {
+          float rw = 0.f, rx = 0.f;
+#pragma unroll
+          for (int w = 0; w < Tl::kWarps; ++w) {
+            rw += sm.row_part[(w * Tl::kBlockM + r) * 2];
+            rx += sm.row_part[(w * Tl::kBlockM + r) * 2 + 1];
+          }
+          add_float2(p.row_acc + ((size_t)bh * N + i0 + r) * 2, rw, rx);
+        }
+      }
+    }
+    __syncthreads();  // the tiles are overwritten by the next step
+  }
+
+  // Write dK_j, dV_j (fp32, this query head) and the key sums
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int j = j0 + warp * 16 + g + 8 * hh;
+    const float c = quad_sum(ks.c[hh]), cx = quad_sum(ks.cx[hh]), dv0 = quad_sum(ks.dv0[hh]);
+    if (j < M) {
+      const size_t row = (size_t)bh * M + j;
+#pragma unroll
+      for (int n = 0; n < Tl::kDTiles; ++n) {
+        *reinterpret_cast<float2*>(p.dk_acc + row * kHeadDim + n * 8 + 2 * t) = make_float2(dk[n][2 * hh], dk[n][2 * hh + 1]);
+        *reinterpret_cast<float2*>(p.dv_acc + row * kHeadDim + n * 8 + 2 * t) = make_float2(dv[n][2 * hh], dv[n][2 * hh + 1]);
+      }
+      if (t == 0) {
+        p.col_acc[row * 3] = c;
+        p.col_acc[row * 3 + 1] = cx;
+        p.col_acc[row * 3 + 2] = dv0;
+      }
+    }
+  }
+  // Per-head scalars: one partial per (batch, head, key tile), summed in a fixed order on the host side.
+  float s1 = ks.s1, s2 = ks.s2;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    s1 += __shfl_xor_sync(0xffffffffu, s1, off);
+    s2 += __shfl_xor_sync(0xffffffffu, s2, off);
+  }
+  if (lane == 0) {
+    sm.scal[warp * 2] = s1;
+    sm.scal[warp * 2 + 1] = s2;
+  }
+  __syncthreads();
+  if (threadIdx.x < 2) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < Tl::kWarps; ++w) s += sm.scal[w * 2 + threadIdx.x];
+    p.scalar_partials[((size_t)bh * gridDim.x + blockIdx.x) * 2 + threadIdx.x] = s;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel 2 (query-parallel, deterministic dQ): grid (ceil(N / kBlockM), B·H).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int kHeadDim, int kFamily>
+__global__ void __launch_bounds__(Tile<kHeadDim>::kThreads) attention_bwd_q_kernel(const BwdParams p) {
+  using Tl = Tile<kHeadDim>;
+  extern __shared__ __align__(16) char smem_raw[];
+  const Smem<T, kHeadDim> sm(smem_raw);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int hk = h / (p.heads / p.kv_heads);
+  const size_t bhk = (size_t)b * p.kv_heads + hk;
+  const int i0 = blockIdx.x * Tl::kBlockM;
+  const int N = p.n_queries, M = p.n_keys;
+  const HeadConst hc = head_const<kFamily>(p, h);
+  const T* k = static_cast<const T*>(p.k) + bhk * M * kHeadDim;
+  const T* v = static_cast<const T*>(p.v) + bhk * M * kHeadDim;
+
+  load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.q, static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim, i0, N);
+  load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.dout, static_cast<const T*>(p.dout_s) + (size_t)bh * N * kHeadDim, i0, N);
+  cp_async_commit();
+  load_row_fields<kHeadDim, kFamily>(sm.row, p, hc, bh, i0);
+  for (int r = threadIdx.x; r < Tl::kWarps * Tl::kBlockM * 2; r += Tl::kThreads) sm.row_part[r] = 0.f;
+
+  float acc[Tl::kDqCols / 8][4];
+#pragma unroll
+  for (int n = 0; n < Tl::kDqCols / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  }
+  KeySums unused;
+  const int j_end = p.causal ? min(M, i0 + Tl::kBlockM) : M;
+  for (int j0 = 0; j0 < j_end; j0 += Tl::kBlockN) {
+    load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm.k, k, j0, M);
+    load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm.v, v, j0, M);
+    cp_async_commit();
+    load_key_fields<kHeadDim, kFamily>(sm.key, p, hc, b, bhk, j0);
+    cp_async_wait<0>();
+    __syncthreads();
+
+    float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
+    tile_step<T, kHeadDim, kFamily, false, true>(sm, hc, i0, j0, p.causal, true, sp, dp, unused);
+    uint32_t ax[Tl::kBlockM / 16][4];
+    to_a_operands<T, kHeadDim>(dp, ax);
+    store_dxt<T, kHeadDim>(sm, ax);
+    __syncthreads();
+    dq_mma<T, kHeadDim, Tl::kDqCols>(sm, acc, (warp / Tl::kRowGroups) * Tl::kDqCols);
+    __syncthreads();
+  }
+
+  const int row0 = 16 * (warp % Tl::kRowGroups), col0 = (warp / Tl::kRowGroups) * Tl::kDqCols;
+#pragma unroll
+  for (int n = 0; n < Tl::kDqCols / 8; ++n) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int i = i0 + row0 + g + 8 * hh;
+      if (i < N) {
+        *reinterpret_cast<float2*>(p.dq_acc + ((size_t)bh * N + i) * kHeadDim + col0 + n * 8 + 2 * t) =
+            make_float2(acc[n][2 * hh], acc[n][2 * hh + 1]);
+      }
+    }
+  }
+  for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
+    if (i0 + r < N) {
+      float rw = 0.f, rx = 0.f;
+#pragma unroll
+      for (int w = 0; w < Tl::kWarps; ++w) {
+        rw += sm.row_part[(w * Tl::kBlockM + r) * 2];
+        rx += sm.row_part[(w * Tl::kBlockM + r) * 2 + 1];
+      }
+      *reinterpret_cast<float2*>(p.row_acc + ((size_t)bh * N + i0 + r) * 2) = make_float2(rw, rx);
+    }
+  }
+}
+
+template <typename T, int kHeadDim, int kFamily>
+cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
+  using Tl = Tile<kHeadDim>;
+  constexpr int smem = Tl::template smem_bytes<T>();
+  auto kv = attention_bwd_kv_kernel<T, kHeadDim, kFamily>;
+  cudaError_t err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid_kv((p.n_keys + Tl::kBlockN - 1) / Tl::kBlockN, p.batch * p.heads);
+  kv<<<grid_kv, Tl::kThreads, smem, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || p.dq_atomic) return err;
+  auto qk = attention_bwd_q_kernel<T, kHeadDim, kFamily>;
+  err = cudaFuncSetAttribute(qk, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid_q((p.n_queries + Tl::kBlockM - 1) / Tl::kBlockM, p.batch * p.heads);
+  qk<<<grid_q, Tl::kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// All three score families for one (dtype, head dim); instantiated by bwd_hd<D>_<dtype>.cu.
+template <typename T, int kHeadDim>
+cudaError_t launch_for_score(const BwdParams& p, cudaStream_t stream) {
+  switch (p.score) {
+    case 0:
+    case 1:
+      return launch<T, kHeadDim, FAMILY_DOT>(p, stream);
+    case 2:
+      return launch<T, kHeadDim, FAMILY_DISTANCE>(p, stream);
+    case 3:
+      return launch<T, kHeadDim, FAMILY_POINCARE>(p, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace bwd
+}  // namespace hyptorch_flash

@@ -1,0 +1,61 @@
+// Torch-free interface of the fused hyperbolic attention backward (DESIGN.md §3, FlashAttention-2
+// Algorithm 2). binding_bwd.cpp fills BwdParams from tensors; bwd_hd<D>_<dtype>.cu launch the kernels.
+//
+// The kernels do not finish the gradients. They produce, per query head, the O(N·D) contractions of
+// dX_ij = ∂L/∂X_ij (X = the variant's inner quantity, see bwd_kernel.cuh) that every gradient is a
+// short per-row formula of (hyptorch_flash/ops/cuda_backward.py: finish_gradients):
+//   dq_acc  G_i  = Σ_j dX_ij k_j        row_acc (R_i, RX_i) = Σ_j dX_ij (w_j, X_ij)
+//   dk_acc  Gk_j = Σ_i dX_ij q_i        col_acc (C_j, CX_j, dv0_j) = (Σ_i dX_ij w_i, Σ_i dX_ij X_ij, Σ_i P_ij dO0_i)
+//   dv_acc  Σ_i P_ij dO_s,i             scalars (Σ dS_ij u_ij, Σ dX_ij X_ij) per (batch, head, key block)
+// with w = the time coordinate (lorentz_dot, distance) or 1 (poincare), u = s/coef.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace hyptorch_flash {
+
+struct BwdParams {
+  // Space coordinates, contiguous: q and dout_s (B, H, N, D), k and v (B, Hkv, M, D).
+  // dout_s is the space part of dO_L, the upstream gradient pulled back through the centroid epilogue.
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* dout_s;
+  // Per query row (B, H, N) float32: log-sum-exp (−inf = no visible key), D_i, dO_L0 (time part of dO_L), |q|².
+  const float* lse;
+  const float* delta;
+  const float* dout0;
+  const float* q_sq;
+  // Per key (B, Hkv, M) float32: |k|², |v|².
+  const float* k_sq;
+  const float* v_sq;
+  // Per query head (H,) float32: curvature k_h > 0 and the score coefficient (scale or β).
+  const float* curvature;
+  const float* coef;
+  // (B, M) uint8, nonzero = padded key; nullptr when there is no padding mask.
+  const uint8_t* key_padding;
+  // Outputs (float32), see the header comment. dq_acc and row_acc must be zeroed when dq_atomic.
+  float* dq_acc;           // (B, H, N, D)
+  float* row_acc;          // (B, H, N, 2)
+  float* dk_acc;           // (B, H, M, D)
+  float* dv_acc;           // (B, H, M, D)
+  float* col_acc;          // (B, H, M, 3)
+  float* scalar_partials;  // (B, H, ceil(M / kBwdBlockN), 2)
+  int batch, heads, kv_heads, n_queries, n_keys;
+  int score;  // 0 euclidean, 1 lorentz_dot, 2 distance, 3 poincare_distance
+  bool causal;
+  bool squared;
+  // true: the key-parallel kernel adds dQ with fp32 atomics; false (deterministic): a query-parallel
+  // kernel computes dQ and the row sums without atomics.
+  bool dq_atomic;
+  float acosh_eps;
+};
+
+// Key tile height of the key-parallel kernel (scalar_partials has one entry per key tile).
+constexpr int kBwdBlockN = 64;
+
+// Launches the backward kernels for q's dtype (bf16 if is_bf16, else fp16) and head dim on `stream`.
+cudaError_t launch_attention_bwd(const BwdParams& params, int head_dim, bool is_bf16, cudaStream_t stream);
+
+}  // namespace hyptorch_flash

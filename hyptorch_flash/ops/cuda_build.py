@@ -1,0 +1,111 @@
+"""Build of the CUDA extension ``hyptorch_flash_cuda``: JIT on first CUDA use, or ahead of time.
+
+JIT: :func:`load` compiles ``csrc/hyperbolic_attention/binding.cpp`` and the ``attention_fwd*.cu``
+files with ``torch.utils.cpp_extension.load`` (ninja, parallel over files) for the architecture of
+the current GPU only, into a cache folder keyed by a hash of the sources, the torch/CUDA versions and
+the architecture (``$HYPTORCH_FLASH_CACHE`` or ``~/.cache/hyptorch_flash``). A file lock serialises
+concurrent builds (several processes on one machine); later imports load the cached ``.so``.
+A failed build is remembered for the process, and :func:`build_error` returns its message so the
+``cuda`` backend can report it and ``auto`` can fall back.
+
+Ahead of time: ``HYPTORCH_FLASH_BUILD_CUDA=1 pip install -e .`` builds the same sources as the
+extension module ``hyptorch_flash._cuda`` (see setup.py, :func:`extension_sources`);
+:func:`load` imports it when present and never rebuilds.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib
+import os
+from pathlib import Path
+from typing import Optional
+
+EXTENSION_NAME = "hyptorch_flash_cuda"
+CSRC = Path(__file__).resolve().parent.parent / "csrc" / "hyperbolic_attention"
+NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+CXX_FLAGS = ["-O3", "-std=c++17"]
+
+_module = None
+_error: Optional[str] = None
+
+
+def extension_sources() -> list[Path]:
+    """The binding and every forward kernel file, sorted (one ninja job per file)."""
+    return [CSRC / "binding.cpp", *sorted(CSRC.glob("attention_fwd*.cu"))]
+
+
+def _fingerprint(arch: str) -> str:
+    import torch
+
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.iterdir()):
+        if path.suffix in (".cpp", ".cu", ".cuh", ".h"):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    digest.update(f"{torch.__version__}|{torch.version.cuda}|{arch}|{NVCC_FLAGS}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("HYPTORCH_FLASH_CACHE", Path.home() / ".cache" / "hyptorch_flash"))
+
+
+def _arch_of_current_device() -> str:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}.{minor}"
+
+
+def _jit_build():
+    from torch.utils import cpp_extension
+
+    arch = _arch_of_current_device()
+    build_dir = _cache_root() / f"{EXTENSION_NAME}_{_fingerprint(arch)}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # Only the GPU in use: a cold build stays around a minute.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    with open(build_dir / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return cpp_extension.load(
+                name=EXTENSION_NAME,
+                sources=[str(p) for p in extension_sources()],
+                extra_cflags=CXX_FLAGS,
+                extra_cuda_cflags=NVCC_FLAGS,
+                extra_include_paths=[str(CSRC)],
+                build_directory=str(build_dir),
+                verbose=os.environ.get("HYPTORCH_FLASH_VERBOSE_BUILD") == "1",
+            )
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def load():
+    """The compiled extension module (built on first call); raises ``RuntimeError`` if it cannot be built."""
+    global _module, _error
+    if _module is not None:
+        return _module
+    if _error is not None:
+        raise RuntimeError(_error)
+    try:
+        try:
+            _module = importlib.import_module("hyptorch_flash._cuda")  # ahead-of-time build
+        except ImportError:
+            _module = _jit_build()
+    except Exception as exc:  # noqa: BLE001 - any build failure becomes the backend's reason
+        _error = f"the CUDA extension {EXTENSION_NAME} failed to build: {exc}"
+        raise RuntimeError(_error) from exc
+    return _module
+
+
+def build_error() -> Optional[str]:
+    """``None`` if the extension loads (building it if needed), else the first line of the build error."""
+    try:
+        load()
+    except RuntimeError as exc:
+        lines = str(exc).strip().splitlines()
+        return lines[0] if lines else "the CUDA extension failed to build"
+    return None
