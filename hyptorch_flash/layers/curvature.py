@@ -3,7 +3,9 @@
 Convention (DESIGN.md §1, geoopt's): H^n_k = {x : <x,x>_L = -k, x0 > 0}, sectional curvature -1/k;
 the same space as geoopt ``PoincareBall(c=1/k)``.
 
-- fixed: ``Curvature(1.0)`` keeps k in a buffer (moves with ``.to()``, saved in ``state_dict``);
+- fixed: ``Curvature(0.9)`` keeps k in a float64 buffer (moves with ``.to(device)``, saved in
+  ``state_dict``, never rounded by ``.float()``/``.half()``: points lifted with the exact k in any
+  dtype pass the manifold checks);
 - learnable: ``Curvature(1.0, learnable=True)`` stores log k, so k = exp(log k) > 0 for every value
   of the parameter (the positivity parametrisation of HyperCore/HELM's learnable curvature, without a
   clamp that would zero the gradient);
@@ -26,7 +28,8 @@ import geoopt
 import torch
 from torch import nn
 
-from .. import geometry
+from .. import geometry, numerics
+from .manifolds import StableLorentz
 
 
 class Curvature(nn.Module):
@@ -43,7 +46,7 @@ class Curvature(nn.Module):
     def __init__(self, k: Union[float, torch.Tensor] = 1.0, *, learnable: bool = False,
                  num_heads: Optional[int] = None):
         super().__init__()
-        value = torch.as_tensor(k, dtype=torch.get_default_dtype()).detach().clone()
+        value = torch.as_tensor(k, dtype=torch.float64).detach().clone()
         if value.dim() > 1:
             raise ValueError(f"Curvature: k must be a scalar or per-head (H,), got shape {tuple(value.shape)}")
         if not bool(torch.isfinite(value).all()) or not bool((value > 0).all()):
@@ -56,9 +59,17 @@ class Curvature(nn.Module):
         self.learnable = bool(learnable)
         self.source: Optional[nn.Module] = None
         if self.learnable:
-            self.log_k = nn.Parameter(value.log())
+            self.log_k = nn.Parameter(value.log().to(torch.get_default_dtype()))
         else:
             self.register_buffer("k_fixed", value)
+
+    def _apply(self, fn, recurse=True):
+        # A fixed k stays float64 whatever dtype the model is cast to (each use casts it).
+        exact = None if self.learnable or self.source is not None else self.k_fixed.detach().cpu()
+        super()._apply(fn, recurse)
+        if exact is not None:
+            self.k_fixed = exact.to(self.k_fixed.device)
+        return self
 
     @classmethod
     def from_manifold(cls, manifold: Union[geoopt.Lorentz, geoopt.PoincareBall]) -> "Curvature":
@@ -88,16 +99,19 @@ class Curvature(nn.Module):
         return k.shape[0] if k.dim() == 1 else None
 
     def lorentz(self) -> geoopt.Lorentz:
-        """A geoopt ``Lorentz`` manifold of the current (detached) value; the tied one if any."""
+        """A geoopt ``Lorentz`` of the current (detached) value in the default dtype; the tied one if any.
+
+        A new one is a :class:`~hyptorch_flash.layers.manifolds.StableLorentz` (safe under RiemannianAdam).
+        """
         if isinstance(self.source, geoopt.Lorentz):
             return self.source
-        return geoopt.Lorentz(k=self.forward().detach().clone())
+        return StableLorentz(k=self.forward().detach().to(torch.get_default_dtype()).clone())
 
     def poincare_ball(self) -> geoopt.PoincareBall:
-        """A geoopt ``PoincareBall(c=1/k)`` of the current (detached) value; the tied one if any."""
+        """A geoopt ``PoincareBall(c=1/k)`` of the current (detached) value, default dtype; the tied one if any."""
         if isinstance(self.source, geoopt.Stereographic):
             return self.source
-        return geoopt.PoincareBall(c=1.0 / self.forward().detach().clone())
+        return geoopt.PoincareBall(c=1.0 / self.forward().detach().to(torch.get_default_dtype()).clone())
 
     def extra_repr(self) -> str:
         k = self.forward().detach()
@@ -131,4 +145,5 @@ def rescale(x: torch.Tensor, k_from: torch.Tensor, k_to: torch.Tensor) -> torch.
 
     A similarity (distances scale by sqrt(k_to/k_from)); the identity when the values agree.
     """
-    return x * (k_to / k_from).sqrt().to(x.dtype)
+    ct = numerics.compute_dtype(x.dtype)
+    return x * (k_to.to(ct) / k_from.to(ct)).sqrt().to(x.dtype)

@@ -18,10 +18,11 @@ class LorentzEmbedding(nn.Module):
     Kiela 2018, "Learning Continuous Hierarchies in the Lorentz Model of Hyperbolic Geometry", ICML).
     Initialisation: expmap at the origin of tangent vectors (0, v), v ~ N(0, init_std²).
 
-    With a fixed curvature the table lives on H_k itself (on the caller's ``geoopt.Lorentz`` when one
-    is passed). With a learnable curvature the table lives on a fixed reference manifold H_{k_ref}
-    (k_ref = initial k) and lookups return sqrt(k/k_ref)·x, the similarity onto the current H_k, so the
-    Riemannian optimiser never sees a manifold that moves under it.
+    The table lives on a fixed reference manifold H_{k_ref} (the caller's ``geoopt.Lorentz`` when one
+    with a fixed k is passed, else ``geoopt.Lorentz(k_ref)`` with k_ref = the initial k) and lookups
+    return sqrt(k/k_ref)·x, the similarity onto the current H_k. So a learnable curvature never moves
+    the manifold under the Riemannian optimiser, and a float64 model gets points on its exact k even
+    though geoopt's k was rounded to float32 at construction (the factor is 1 up to that rounding).
 
     ``forward(indices)``: long tensor of any shape ``(...)`` → ``(..., dim + 1)`` on H_k.
     ``padding_idx``: that row is the origin and receives no gradient (as ``nn.Embedding``).
@@ -36,19 +37,16 @@ class LorentzEmbedding(nn.Module):
         if isinstance(self.curvature.source, geoopt.Lorentz) and not self.curvature.learnable:
             manifold = self.curvature.source
         else:
-            manifold = geoopt.Lorentz(k=self.curvature().detach().clone())
-        self.rescaled = self.curvature.learnable
+            manifold = self.curvature.lorentz()
+        self.rescaled = manifold is not self.curvature.source
         tangent = torch.zeros(num_embeddings, dim + 1)
         tangent[:, 1:].normal_(0.0, init_std)
         if padding_idx is not None:
             tangent[padding_idx] = 0.0
         with torch.no_grad():
             points = manifold.expmap0(tangent.to(manifold.k.dtype)).to(torch.get_default_dtype())
+        self.manifold = manifold  # a submodule, so its k moves with .to() and is saved
         self.weight = geoopt.ManifoldParameter(points, manifold=manifold)
-
-    @property
-    def manifold(self) -> geoopt.Lorentz:
-        return self.weight.manifold
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         if indices.dtype not in (torch.long, torch.int32, torch.int64):

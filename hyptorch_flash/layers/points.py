@@ -44,7 +44,7 @@ def check_points(x: torch.Tensor, dim: int, k: torch.Tensor, *, name: str, layer
         try:
             geometry.split_lorentz(x, k.detach(), name=name)
         except ValueError as e:
-            raise ValueError(f"{layer}: {e}") from None
+            raise ValueError(f"{layer}: {str(e).removeprefix('hyptorch_flash: ')}") from None
 
 
 def map_space(x: torch.Tensor, fn, k: torch.Tensor) -> torch.Tensor:
