@@ -14,8 +14,8 @@ from torch.autograd.function import once_differentiable
 from .masks import MaskSpec
 from .problem import AttentionProblem
 
-BLOCK_Q = 128
-BLOCK_K = 128
+BLOCK_Q = 256  # tile sizes: large enough that per-tile Python overhead is small, O(block²) memory
+BLOCK_K = 256
 NEG_INF = float("-inf")
 
 
