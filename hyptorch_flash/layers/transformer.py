@@ -12,9 +12,11 @@ where every piece maps H_k to H_k (:class:`LorentzLayerNorm`, :class:`Hyperbolic
 
 Curvature of a stack (``learnable_curvature``): ``False`` one fixed k for all layers; ``True`` or
 ``"shared"`` one learnable k shared by all layers (``stack.curvature``, pass it to the embedding and
-the head to share it with them); ``"per_layer"`` a learnable k_i per layer, points handed from layer
-i to i+1 by the similarity x ↦ sqrt(k_{i+1}/k_i)·x. The stack takes its input on
-``stack.curvature`` (layer 0's) and returns points on ``stack.output_curvature`` (the last layer's).
+the head to share it with them); ``"per_layer"`` a learnable k_i per layer (initialised to the value
+of ``curvature``), points handed from layer to layer by the similarity x ↦ sqrt(k_{i+1}/k_i)·x. A
+``Curvature`` instance passed as ``curvature`` is shared by all layers, except with ``"per_layer"``,
+where it is the curvature of the *input* only (share it with the embedding). The stack takes its input
+on ``stack.curvature`` and returns points on ``stack.output_curvature`` (the last layer's).
 """
 from __future__ import annotations
 
@@ -160,12 +162,15 @@ CURVATURE_MODES = (False, True, "shared", "per_layer")
 
 
 def _stack_curvatures(num_layers: int, curvature: CurvatureArg, learnable_curvature: Union[bool, str]):
+    """(input curvature, per-layer curvatures) of a stack; see the module docstring."""
     if learnable_curvature not in CURVATURE_MODES:
         raise ValueError(f"learnable_curvature must be one of {CURVATURE_MODES}, got {learnable_curvature!r}")
-    if learnable_curvature == "per_layer" and not isinstance(curvature, Curvature):
-        return [as_curvature(curvature, learnable=True) for _ in range(num_layers)]
+    if learnable_curvature == "per_layer":
+        given = as_curvature(curvature)
+        k0 = given().detach()
+        return given, [Curvature(k0, learnable=True) for _ in range(num_layers)]
     shared = as_curvature(curvature, learnable=bool(learnable_curvature))
-    return [shared] * num_layers
+    return shared, [shared] * num_layers
 
 
 class _LorentzStack(nn.Module):
@@ -177,7 +182,7 @@ class _LorentzStack(nn.Module):
         if num_layers < 1:
             raise ValueError(f"{type(self).__name__}: num_layers must be ≥ 1, got {num_layers}")
         self.embed_dim, self.batch_first, self.check_inputs = embed_dim, batch_first, check_inputs
-        curvatures = _stack_curvatures(num_layers, curvature, learnable_curvature)
+        self.input_curvature, curvatures = _stack_curvatures(num_layers, curvature, learnable_curvature)
         self.layers = nn.ModuleList(
             layer_cls(embed_dim, num_heads, ffn_dim, curvature=c, batch_first=batch_first, check_inputs=False,
                       **layer_kwargs)
@@ -187,8 +192,8 @@ class _LorentzStack(nn.Module):
 
     @property
     def curvature(self) -> Curvature:
-        """The curvature of the stack's input (layer 0's)."""
-        return self.layers[0].curvature
+        """The curvature of the stack's input."""
+        return self.input_curvature
 
     @property
     def output_curvature(self) -> Curvature:
@@ -199,9 +204,9 @@ class _LorentzStack(nn.Module):
                      check_manifold=self.check_inputs)
 
     def _run(self, x: torch.Tensor, call) -> torch.Tensor:
-        prev = None
+        prev = self.input_curvature
         for i, layer in enumerate(self.layers):
-            if prev is not None and layer.curvature is not prev:
+            if layer.curvature is not prev:
                 x = rescale(x, prev(), layer.curvature())
             x = call(i, layer, x)
             prev = layer.curvature
