@@ -26,11 +26,15 @@ Usage (a tiny hyperbolic language model)::
         y = dec(emb(prompt), cache=cache)                 # prefill
         y = dec(emb(next_token[:, None]), cache=cache)    # one token at a time
 
+Poincaré counterparts (``PoincareLinear`` after HNN++, ``PoincareMultiheadAttention`` with the
+``poincare_distance`` score and gyromidpoint, ``PoincareTransformerEncoder``/``Decoder``) take ball
+points ``(..., d)`` of geoopt ``PoincareBall(c=1/k)`` and the same curvature arguments.
+
 Masks of the attention modules follow ``nn.MultiheadAttention`` (bool ``attn_mask`` True = may NOT
 attend); the functional ``hyperbolic_attention`` follows SDPA (True = may attend).
 """
 from .activation import LorentzActivation
-from .attention import HyperbolicMultiheadAttention
+from .attention import HyperbolicMultiheadAttention, PoincareMultiheadAttention
 from .backend import set_attention_backend
 from .cache import KVCache
 from .curvature import Curvature, as_curvature, rescale
@@ -39,12 +43,18 @@ from .embedding import LorentzEmbedding
 from .feedforward import LorentzFeedForward
 from .heads import LorentzDistanceDecoder, LorentzMLR, lorentz_distance
 from .linear import LorentzLinear
+from .manifolds import StableLorentz
 from .norm import LorentzLayerNorm
+from .poincare import (
+    PoincareActivation, PoincareDropout, PoincareEmbedding, PoincareFeedForward, PoincareLayerNorm, PoincareLinear,
+    PoincareResidual, poincare_distance,
+)
 from .points import lorentz_point
 from .residual import LorentzResidual
 from .transformer import (
     DecoderLayerCache, LorentzTransformerDecoder, LorentzTransformerDecoderLayer, LorentzTransformerEncoder,
-    LorentzTransformerEncoderLayer,
+    LorentzTransformerEncoderLayer, PoincareTransformerDecoder, PoincareTransformerDecoderLayer,
+    PoincareTransformerEncoder, PoincareTransformerEncoderLayer,
 )
 
 __all__ = [
@@ -53,5 +63,9 @@ __all__ = [
     "LorentzEmbedding", "LorentzFeedForward", "LorentzMLR", "LorentzDistanceDecoder", "lorentz_distance",
     "HyperbolicMultiheadAttention", "KVCache", "DecoderLayerCache",
     "LorentzTransformerEncoderLayer", "LorentzTransformerDecoderLayer",
-    "LorentzTransformerEncoder", "LorentzTransformerDecoder", "set_attention_backend",
+    "LorentzTransformerEncoder", "LorentzTransformerDecoder", "set_attention_backend", "StableLorentz",
+    "PoincareLinear", "PoincareLayerNorm", "PoincareActivation", "PoincareDropout", "PoincareResidual",
+    "PoincareFeedForward", "PoincareEmbedding", "poincare_distance", "PoincareMultiheadAttention",
+    "PoincareTransformerEncoderLayer", "PoincareTransformerDecoderLayer", "PoincareTransformerEncoder",
+    "PoincareTransformerDecoder",
 ]

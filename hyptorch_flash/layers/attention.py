@@ -9,11 +9,13 @@ from torch import nn
 
 from .. import geometry
 from ..ops import hyperbolic_attention, hyperbolic_attention_weights
+from . import ball
 from .cache import KVCache
 from .curvature import Curvature, CurvatureArg, as_curvature
 from .linear import LorentzLinear
 from .masks import module_masks_to_sdpa
-from .points import check_points, lorentz_point
+from .poincare import PoincareLinear
+from .points import check_ball_points, check_points, lorentz_point
 
 LORENTZ_SCORES = ("lorentz_dot", "distance")
 OUTPUT_CHARTS = ("lorentz", "klein", "poincare")
@@ -28,7 +30,112 @@ def _positive_head_parameter(module: nn.Module, name: str, value: float, num_hea
         module.register_buffer(name, log_value)
 
 
-class HyperbolicMultiheadAttention(nn.Module):
+class _MultiheadAttention(nn.Module):
+    """The nn.MultiheadAttention-style shell shared by the Lorentz and Poincaré modules.
+
+    Subclasses set the projections and three hooks: ``_check_input`` (shape/manifold of an input),
+    ``_split`` (inputs → heads ``(B, h, N, head_dim)`` for the functional op) and ``_merge`` (per-head
+    outputs → module output); ``core_output`` is the functional op's ``output=``.
+    """
+
+    core_output = "lorentz"
+
+    def __init__(self, embed_dim, num_heads, *, num_kv_heads, kdim, vdim, batch_first, curvature,
+                 learnable_curvature, per_head_curvature, score, scores, tau, beta, squared, learnable_scale,
+                 attn_backend, check_inputs):
+        super().__init__()
+        name = type(self).__name__
+        if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
+            raise ValueError(f"{name}: embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"{name}: num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if score not in scores:
+            raise ValueError(f"{name}: score must be one of {scores}, got {score!r}"
+                             + (" (use PoincareMultiheadAttention for poincare_distance)" if score == "poincare_distance" else ""))
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.kdim = embed_dim if kdim is None else kdim
+        self.vdim = self.kdim if vdim is None else vdim
+        self.batch_first, self.score, self.squared = batch_first, score, squared
+        self.attn_backend, self.check_inputs = attn_backend, check_inputs
+        self.curvature = as_curvature(curvature, learnable=learnable_curvature)
+        if per_head_curvature:
+            self.head_curvature = Curvature(self.curvature().detach(), learnable=True, num_heads=num_heads)
+        else:
+            self.head_curvature = self.curvature
+        if score == "lorentz_dot":
+            tau = math.sqrt(self.head_dim) if tau is None else tau
+            if not tau > 0:
+                raise ValueError(f"{name}: tau must be > 0, got {tau}")
+            _positive_head_parameter(self, "log_coef", 2.0 / tau, num_heads, learnable_scale)
+        else:
+            if not beta > 0:
+                raise ValueError(f"{name}: beta must be > 0, got {beta}")
+            _positive_head_parameter(self, "log_coef", beta, num_heads, learnable_scale)
+
+    def _score_kwargs(self) -> dict:
+        coef = self.log_coef.exp()
+        if self.score == "lorentz_dot":
+            return {"scale": coef}
+        return {"beta": coef, "squared": self.squared}
+
+    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False, cache: Optional[KVCache] = None):
+        name = type(self).__name__
+        self_attention = key is None and value is None
+        key = query if key is None else key
+        value = key if value is None else value
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) if isinstance(t, torch.Tensor) and t.dim() == 3 else t
+                                 for t in (query, key, value))
+        if not isinstance(query, torch.Tensor) or query.dim() != 3:
+            raise ValueError(f"{name}: query must be 3-D (batch, seq, features) with batch_first="
+                             f"{self.batch_first}, got shape {tuple(getattr(query, 'shape', ()))}")
+        self._check_input(query, self.embed_dim, "query")
+        reuse_static = cache is not None and cache.static and cache.length > 0
+        if not reuse_static and not self_attention:
+            self._check_input(key, self.kdim, "key")
+            if value is not key:
+                self._check_input(value, self.vdim, "value")
+            if key.dim() != 3 or key.shape[:2] != value.shape[:2] or key.shape[0] != query.shape[0]:
+                raise ValueError(f"{name}: key {tuple(key.shape)} and value {tuple(value.shape)} must be "
+                                 f"(batch, seq, features) with the query's batch ({query.shape[0]})")
+        B, N = query.shape[:2]
+        head_k = self.head_curvature()
+        q = self._split(self.q_proj, query, self.num_heads, head_k)
+        if reuse_static:
+            k_heads, v_heads = cache.key, cache.value
+        else:
+            k_heads = self._split(self.k_proj, key, self.num_kv_heads, head_k)
+            v_heads = self._split(self.v_proj, value, self.num_kv_heads, head_k)
+            if cache is not None:
+                k_heads, v_heads = cache.update(k_heads, v_heads)
+        M = k_heads.shape[2]
+        past = M - N if (cache is not None and not cache.static) else 0
+        causal, sdpa_mask = module_masks_to_sdpa(attn_mask, is_causal=is_causal, past=past, batch=B,
+                                                 num_heads=self.num_heads, q_len=N, k_len=M, layer=name)
+        common = dict(score=self.score, curvature=head_k, causal=causal, attn_mask=sdpa_mask,
+                      key_padding_mask=key_padding_mask, check_inputs=False, **self._score_kwargs())
+        out = hyperbolic_attention(q, k_heads, v_heads, output=self.core_output, backend=self.attn_backend, **common)
+        y = self._merge(out, head_k)
+        if not self.batch_first:
+            y = y.transpose(0, 1)
+        weights = None
+        if need_weights:
+            weights = hyperbolic_attention_weights(q, k_heads, **common)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+        return y, weights
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"score={self.score!r}, attn_backend={self.attn_backend!r}")
+
+
+class HyperbolicMultiheadAttention(_MultiheadAttention):
     r"""Multi-head attention between points of H^embed_dim_k, in the Lorentz model.
 
     Queries, keys and values are Lorentz linear maps of the inputs (:class:`LorentzLinear`, Hypformer /
@@ -77,111 +184,86 @@ class HyperbolicMultiheadAttention(nn.Module):
                  tau: Optional[float] = None, beta: float = 1.0, squared: bool = False,
                  learnable_scale: bool = False, bias: bool = True, projection: str = "space",
                  attn_backend: Optional[str] = None, check_inputs: bool = True):
-        super().__init__()
-        name = type(self).__name__
-        if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
-            raise ValueError(f"{name}: embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_kv_heads < 1 or num_heads % num_kv_heads:
-            raise ValueError(f"{name}: num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if score not in LORENTZ_SCORES:
-            raise ValueError(f"{name}: score must be one of {LORENTZ_SCORES}, got {score!r} "
-                             "(use PoincareMultiheadAttention for poincare_distance)")
+        super().__init__(embed_dim, num_heads, num_kv_heads=num_kv_heads, kdim=kdim, vdim=vdim,
+                         batch_first=batch_first, curvature=curvature, learnable_curvature=learnable_curvature,
+                         per_head_curvature=per_head_curvature, score=score, scores=LORENTZ_SCORES, tau=tau,
+                         beta=beta, squared=squared, learnable_scale=learnable_scale, attn_backend=attn_backend,
+                         check_inputs=check_inputs)
         if output not in OUTPUT_CHARTS:
-            raise ValueError(f"{name}: output must be one of {OUTPUT_CHARTS}, got {output!r}")
-        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
-        self.head_dim = embed_dim // num_heads
-        self.kdim = embed_dim if kdim is None else kdim
-        self.vdim = self.kdim if vdim is None else vdim
-        self.batch_first, self.score, self.output, self.squared = batch_first, score, output, squared
-        self.attn_backend, self.check_inputs = attn_backend, check_inputs
-        self.curvature = as_curvature(curvature, learnable=learnable_curvature)
-        if per_head_curvature:
-            k0 = self.curvature().detach()
-            self.head_curvature = Curvature(k0, learnable=True, num_heads=num_heads)
-        else:
-            self.head_curvature = self.curvature
-        if score == "lorentz_dot":
-            tau = math.sqrt(self.head_dim) if tau is None else tau
-            if not tau > 0:
-                raise ValueError(f"{name}: tau must be > 0, got {tau}")
-            _positive_head_parameter(self, "log_coef", 2.0 / tau, num_heads, learnable_scale)
-        else:
-            if not beta > 0:
-                raise ValueError(f"{name}: beta must be > 0, got {beta}")
-            _positive_head_parameter(self, "log_coef", beta, num_heads, learnable_scale)
+            raise ValueError(f"{type(self).__name__}: output must be one of {OUTPUT_CHARTS}, got {output!r}")
+        self.output = output
         proj = dict(curvature=self.curvature, bias=bias, mode=projection, check_inputs=False)
         self.q_proj = LorentzLinear(embed_dim, num_heads * self.head_dim, **proj)
-        self.k_proj = LorentzLinear(self.kdim, num_kv_heads * self.head_dim, **proj)
-        self.v_proj = LorentzLinear(self.vdim, num_kv_heads * self.head_dim, **proj)
+        self.k_proj = LorentzLinear(self.kdim, self.num_kv_heads * self.head_dim, **proj)
+        self.v_proj = LorentzLinear(self.vdim, self.num_kv_heads * self.head_dim, **proj)
         self.out_proj = LorentzLinear(num_heads * self.head_dim, embed_dim, **proj)
 
-    def _score_kwargs(self) -> dict:
-        coef = self.log_coef.exp()
-        if self.score == "lorentz_dot":
-            return {"scale": coef}
-        return {"beta": coef, "squared": self.squared}
+    def _check_input(self, x: torch.Tensor, dim: int, name: str) -> None:
+        check_points(x, dim, self.curvature(), name=name, layer=type(self).__name__, check_manifold=self.check_inputs)
 
-    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+    def _split(self, proj: LorentzLinear, x: torch.Tensor, heads: int, head_k: torch.Tensor) -> torch.Tensor:
         B, N = x.shape[:2]
-        return x.reshape(B, N, heads, self.head_dim).transpose(1, 2)  # (B, N, h·dh) → (B, h, N, dh)
+        return proj.space(x).reshape(B, N, heads, self.head_dim).transpose(1, 2)  # (B, N, h·dh) → (B, h, N, dh)
 
-    def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
-                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
-                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False, cache: Optional[KVCache] = None):
-        name = type(self).__name__
-        self_attention = key is None and value is None
-        key = query if key is None else key
-        value = key if value is None else value
-        if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) if isinstance(t, torch.Tensor) and t.dim() == 3 else t
-                                 for t in (query, key, value))
+    def _merge(self, out: torch.Tensor, head_k: torch.Tensor) -> torch.Tensor:
+        B, _, N, _ = out.shape
         k = self.curvature()
-        if query.dim() != 3:
-            raise ValueError(f"{name}: query must be 3-D (batch, seq, embed_dim + 1) with batch_first="
-                             f"{self.batch_first}, got shape {tuple(query.shape)}")
-        check_points(query, self.embed_dim, k, name="query", layer=name, check_manifold=self.check_inputs)
-        reuse_static = cache is not None and cache.static and cache.length > 0
-        if not reuse_static and not self_attention:
-            check_points(key, self.kdim, k, name="key", layer=name, check_manifold=self.check_inputs)
-            if value is not key:
-                check_points(value, self.vdim, k, name="value", layer=name, check_manifold=self.check_inputs)
-            if key.dim() != 3 or key.shape[:2] != value.shape[:2] or key.shape[0] != query.shape[0]:
-                raise ValueError(f"{name}: key {tuple(key.shape)} and value {tuple(value.shape)} must be "
-                                 f"(batch, seq, dim + 1) with the query's batch ({query.shape[0]})")
-        B, N = query.shape[:2]
-        q = self._heads(self.q_proj.space(query), self.num_heads)
-        if reuse_static:
-            k_heads, v_heads = cache.key, cache.value
-        else:
-            k_heads = self._heads(self.k_proj.space(key), self.num_kv_heads)
-            v_heads = self._heads(self.v_proj.space(value), self.num_kv_heads)
-            if cache is not None:
-                k_heads, v_heads = cache.update(k_heads, v_heads)
-        M = k_heads.shape[2]
-        past = M - N if (cache is not None and not cache.static) else 0
-        causal, sdpa_mask = module_masks_to_sdpa(attn_mask, is_causal=is_causal, past=past, batch=B,
-                                                 num_heads=self.num_heads, q_len=N, k_len=M, layer=name)
-        head_k = self.head_curvature()
-        common = dict(score=self.score, curvature=head_k, causal=causal, attn_mask=sdpa_mask,
-                      key_padding_mask=key_padding_mask, check_inputs=False, **self._score_kwargs())
-        out = hyperbolic_attention(q, k_heads, v_heads, output="lorentz", backend=self.attn_backend, **common)
         out = out.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)  # (B, H, N, dh) → (B, N, H·dh)
         y = self.out_proj(lorentz_point(out, k))
         if self.output == "klein":
-            y = geometry.lorentz_to_klein(y, k)
-        elif self.output == "poincare":
-            y = geometry.lorentz_to_poincare(y, k)
-        if not self.batch_first:
-            y = y.transpose(0, 1)
-        weights = None
-        if need_weights:
-            weights = hyperbolic_attention_weights(q, k_heads, **common)
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
-        return y, weights
+            return geometry.lorentz_to_klein(y, k)
+        if self.output == "poincare":
+            return geometry.lorentz_to_poincare(y, k)
+        return y
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"score={self.score!r}, output={self.output!r}, attn_backend={self.attn_backend!r}")
+        return f"{super().extra_repr()}, output={self.output!r}"
+
+
+class PoincareMultiheadAttention(_MultiheadAttention):
+    r"""Multi-head attention between points of the Poincaré ball, after HNN++ (Shimizu, Mukuta, Harada 2021,
+    "Hyperbolic Neural Networks++", ICLR, §3.3–3.4).
+
+    Queries, keys and values are :class:`PoincareLinear` maps, split into heads by the Poincaré β-split;
+    the core is :func:`hyptorch_flash.hyperbolic_attention` with ``score="poincare_distance"``
+    (s = −β·d_c(q, k), or −β·d² with ``squared=True``) and ``output="poincare"`` (the Möbius
+    gyromidpoint of the values, HNN++'s weighted midpoint); heads are joined by β-concatenation and
+    mapped by an output :class:`PoincareLinear`. Points live in geoopt ``PoincareBall(c=1/k)``.
+
+    Shapes: ``(B, N, embed_dim)`` ball points (``batch_first=True``, default) → same. The interface
+    (masks in the ``nn.MultiheadAttention`` convention, ``key_padding_mask``, ``is_causal``,
+    ``need_weights``, ``num_kv_heads``, ``per_head_curvature``, ``learnable_scale``, ``attn_backend``,
+    ``cache=``) is that of :class:`HyperbolicMultiheadAttention`. ``per_head_curvature`` needs
+    ``num_kv_heads == num_heads`` (a shared key head would have to lie in several balls).
+    """
+
+    core_output = "poincare"
+
+    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: Optional[int] = None,
+                 kdim: Optional[int] = None, vdim: Optional[int] = None, batch_first: bool = True,
+                 curvature: CurvatureArg = 1.0, learnable_curvature: bool = False,
+                 per_head_curvature: bool = False, beta: float = 1.0, squared: bool = False,
+                 learnable_scale: bool = False, bias: bool = True, attn_backend: Optional[str] = None,
+                 check_inputs: bool = True):
+        super().__init__(embed_dim, num_heads, num_kv_heads=num_kv_heads, kdim=kdim, vdim=vdim,
+                         batch_first=batch_first, curvature=curvature, learnable_curvature=learnable_curvature,
+                         per_head_curvature=per_head_curvature, score="poincare_distance",
+                         scores=("poincare_distance",), tau=None, beta=beta, squared=squared,
+                         learnable_scale=learnable_scale, attn_backend=attn_backend, check_inputs=check_inputs)
+        if per_head_curvature and self.num_kv_heads != num_heads:
+            raise ValueError(f"{type(self).__name__}: per_head_curvature needs num_kv_heads == num_heads")
+        proj = dict(curvature=self.curvature, bias=bias, check_inputs=False)
+        self.q_proj = PoincareLinear(embed_dim, embed_dim, **proj)
+        self.k_proj = PoincareLinear(self.kdim, self.num_kv_heads * self.head_dim, **proj)
+        self.v_proj = PoincareLinear(self.vdim, self.num_kv_heads * self.head_dim, **proj)
+        self.out_proj = PoincareLinear(embed_dim, embed_dim, **proj)
+
+    def _check_input(self, x: torch.Tensor, dim: int, name: str) -> None:
+        check_ball_points(x, dim, self.curvature(), name=name, layer=type(self).__name__,
+                          check_manifold=self.check_inputs)
+
+    def _split(self, proj: PoincareLinear, x: torch.Tensor, heads: int, head_k: torch.Tensor) -> torch.Tensor:
+        return ball.beta_split(proj(x), heads, self.curvature(), geometry.heads_view(head_k))
+
+    def _merge(self, out: torch.Tensor, head_k: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(ball.beta_concat(out, geometry.heads_view(head_k), self.curvature()))

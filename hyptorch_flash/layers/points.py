@@ -54,3 +54,25 @@ def map_space(x: torch.Tensor, fn, k: torch.Tensor) -> torch.Tensor:
     R^D → R^D' becomes a map H^D_k → H^D'_k this way.
     """
     return lorentz_point(fn(x[..., 1:]), k)
+
+
+def check_ball_points(p: torch.Tensor, dim: int, k: torch.Tensor, *, name: str, layer: str,
+                      check_manifold: bool = True) -> None:
+    """Validate a layer input of Poincaré-ball points ``(..., dim)`` in geoopt ``PoincareBall(c=1/k)``.
+
+    Shape always; finiteness and c|p|² < 1 when ``check_manifold`` and not compiling.
+    Raises ``ValueError`` naming the layer, the expected shape and the worst c|p|².
+    """
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{layer}: {name} must be a torch.Tensor, got {type(p).__name__}")
+    if p.dim() < 1 or p.shape[-1] != dim:
+        raise ValueError(f"{layer}: {name} must be Poincaré-ball points with last dim {dim}, got shape {tuple(p.shape)}")
+    if check_manifold and not _compiling():
+        x = p.detach().to(torch.float64)
+        radius_sq = geometry.sq_norm(x) / k.detach().to(torch.float64)
+        if not bool(torch.isfinite(x).all()) or bool((radius_sq >= 1.0).any()):
+            raise ValueError(
+                f"{layer}: {name} of shape {tuple(p.shape)} is not inside the Poincaré ball c|p|² < 1 "
+                f"(c = 1/k = {1.0 / k.detach().double().max().item():.4g}): max c|p|² = "
+                f"{radius_sq.max().item():.6g}, or it has NaN/Inf"
+            )

@@ -1,8 +1,8 @@
-"""Lorentz transformer encoder/decoder layers and stacks (pre-norm, LResNet residuals).
+"""Hyperbolic transformer encoder/decoder layers and stacks, Lorentz and Poincaré (pre-norm).
 
-Architecture of HyperCore's / HELM's Lorentz transformer (He et al. 2025, "HELM: Hyperbolic Large
-Language Models via Mixture-of-Curvature Experts"; "Lorentzian Residual Neural Networks", KDD 2025)
-with HyboNet's attention (Chen et al. 2022, ACL): for each sublayer f,
+Lorentz: the architecture of HyperCore's / HELM's Lorentz transformer (He et al. 2025, "HELM:
+Hyperbolic Large Language Models via Mixture-of-Curvature Experts"; He, Yang, Ying 2025, "Lorentzian
+Residual Neural Networks", KDD) with HyboNet's attention (Chen et al. 2022, ACL): for each sublayer f,
 
     x ← LResNet(x, Dropout(f(LayerNorm(x))))
 
@@ -10,13 +10,17 @@ where every piece maps H_k to H_k (:class:`LorentzLayerNorm`, :class:`Hyperbolic
 :class:`LorentzFeedForward`, :class:`LorentzResidual`). Tensors are full Lorentz points
 ``(batch, seq, embed_dim + 1)`` (``batch_first=True``) or ``(seq, batch, embed_dim + 1)``.
 
+Poincaré: the same skeleton with HNN++'s pieces (Shimizu et al. 2021, ICLR): Möbius LayerNorm,
+:class:`PoincareMultiheadAttention`, :class:`PoincareFeedForward` and Möbius-addition residuals;
+tensors are ball points ``(batch, seq, embed_dim)`` of geoopt ``PoincareBall(c=1/k)``.
+
 Curvature of a stack (``learnable_curvature``): ``False`` one fixed k for all layers; ``True`` or
 ``"shared"`` one learnable k shared by all layers (``stack.curvature``, pass it to the embedding and
 the head to share it with them); ``"per_layer"`` a learnable k_i per layer (initialised to the value
-of ``curvature``), points handed from layer to layer by the similarity x ↦ sqrt(k_{i+1}/k_i)·x. A
-``Curvature`` instance passed as ``curvature`` is shared by all layers, except with ``"per_layer"``,
-where it is the curvature of the *input* only (share it with the embedding). The stack takes its input
-on ``stack.curvature`` and returns points on ``stack.output_curvature`` (the last layer's).
+of ``curvature``), points handed from layer to layer by the similarity x ↦ sqrt(k_{i+1}/k_i)·x (in
+both models). A ``Curvature`` instance passed as ``curvature`` is shared by all layers, except with
+``"per_layer"``, where it is the curvature of the *input* only (share it with the embedding). The stack
+takes its input on ``stack.curvature`` and returns points on ``stack.output_curvature``.
 """
 from __future__ import annotations
 
@@ -26,60 +30,90 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from .attention import HyperbolicMultiheadAttention
+from .attention import HyperbolicMultiheadAttention, PoincareMultiheadAttention
 from .cache import KVCache
 from .curvature import Curvature, CurvatureArg, as_curvature, rescale
 from .dropout import LorentzDropout
 from .feedforward import LorentzFeedForward
 from .norm import LorentzLayerNorm
-from .points import check_points
+from .poincare import PoincareDropout, PoincareFeedForward, PoincareLayerNorm, PoincareResidual
+from .points import check_ball_points, check_points
 from .residual import LorentzResidual
 
 
-def _attention(embed_dim, num_heads, curvature, batch_first, attn_kwargs) -> HyperbolicMultiheadAttention:
-    return HyperbolicMultiheadAttention(embed_dim, num_heads, curvature=curvature, batch_first=batch_first,
-                                        check_inputs=False, **attn_kwargs)
+@dataclass(frozen=True)
+class _Kit:
+    """The layers of one model of hyperbolic space that a transformer block is built from."""
+
+    norm: type
+    attention: type
+    feedforward: type
+    residual: type
+    dropout: type
+    check: Callable
 
 
-class LorentzTransformerEncoderLayer(nn.Module):
-    r"""Pre-norm Lorentz encoder layer: x ← R(x, attn(LN(x))); x ← R(x, FFN(LN(x))).
+LORENTZ = _Kit(LorentzLayerNorm, HyperbolicMultiheadAttention, LorentzFeedForward, LorentzResidual, LorentzDropout,
+               check_points)
+POINCARE = _Kit(PoincareLayerNorm, PoincareMultiheadAttention, PoincareFeedForward, PoincareResidual,
+                PoincareDropout, check_ball_points)
 
-    See the module docstring for the construction and papers. Args as ``nn.TransformerEncoderLayer``
-    where they exist (``embed_dim`` = d_model counts space dimensions; ``ffn_dim`` = dim_feedforward,
-    default 4·embed_dim; ``batch_first`` default True); attention options (``num_kv_heads``,
-    ``score``, ``tau``, ``beta``, ``squared``, ``learnable_scale``, ``per_head_curvature``,
-    ``attn_backend``, ``projection``) go to :class:`HyperbolicMultiheadAttention`.
 
-    ``forward(src, src_mask=None, src_key_padding_mask=None, is_causal=False)``: ``src``
-    ``(B, N, embed_dim + 1)`` on H_k → same shape on H_k. Masks follow ``nn.MultiheadAttention``
-    (bool True = may NOT attend; key padding True = padded).
-    """
+class _Block(nn.Module):
+    """Pre-norm sublayers x ← R(x, Dropout(f(LN(x)))) built from ``kit``."""
 
+    kit: _Kit
+
+    def __init__(self, embed_dim, num_heads, ffn_dim, *, dropout, activation, curvature, learnable_curvature,
+                 batch_first, check_inputs, attn_kwargs, cross_attention=False, memory_dim=None):
+        super().__init__()
+        kit = self.kit
+        self.embed_dim, self.batch_first, self.check_inputs = embed_dim, batch_first, check_inputs
+        self.memory_dim = embed_dim if memory_dim is None else memory_dim
+        self.curvature = as_curvature(curvature, learnable=learnable_curvature)
+        shared = dict(curvature=self.curvature, check_inputs=False)
+
+        def attention(**extra):
+            return kit.attention(embed_dim, num_heads, batch_first=batch_first, **shared, **attn_kwargs, **extra)
+
+        self.norm1, self.self_attn, self.residual1 = kit.norm(embed_dim, **shared), attention(), kit.residual(embed_dim, **shared)
+        if cross_attention:
+            self.norm_cross = kit.norm(embed_dim, **shared)
+            self.cross_attn = attention(kdim=self.memory_dim)
+            self.residual_cross = kit.residual(embed_dim, **shared)
+        else:
+            self.cross_attn = None
+        self.norm2 = kit.norm(embed_dim, **shared)
+        self.ffn = kit.feedforward(embed_dim, ffn_dim or 4 * embed_dim, activation=activation, dropout=dropout, **shared)
+        self.residual2 = kit.residual(embed_dim, **shared)
+        self.dropout = kit.dropout(dropout, curvature=self.curvature)
+
+    def _check(self, x: torch.Tensor, dim: int, name: str) -> None:
+        self.kit.check(x, dim, self.curvature(), name=name, layer=type(self).__name__, check_manifold=self.check_inputs)
+
+    def _attend(self, x, attn, norm, residual, *args, **kwargs):
+        out, _ = attn(norm(x), *args, **kwargs)
+        return residual(x, self.dropout(out))
+
+    def _feedforward(self, x):
+        return self.residual2(x, self.dropout(self.ffn(self.norm2(x))))
+
+
+class _EncoderLayer(_Block):
     def __init__(self, embed_dim: int, num_heads: int, ffn_dim: Optional[int] = None, *, dropout: float = 0.0,
                  activation: Optional[Callable] = None, curvature: CurvatureArg = 1.0,
                  learnable_curvature: bool = False, batch_first: bool = True, check_inputs: bool = True,
                  **attn_kwargs):
-        super().__init__()
-        self.embed_dim, self.batch_first, self.check_inputs = embed_dim, batch_first, check_inputs
-        self.curvature = as_curvature(curvature, learnable=learnable_curvature)
-        shared = dict(curvature=self.curvature, check_inputs=False)
-        self.norm1 = LorentzLayerNorm(embed_dim, **shared)
-        self.self_attn = _attention(embed_dim, num_heads, self.curvature, batch_first, attn_kwargs)
-        self.residual1 = LorentzResidual(embed_dim, **shared)
-        self.norm2 = LorentzLayerNorm(embed_dim, **shared)
-        self.ffn = LorentzFeedForward(embed_dim, ffn_dim or 4 * embed_dim, activation=activation, dropout=dropout,
-                                      **shared)
-        self.residual2 = LorentzResidual(embed_dim, **shared)
-        self.dropout = LorentzDropout(dropout, curvature=self.curvature)
+        super().__init__(embed_dim, num_heads, ffn_dim, dropout=dropout, activation=activation, curvature=curvature,
+                         learnable_curvature=learnable_curvature, batch_first=batch_first,
+                         check_inputs=check_inputs, attn_kwargs=attn_kwargs)
 
     def forward(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None,
                 src_key_padding_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        check_points(src, self.embed_dim, self.curvature(), name="src", layer=type(self).__name__,
-                     check_manifold=self.check_inputs)
-        attn, _ = self.self_attn(self.norm1(src), attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
-                                 is_causal=is_causal)
-        x = self.residual1(src, self.dropout(attn))
-        return self.residual2(x, self.dropout(self.ffn(self.norm2(x))))
+        self._check(src, self.embed_dim, "src")
+        x = self._attend(src, self.self_attn, self.norm1, self.residual1, attn_mask=src_mask,
+                         key_padding_mask=src_key_padding_mask, is_causal=is_causal)
+        return self._feedforward(x)
 
 
 @dataclass
@@ -94,68 +128,87 @@ class DecoderLayerCache:
         return self.self_attn.length
 
 
-class LorentzTransformerDecoderLayer(nn.Module):
-    r"""Pre-norm Lorentz decoder layer: causal self-attention, optional cross-attention, feed-forward.
-
-    x ← R(x, self_attn(LN(x))); x ← R(x, cross_attn(LN(x), memory)) if ``cross_attention``;
-    x ← R(x, FFN(LN(x))). With ``cross_attention=False`` it is a decoder-only (GPT-style) block.
-    Args as :class:`LorentzTransformerEncoderLayer`; ``memory_dim`` (space dims of the memory,
-    default embed_dim).
-
-    ``forward(tgt, memory=None, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-    memory_key_padding_mask=None, tgt_is_causal=True, cache=None)``: ``tgt`` ``(B, N, embed_dim + 1)``,
-    ``memory`` ``(B, S, memory_dim + 1)`` on H_k. ``cache`` (:class:`DecoderLayerCache`) enables
-    incremental decoding: pass only the new tokens; ``tgt_key_padding_mask`` then covers all cached
-    positions ``(B, past + N)``.
-    """
-
+class _DecoderLayer(_Block):
     def __init__(self, embed_dim: int, num_heads: int, ffn_dim: Optional[int] = None, *, dropout: float = 0.0,
                  activation: Optional[Callable] = None, curvature: CurvatureArg = 1.0,
                  learnable_curvature: bool = False, batch_first: bool = True, cross_attention: bool = True,
                  memory_dim: Optional[int] = None, check_inputs: bool = True, **attn_kwargs):
-        super().__init__()
-        self.embed_dim, self.batch_first, self.check_inputs = embed_dim, batch_first, check_inputs
-        self.memory_dim = embed_dim if memory_dim is None else memory_dim
-        self.curvature = as_curvature(curvature, learnable=learnable_curvature)
-        shared = dict(curvature=self.curvature, check_inputs=False)
-        self.norm1 = LorentzLayerNorm(embed_dim, **shared)
-        self.self_attn = _attention(embed_dim, num_heads, self.curvature, batch_first, attn_kwargs)
-        self.residual1 = LorentzResidual(embed_dim, **shared)
-        if cross_attention:
-            self.norm_cross = LorentzLayerNorm(embed_dim, **shared)
-            self.cross_attn = _attention(embed_dim, num_heads, self.curvature, batch_first,
-                                         dict(attn_kwargs, kdim=self.memory_dim))
-            self.residual_cross = LorentzResidual(embed_dim, **shared)
-        else:
-            self.cross_attn = None
-        self.norm2 = LorentzLayerNorm(embed_dim, **shared)
-        self.ffn = LorentzFeedForward(embed_dim, ffn_dim or 4 * embed_dim, activation=activation, dropout=dropout,
-                                      **shared)
-        self.residual2 = LorentzResidual(embed_dim, **shared)
-        self.dropout = LorentzDropout(dropout, curvature=self.curvature)
+        super().__init__(embed_dim, num_heads, ffn_dim, dropout=dropout, activation=activation, curvature=curvature,
+                         learnable_curvature=learnable_curvature, batch_first=batch_first,
+                         check_inputs=check_inputs, attn_kwargs=attn_kwargs, cross_attention=cross_attention,
+                         memory_dim=memory_dim)
 
     def forward(self, tgt: torch.Tensor, memory: Optional[torch.Tensor] = None,
                 tgt_mask: Optional[torch.Tensor] = None, memory_mask: Optional[torch.Tensor] = None,
                 tgt_key_padding_mask: Optional[torch.Tensor] = None,
                 memory_key_padding_mask: Optional[torch.Tensor] = None, tgt_is_causal: bool = True,
                 cache: Optional[DecoderLayerCache] = None) -> torch.Tensor:
-        name = type(self).__name__
-        k = self.curvature()
-        check_points(tgt, self.embed_dim, k, name="tgt", layer=name, check_manifold=self.check_inputs)
-        attn, _ = self.self_attn(self.norm1(tgt), attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
-                                 is_causal=tgt_is_causal, cache=None if cache is None else cache.self_attn)
-        x = self.residual1(tgt, self.dropout(attn))
+        self._check(tgt, self.embed_dim, "tgt")
+        x = self._attend(tgt, self.self_attn, self.norm1, self.residual1, attn_mask=tgt_mask,
+                         key_padding_mask=tgt_key_padding_mask, is_causal=tgt_is_causal,
+                         cache=None if cache is None else cache.self_attn)
         if self.cross_attn is not None:
             cross_cache = None if cache is None else cache.cross_attn
             if memory is None and (cross_cache is None or cross_cache.length == 0):
-                raise ValueError(f"{name}: this layer has cross-attention and needs memory (or build it with "
-                                 "cross_attention=False for a decoder-only model)")
+                raise ValueError(f"{type(self).__name__}: this layer has cross-attention and needs memory (or "
+                                 "build it with cross_attention=False for a decoder-only model)")
             if memory is not None:
-                check_points(memory, self.memory_dim, k, name="memory", layer=name, check_manifold=self.check_inputs)
-            attn, _ = self.cross_attn(self.norm_cross(x), memory, memory, attn_mask=memory_mask,
-                                      key_padding_mask=memory_key_padding_mask, cache=cross_cache)
-            x = self.residual_cross(x, self.dropout(attn))
-        return self.residual2(x, self.dropout(self.ffn(self.norm2(x))))
+                self._check(memory, self.memory_dim, "memory")
+            x = self._attend(x, self.cross_attn, self.norm_cross, self.residual_cross, memory, memory,
+                             attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask, cache=cross_cache)
+        return self._feedforward(x)
+
+
+_ENCODER_LAYER_DOC = r"""Pre-norm {model} encoder layer: x ← R(x, attn(LN(x))); x ← R(x, FFN(LN(x))).
+
+    See the module docstring for the construction and the papers. Arguments as
+    ``nn.TransformerEncoderLayer`` where they exist (``embed_dim`` = d_model, counting {dims};
+    ``ffn_dim`` = dim_feedforward, default 4·embed_dim; ``batch_first`` default True); the other
+    keyword arguments (``num_kv_heads``, {attn_options}``per_head_curvature``, ``learnable_scale``,
+    ``attn_backend``) go to :class:`{attention}`.
+
+    ``forward(src, src_mask=None, src_key_padding_mask=None, is_causal=False)``: ``src``
+    ``(B, N, {shape})`` → same shape. Masks follow ``nn.MultiheadAttention`` (bool True = may NOT
+    attend; key padding True = padded).
+    """
+
+_DECODER_LAYER_DOC = r"""Pre-norm {model} decoder layer: causal self-attention, optional cross-attention, FFN.
+
+    x ← R(x, self_attn(LN(x))); x ← R(x, cross_attn(LN(x), memory)) if ``cross_attention``;
+    x ← R(x, FFN(LN(x))). With ``cross_attention=False`` it is a decoder-only (GPT-style) block.
+    Arguments as the encoder layer, plus ``cross_attention`` (default True) and ``memory_dim``.
+
+    ``forward(tgt, memory=None, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+    memory_key_padding_mask=None, tgt_is_causal=True, cache=None)``: ``tgt`` ``(B, N, {shape})``,
+    ``memory`` ``(B, S, memory_dim{plus})``. ``cache`` (:class:`DecoderLayerCache`) enables incremental
+    decoding: pass only the new tokens; ``tgt_key_padding_mask`` then covers all cached positions.
+    """
+
+_LORENTZ_FMT = dict(model="Lorentz", dims="space dimensions (tensors carry one more, the time)",
+                    attn_options="``score``, ``tau``, ``beta``, ``squared``, ``projection``, ",
+                    attention="HyperbolicMultiheadAttention", shape="embed_dim + 1", plus=" + 1")
+_POINCARE_FMT = dict(model="Poincaré", dims="ball dimensions", attn_options="``beta``, ``squared``, ",
+                     attention="PoincareMultiheadAttention", shape="embed_dim", plus="")
+
+
+class LorentzTransformerEncoderLayer(_EncoderLayer):
+    __doc__ = _ENCODER_LAYER_DOC.format(**_LORENTZ_FMT)
+    kit = LORENTZ
+
+
+class LorentzTransformerDecoderLayer(_DecoderLayer):
+    __doc__ = _DECODER_LAYER_DOC.format(**_LORENTZ_FMT)
+    kit = LORENTZ
+
+
+class PoincareTransformerEncoderLayer(_EncoderLayer):
+    __doc__ = _ENCODER_LAYER_DOC.format(**_POINCARE_FMT)
+    kit = POINCARE
+
+
+class PoincareTransformerDecoderLayer(_DecoderLayer):
+    __doc__ = _DECODER_LAYER_DOC.format(**_POINCARE_FMT)
+    kit = POINCARE
 
 
 CURVATURE_MODES = (False, True, "shared", "per_layer")
@@ -173,22 +226,26 @@ def _stack_curvatures(num_layers: int, curvature: CurvatureArg, learnable_curvat
     return shared, [shared] * num_layers
 
 
-class _LorentzStack(nn.Module):
+class _Stack(nn.Module):
     """Layers applied in turn, with curvature hand-over between layers and an optional final norm."""
 
-    def __init__(self, layer_cls, num_layers, embed_dim, num_heads, ffn_dim, curvature, learnable_curvature,
-                 final_norm, batch_first, check_inputs, layer_kwargs):
+    layer_cls: type
+
+    def __init__(self, num_layers: int, embed_dim: int, num_heads: int, ffn_dim: Optional[int] = None, *,
+                 curvature: CurvatureArg = 1.0, learnable_curvature: Union[bool, str] = False,
+                 final_norm: bool = True, batch_first: bool = True, check_inputs: bool = True, **layer_kwargs):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"{type(self).__name__}: num_layers must be ≥ 1, got {num_layers}")
         self.embed_dim, self.batch_first, self.check_inputs = embed_dim, batch_first, check_inputs
         self.input_curvature, curvatures = _stack_curvatures(num_layers, curvature, learnable_curvature)
         self.layers = nn.ModuleList(
-            layer_cls(embed_dim, num_heads, ffn_dim, curvature=c, batch_first=batch_first, check_inputs=False,
-                      **layer_kwargs)
+            self.layer_cls(embed_dim, num_heads, ffn_dim, curvature=c, batch_first=batch_first, check_inputs=False,
+                           **layer_kwargs)
             for c in curvatures
         )
-        self.norm = LorentzLayerNorm(embed_dim, curvature=curvatures[-1], check_inputs=False) if final_norm else None
+        norm = self.layer_cls.kit.norm
+        self.norm = norm(embed_dim, curvature=curvatures[-1], check_inputs=False) if final_norm else None
 
     @property
     def curvature(self) -> Curvature:
@@ -200,8 +257,8 @@ class _LorentzStack(nn.Module):
         return self.layers[-1].curvature
 
     def _check(self, x: torch.Tensor, name: str) -> None:
-        check_points(x, self.embed_dim, self.curvature(), name=name, layer=type(self).__name__,
-                     check_manifold=self.check_inputs)
+        self.layer_cls.kit.check(x, self.embed_dim, self.curvature(), name=name, layer=type(self).__name__,
+                                 check_manifold=self.check_inputs)
 
     def _run(self, x: torch.Tensor, call) -> torch.Tensor:
         prev = self.input_curvature
@@ -213,43 +270,14 @@ class _LorentzStack(nn.Module):
         return x if self.norm is None else self.norm(x)
 
 
-class LorentzTransformerEncoder(_LorentzStack):
-    r"""A stack of :class:`LorentzTransformerEncoderLayer` with an optional final Lorentz LayerNorm.
-
-    ``LorentzTransformerEncoder(num_layers, embed_dim, num_heads, ffn_dim=None, *, curvature=1.0,
-    learnable_curvature=False, final_norm=True, batch_first=True, check_inputs=True, **layer_kwargs)``;
-    curvature modes in the module docstring. ``forward(src, mask=None, src_key_padding_mask=None,
-    is_causal=False)``: ``(B, N, embed_dim + 1)`` on ``curvature`` → same shape on ``output_curvature``.
-    """
-
-    def __init__(self, num_layers: int, embed_dim: int, num_heads: int, ffn_dim: Optional[int] = None, *,
-                 curvature: CurvatureArg = 1.0, learnable_curvature: Union[bool, str] = False,
-                 final_norm: bool = True, batch_first: bool = True, check_inputs: bool = True, **layer_kwargs):
-        super().__init__(LorentzTransformerEncoderLayer, num_layers, embed_dim, num_heads, ffn_dim, curvature,
-                         learnable_curvature, final_norm, batch_first, check_inputs, layer_kwargs)
-
+class _Encoder(_Stack):
     def forward(self, src: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 src_key_padding_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         self._check(src, "src")
         return self._run(src, lambda i, layer, x: layer(x, mask, src_key_padding_mask, is_causal))
 
 
-class LorentzTransformerDecoder(_LorentzStack):
-    r"""A stack of :class:`LorentzTransformerDecoderLayer` with an optional final Lorentz LayerNorm.
-
-    Same constructor as :class:`LorentzTransformerEncoder` plus the layer options ``cross_attention``
-    (default True; False = decoder-only) and ``memory_dim``. ``forward(tgt, memory=None, tgt_mask=None,
-    memory_mask=None, tgt_key_padding_mask=None, memory_key_padding_mask=None, tgt_is_causal=True,
-    cache=None)``; ``memory`` is taken on the stack's input curvature and handed to each layer's.
-    Incremental decoding: ``cache = decoder.new_cache()``, then call with the new tokens only.
-    """
-
-    def __init__(self, num_layers: int, embed_dim: int, num_heads: int, ffn_dim: Optional[int] = None, *,
-                 curvature: CurvatureArg = 1.0, learnable_curvature: Union[bool, str] = False,
-                 final_norm: bool = True, batch_first: bool = True, check_inputs: bool = True, **layer_kwargs):
-        super().__init__(LorentzTransformerDecoderLayer, num_layers, embed_dim, num_heads, ffn_dim, curvature,
-                         learnable_curvature, final_norm, batch_first, check_inputs, layer_kwargs)
-
+class _Decoder(_Stack):
     def new_cache(self) -> list:
         """One empty :class:`DecoderLayerCache` per layer."""
         return [DecoderLayerCache() for _ in self.layers]
@@ -273,3 +301,45 @@ class LorentzTransformerDecoder(_LorentzStack):
                          tgt_is_causal, None if cache is None else cache[i])
 
         return self._run(tgt, call)
+
+
+_STACK_DOC = r"""A stack of :class:`{layer}` with an optional final {model} LayerNorm.
+
+    ``{name}(num_layers, embed_dim, num_heads, ffn_dim=None, *, curvature=1.0, learnable_curvature=False,
+    final_norm=True, batch_first=True, check_inputs=True, **layer_kwargs)``; curvature modes in the
+    module docstring. {forward}
+    """
+
+_ENCODER_FORWARD = ("``forward(src, mask=None, src_key_padding_mask=None, is_causal=False)``: ``(B, N, {shape})`` "
+                    "on ``curvature`` → same shape on ``output_curvature``.")
+_DECODER_FORWARD = ("``forward(tgt, memory=None, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None, "
+                    "memory_key_padding_mask=None, tgt_is_causal=True, cache=None)``; ``memory`` is taken on the "
+                    "stack's input curvature and handed to each layer's. Layer options ``cross_attention`` "
+                    "(False = decoder-only) and ``memory_dim``. Incremental decoding: ``cache = "
+                    "decoder.new_cache()``, then call with the new tokens only (O(past) work per token).")
+
+
+def _stack_doc(name, layer, fmt, forward):
+    return _STACK_DOC.format(name=name, layer=layer, model=fmt["model"], forward=forward.format(shape=fmt["shape"]))
+
+
+class LorentzTransformerEncoder(_Encoder):
+    __doc__ = _stack_doc("LorentzTransformerEncoder", "LorentzTransformerEncoderLayer", _LORENTZ_FMT, _ENCODER_FORWARD)
+    layer_cls = LorentzTransformerEncoderLayer
+
+
+class LorentzTransformerDecoder(_Decoder):
+    __doc__ = _stack_doc("LorentzTransformerDecoder", "LorentzTransformerDecoderLayer", _LORENTZ_FMT, _DECODER_FORWARD)
+    layer_cls = LorentzTransformerDecoderLayer
+
+
+class PoincareTransformerEncoder(_Encoder):
+    __doc__ = _stack_doc("PoincareTransformerEncoder", "PoincareTransformerEncoderLayer", _POINCARE_FMT,
+                         _ENCODER_FORWARD)
+    layer_cls = PoincareTransformerEncoderLayer
+
+
+class PoincareTransformerDecoder(_Decoder):
+    __doc__ = _stack_doc("PoincareTransformerDecoder", "PoincareTransformerDecoderLayer", _POINCARE_FMT,
+                         _DECODER_FORWARD)
+    layer_cls = PoincareTransformerDecoderLayer
