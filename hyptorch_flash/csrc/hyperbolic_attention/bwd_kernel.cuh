@@ -36,14 +36,18 @@ namespace hyptorch_flash {
 namespace bwd {
 
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 // Score families sharing one kernel body (the variant inside a family is a run-time switch).
 enum Family : int { FAMILY_DOT = 0, FAMILY_DISTANCE = 1, FAMILY_POINCARE = 2 };
 
-template <int kHeadDim>
+template <int kHeadDim, int kFamily>
 struct Tile {
   static constexpr int kBlockN = kBwdBlockN;               // keys per CTA (kernel 1) / per step (kernel 2)
-  static constexpr int kBlockM = kHeadDim == 64 ? 64 : 32;  // queries per step (kernel 1) / per CTA (kernel 2)
+  // queries per step (kernel 1) / per CTA (kernels 0, 2); 16 at D = 128 keeps kernel 1 within 255
+  // registers (dK_j and dV_j alone take 128 per thread there)
+  // (and 32 for the arccosh scores at D = 64, whose element-wise work needs more registers)
+  static constexpr int kBlockM = kHeadDim == 128 ? 16 : kFamily == FAMILY_DOT ? 64 : 32;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kQTiles = kBlockM / 8;  // n8 tiles of Sᵀ (queries)
@@ -51,22 +55,25 @@ struct Tile {
   // dQ_i (kBlockM × D) is split over the 4 warps: 16 query rows × kDqCols columns each.
   static constexpr int kRowGroups = kBlockM / 16;
   static constexpr int kDqCols = kHeadDim * kRowGroups / kWarps;
+  // dQ columns per pass of the key-parallel kernel (its accumulators sit next to dK_j and dV_j)
+  static constexpr int kDqChunk = kHeadDim == 64 ? 32 : 16;
   static constexpr int kRowFields = 5;  // L_i, D_i, dO0_i, w_i (q0 or a_i), |q_i|²
   static constexpr int kKeyFields = 5;  // w_j (k0 or b_j), |k_j|², v0_j, λ_j, visible
   template <typename T>
   static constexpr int smem_bytes() {
-    return (2 * kBlockN * kHeadDim + 2 * kBlockM * kHeadDim + kBlockN * kBlockM) * (int)sizeof(T) +
+    return (2 * kBlockN * kHeadDim + 3 * kBlockM * kHeadDim + kBlockN * kBlockM) * (int)sizeof(T) +
            (kRowFields * kBlockM + kKeyFields * kBlockN + kWarps * kBlockM * 2 + kWarps * 2) * (int)sizeof(float);
   }
 };
 
 // Element offset of (row, col) in a tile of kCols 16-bit columns whose 16-byte chunks are XOR-swizzled,
-// so the 8 rows one ldmatrix reads land in 8 different bank groups (kCols = 32: two rows per 128 bytes).
+// so the 8 rows one ldmatrix reads land in 8 different bank groups (narrow tiles hold 128 / (2·kCols)
+// rows per 128 bytes, and the XOR uses the row bits above those).
 template <int kCols>
 __device__ __forceinline__ int swz(int row, int col) {
   constexpr int kChunks = kCols / 8;
-  static_assert(kChunks == 4 || kChunks == 8 || kChunks == 16, "tile width must be 32, 64 or 128");
-  const int x = kChunks >= 8 ? (row & 7) : ((row >> 1) & 3);
+  static_assert(kChunks == 2 || kChunks == 4 || kChunks == 8 || kChunks == 16, "tile width must be 16..128");
+  const int x = kChunks >= 8 ? (row & 7) : kChunks == 4 ? ((row >> 1) & 3) : ((row >> 2) & 1);
   return row * kCols + ((((col >> 3) ^ x)) << 3) + (col & 7);
 }
 
@@ -107,6 +114,13 @@ template <int kCols, typename T>
 __device__ __forceinline__ void frag_b_kn(uint32_t (&b)[4], const T* s, int k0, int n0, int lane) {
   const int mat = lane >> 3, r = lane & 7;
   ldmatrix_x4_trans(b, smem_addr(s + swz<kCols>(k0 + (mat & 1) * 8 + r, n0 + (mat >> 1) * 8)));
+}
+
+// 1/x on the SFU (rcp.approx, 1 ulp; no IEEE slow-path call, which would need a stack frame).
+__device__ __forceinline__ float fast_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 template <typename T>
@@ -150,9 +164,9 @@ __device__ __forceinline__ void score_terms(float dot, float qw, float qsq, floa
     // arccosh with its argument clamped to ≥ 1 + eps (arccosh' is infinite at 1: the diagonal)
     const float zmin = 1.f + hc.acosh_eps;
     const float zc = fmaxf(z, zmin);
-    const float root = sqrtf((zc - 1.f) * (zc + 1.f));
-    const float acosh_z = log1pf((zc - 1.f) + root);
-    const float inv_root = 1.f / root;
+    const float root = fast_sqrt((zc - 1.f) * (zc + 1.f));
+    const float acosh_z = kLn2 * fast_log2(zc + root);  // arccosh(z) = ln(z + sqrt(z² − 1))
+    const float inv_root = fast_rcp(root);
     float ds_dz;
     if (hc.squared) {
       u = -hc.kappa * acosh_z * acosh_z;
@@ -166,13 +180,15 @@ __device__ __forceinline__ void score_terms(float dot, float qw, float qsq, floa
 }
 
 // Shared memory of both kernels.
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, int kFamily>
 struct Smem {
-  using Tl = Tile<kHeadDim>;
+  using Tl = Tile<kHeadDim, kFamily>;
   T* k;       // K_j  [kBlockN][D]
   T* v;       // V_j  [kBlockN][D]
   T* q;       // Q_i  [kBlockM][D]
-  T* dout;    // dO_i [kBlockM][D]
+  T* dout;    // dO_i [kBlockM][D] (rounded to T)
+  T* dout_lo;  // dO_i − dout, rounded to T: dO_i in two terms, so its rounding does not break the
+               // cancellation between space and time parts of dP_ij at large norms
   T* dxt;     // dX_ijᵀ [kBlockN][kBlockM]
   float* row;  // [kRowFields][kBlockM]
   float* key;  // [kKeyFields][kBlockN]
@@ -183,7 +199,8 @@ struct Smem {
     v = k + Tl::kBlockN * kHeadDim;
     q = v + Tl::kBlockN * kHeadDim;
     dout = q + Tl::kBlockM * kHeadDim;
-    dxt = dout + Tl::kBlockM * kHeadDim;
+    dout_lo = dout + Tl::kBlockM * kHeadDim;
+    dxt = dout_lo + Tl::kBlockM * kHeadDim;
     row = reinterpret_cast<float*>(dxt + Tl::kBlockN * Tl::kBlockM);
     key = row + Tl::kRowFields * Tl::kBlockM;
     row_part = key + Tl::kKeyFields * Tl::kBlockN;
@@ -198,8 +215,8 @@ template <int kFamily>
 __device__ __forceinline__ HeadConst head_const(const BwdParams& p, int h) {
   HeadConst hc;
   hc.kappa = p.curvature[h];
-  hc.inv_kappa = 1.f / hc.kappa;
-  hc.sqrt_k = sqrtf(hc.kappa);
+  hc.inv_kappa = fast_rcp(hc.kappa);
+  hc.sqrt_k = fast_sqrt(hc.kappa);
   hc.coef = p.coef[h];
   hc.acosh_eps = p.acosh_eps;
   hc.squared = p.squared;
@@ -211,7 +228,7 @@ __device__ __forceinline__ HeadConst head_const(const BwdParams& p, int h) {
 // so every P_ij of theirs is exp2(−inf) = 0.
 template <int kHeadDim, int kFamily>
 __device__ __forceinline__ void load_row_fields(float* row, const BwdParams& p, const HeadConst& hc, size_t bh, int i0) {
-  using Tl = Tile<kHeadDim>;
+  using Tl = Tile<kHeadDim, kFamily>;
   for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
     const int i = i0 + r;
     float lse = CUDART_INF_F, delta = 0.f, do0 = 0.f, w = 0.f, sq = 0.f;
@@ -219,14 +236,14 @@ __device__ __forceinline__ void load_row_fields(float* row, const BwdParams& p, 
       const size_t idx = bh * p.n_queries + i;
       const float l = p.lse[idx];
       lse = l == -CUDART_INF_F ? CUDART_INF_F : l;
-      delta = p.delta[idx];
+      delta = p.delta[idx];  // read by kernels 1 and 2 only (kernel 0 writes it)
       do0 = p.dout0[idx];
       sq = p.q_sq[idx];
     }
     if constexpr (kFamily == FAMILY_POINCARE) {
-      w = 1.f / (1.f - fminf(hc.inv_kappa * sq, 1.f - numerics::BALL_MARGIN_F32));  // a_i
+      w = fast_rcp(1.f - fminf(hc.inv_kappa * sq, 1.f - numerics::BALL_MARGIN_F32));  // a_i
     } else {
-      w = hc.lorentz ? sqrtf(hc.kappa + sq) : 0.f;  // q0_i
+      w = hc.lorentz ? fast_sqrt(hc.kappa + sq) : 0.f;  // q0_i
     }
     row[ROW_LSE * Tl::kBlockM + r] = lse;
     row[ROW_DELTA * Tl::kBlockM + r] = delta;
@@ -240,7 +257,7 @@ __device__ __forceinline__ void load_row_fields(float* row, const BwdParams& p, 
 template <int kHeadDim, int kFamily>
 __device__ __forceinline__ void load_key_fields(float* key, const BwdParams& p, const HeadConst& hc, int b,
                                                 size_t bhk, int j0) {
-  using Tl = Tile<kHeadDim>;
+  using Tl = Tile<kHeadDim, kFamily>;
   for (int r = threadIdx.x; r < Tl::kBlockN; r += Tl::kThreads) {
     const int j = j0 + r;
     float ksq = 0.f, vsq = 0.f, visible = 0.f;
@@ -252,13 +269,13 @@ __device__ __forceinline__ void load_key_fields(float* key, const BwdParams& p, 
     float w, v0, lambda = 1.f;
     if constexpr (kFamily == FAMILY_POINCARE) {
       const float top = 1.f - numerics::BALL_MARGIN_F32;
-      w = 1.f / (1.f - fminf(hc.inv_kappa * ksq, top));  // b_j
-      const float av = fminf(vsq / hc.kappa, top), inv = 1.f / (1.f - av);
+      w = fast_rcp(1.f - fminf(hc.inv_kappa * ksq, top));  // b_j
+      const float av = fminf(vsq * hc.inv_kappa, top), inv = fast_rcp(1.f - av);
       v0 = hc.sqrt_k * (1.f + av) * inv;  // Lorentz lift of a ball point: x0 = √k(1 + a)/(1 − a), xs = 2p/(1 − a)
       lambda = 2.f * inv;
     } else {
-      w = hc.lorentz ? sqrtf(hc.kappa + ksq) : 0.f;   // k0_j
-      v0 = hc.lorentz ? sqrtf(hc.kappa + vsq) : 0.f;  // v0_j
+      w = hc.lorentz ? fast_sqrt(hc.kappa + ksq) : 0.f;   // k0_j
+      v0 = hc.lorentz ? fast_sqrt(hc.kappa + vsq) : 0.f;  // v0_j
     }
     key[KEY_W * Tl::kBlockN + r] = w;
     key[KEY_SQ * Tl::kBlockN + r] = ksq;
@@ -274,20 +291,14 @@ struct KeySums {
   float s1 = 0.f, s2 = 0.f;  // Σ dS·u, Σ dX·X
 };
 
-// One (Q_i, K_j) step shared by both kernels: recompute S_ijᵀ, P_ijᵀ and dP_ijᵀ for the warp's 16 keys
-// and all kBlockM queries; leave Pᵀ in `sp` and the rounded dXᵀ in `dp`. Row sums (R_i, RX_i) of the
-// warp go to row_part[warp] (overwritten if !kAccumulateRows, else added); key sums to `ks`.
-template <typename T, int kHeadDim, int kFamily, bool kKeySums, bool kAccumulateRows>
-__device__ __forceinline__ void tile_step(const Smem<T, kHeadDim>& sm, const HeadConst& hc, int i0, int j0,
-                                          bool causal, bool row_sums,
-                                          float (&sp)[Tile<kHeadDim>::kQTiles][4],
-                                          float (&dp)[Tile<kHeadDim>::kQTiles][4], KeySums& ks) {
-  using Tl = Tile<kHeadDim>;
+// S_ijᵀ = K_j Q_iᵀ and dP_ijᵀ = V_j (dO_i + dO_lo,i)ᵀ for the warp's 16 keys (space parts, fp32 accumulate).
+template <typename T, int kHeadDim, int kFamily>
+__device__ __forceinline__ void score_mma(const Smem<T, kHeadDim, kFamily>& sm, bool has_lo,
+                                          float (&sp)[Tile<kHeadDim, kFamily>::kQTiles][4],
+                                          float (&dp)[Tile<kHeadDim, kFamily>::kQTiles][4]) {
+  using Tl = Tile<kHeadDim, kFamily>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
   const int key0 = warp * 16;
-
-  // S_ijᵀ = K_j Q_iᵀ and dP_ijᵀ = V_j dO_iᵀ (space parts, fp32 accumulate)
 #pragma unroll
   for (int n = 0; n < Tl::kQTiles; ++n) {
 #pragma unroll
@@ -310,21 +321,39 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim>& sm, const Hea
     }
   }
 
-  // Key fields of this thread's two key rows
-  float kw[2], ksq[2], v0[2], lam[2];
-  bool visible[2];
-  int jg[2];
+  if (has_lo) {
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = key0 + g + 8 * h;
-    kw[h] = sm.key[KEY_W * Tl::kBlockN + r];
-    ksq[h] = sm.key[KEY_SQ * Tl::kBlockN + r];
-    v0[h] = sm.key[KEY_V0 * Tl::kBlockN + r];
-    lam[h] = sm.key[KEY_LAMBDA * Tl::kBlockN + r];
-    visible[h] = sm.key[KEY_VISIBLE * Tl::kBlockN + r] != 0.f;
-    jg[h] = j0 + r;
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      uint32_t av[4];
+      frag_a<kHeadDim>(av, sm.v, key0, kk * 16, lane);
+#pragma unroll
+      for (int n2 = 0; n2 < Tl::kQTiles / 2; ++n2) {
+        uint32_t bo[4];
+        frag_b_nk<kHeadDim>(bo, sm.dout_lo, n2 * 16, kk * 16, lane);
+        mma_16816<T>(dp[2 * n2], av, bo[0], bo[1]);
+        mma_16816<T>(dp[2 * n2 + 1], av, bo[2], bo[3]);
+      }
+    }
   }
+}
 
+// One (Q_i, K_j) step shared by both kernels: recompute S_ijᵀ, P_ijᵀ and dP_ijᵀ for the warp's 16 keys
+// and all kBlockM queries; leave Pᵀ in `sp` and the rounded dXᵀ in `dp`. Row sums (R_i, RX_i) of the
+// warp go to row_part[warp] (overwritten if !kAccumulateRows, else added); key sums to `ks`.
+template <typename T, int kHeadDim, int kFamily, bool kKeySums, bool kAccumulateRows>
+__device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily>& sm, const HeadConst& hc, int i0, int j0,
+                                          bool causal, bool row_sums, bool has_lo,
+                                          float (&sp)[Tile<kHeadDim, kFamily>::kQTiles][4],
+                                          float (&dp)[Tile<kHeadDim, kFamily>::kQTiles][4], KeySums& ks) {
+  using Tl = Tile<kHeadDim, kFamily>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int key0 = warp * 16;
+
+  score_mma<T, kHeadDim, kFamily>(sm, has_lo, sp, dp);
+
+  // Key fields of this thread's two key rows are read from shared memory where used (registers are
+  // the scarce resource here).
 #pragma unroll
   for (int n = 0; n < Tl::kQTiles; ++n) {
     float r_w[2] = {0.f, 0.f}, r_x[2] = {0.f, 0.f};
@@ -332,18 +361,24 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim>& sm, const Hea
     for (int e = 0; e < 4; ++e) {
       const int h = e >> 1, c = e & 1;
       const int ii = n * 8 + 2 * t + c;
+      const int r = key0 + g + 8 * h;
+      const float kw = sm.key[KEY_W * Tl::kBlockN + r];
+      const float ksq = sm.key[KEY_SQ * Tl::kBlockN + r];
+      const float v0 = sm.key[KEY_V0 * Tl::kBlockN + r];
+      const float lam = sm.key[KEY_LAMBDA * Tl::kBlockN + r];
+      const bool visible = sm.key[KEY_VISIBLE * Tl::kBlockN + r] != 0.f;
       const float lse = sm.row[ROW_LSE * Tl::kBlockM + ii];
       const float delta = sm.row[ROW_DELTA * Tl::kBlockM + ii];
       const float do0 = sm.row[ROW_DO0 * Tl::kBlockM + ii];
       const float qw = sm.row[ROW_W * Tl::kBlockM + ii];
       const float qsq = sm.row[ROW_SQ * Tl::kBlockM + ii];
       float X, u, ds_dX;
-      score_terms<kFamily>(sp[n][e], qw, qsq, kw[h], ksq[h], hc, X, u, ds_dX);
-      const bool valid = visible[h] && (!causal || jg[h] <= i0 + ii);
+      score_terms<kFamily>(sp[n][e], qw, qsq, kw, ksq, hc, X, u, ds_dX);
+      const bool valid = visible && (!causal || j0 + r <= i0 + ii);
       // P_ij = exp(S_ij − L_i)
       const float P = valid ? fast_exp2((hc.coef * u - lse) * kLog2e) : 0.f;
       // dP_ij = dO_L,i · lift(v_j) = λ_j (dO_s,i · v_j) + dO0_i v0_j;  dS_ij = P_ij (dP_ij − D_i)
-      const float dP = fmaf(lam[h], dp[n][e], do0 * v0[h]);
+      const float dP = fmaf(lam, dp[n][e], do0 * v0);
       const float dS = P * (dP - delta);
       const float dX = round_to<T>(dS * ds_dX);
       if constexpr (kKeySums) {
@@ -355,7 +390,7 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim>& sm, const Hea
         ks.c[h] = fmaf(dX, kFamily == FAMILY_POINCARE ? 1.f : qw, ks.c[h]);
         if constexpr (kFamily == FAMILY_POINCARE) ks.cx[h] = fmaf(dX, X, ks.cx[h]);
       }
-      r_w[c] = fmaf(dX, kFamily == FAMILY_POINCARE ? 1.f : kw[h], r_w[c]);
+      r_w[c] = fmaf(dX, kFamily == FAMILY_POINCARE ? 1.f : kw, r_w[c]);
       if constexpr (kFamily == FAMILY_POINCARE) r_x[c] = fmaf(dX, X, r_x[c]);
       sp[n][e] = P;
       dp[n][e] = dX;
@@ -386,11 +421,11 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim>& sm, const Hea
 
 // m16n8 accumulators of kBlockM columns → A operands (16 × kBlockM), the FA2 register reuse:
 // the C fragments of n-tiles 2kk and 2kk+1 are the A fragment of k-step kk.
-template <typename T, int kHeadDim>
-__device__ __forceinline__ void to_a_operands(const float (&c)[Tile<kHeadDim>::kQTiles][4],
-                                              uint32_t (&a)[Tile<kHeadDim>::kBlockM / 16][4]) {
+template <typename T, int kHeadDim, int kFamily>
+__device__ __forceinline__ void to_a_operands(const float (&c)[Tile<kHeadDim, kFamily>::kQTiles][4],
+                                              uint32_t (&a)[Tile<kHeadDim, kFamily>::kBlockM / 16][4]) {
 #pragma unroll
-  for (int kk = 0; kk < Tile<kHeadDim>::kBlockM / 16; ++kk) {
+  for (int kk = 0; kk < Tile<kHeadDim, kFamily>::kBlockM / 16; ++kk) {
     a[kk][0] = pack2<T>(c[2 * kk][0], c[2 * kk][1]);
     a[kk][1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
     a[kk][2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
@@ -399,14 +434,14 @@ __device__ __forceinline__ void to_a_operands(const float (&c)[Tile<kHeadDim>::k
 }
 
 // acc (warp's 16 keys × D) += A (16 keys × kBlockM queries, registers) · tile [query][D] (shared memory).
-template <typename T, int kHeadDim>
-__device__ __forceinline__ void acc_mma_kn(float (&acc)[Tile<kHeadDim>::kDTiles][4],
-                                           const uint32_t (&a)[Tile<kHeadDim>::kBlockM / 16][4], const T* tile) {
+template <typename T, int kHeadDim, int kFamily>
+__device__ __forceinline__ void acc_mma_kn(float (&acc)[Tile<kHeadDim, kFamily>::kDTiles][4],
+                                           const uint32_t (&a)[Tile<kHeadDim, kFamily>::kBlockM / 16][4], const T* tile) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int n2 = 0; n2 < Tile<kHeadDim>::kDTiles / 2; ++n2) {
+  for (int n2 = 0; n2 < Tile<kHeadDim, kFamily>::kDTiles / 2; ++n2) {
 #pragma unroll
-    for (int kk = 0; kk < Tile<kHeadDim>::kBlockM / 16; ++kk) {
+    for (int kk = 0; kk < Tile<kHeadDim, kFamily>::kBlockM / 16; ++kk) {
       uint32_t b[4];
       frag_b_kn<kHeadDim>(b, tile, kk * 16, n2 * 16, lane);
       mma_16816<T>(acc[2 * n2], a[kk], b[0], b[1]);
@@ -416,9 +451,9 @@ __device__ __forceinline__ void acc_mma_kn(float (&acc)[Tile<kHeadDim>::kDTiles]
 }
 
 // dXᵀ as A operands (warp's 16 keys × kBlockM queries) → shared memory tile dxt [key][query].
-template <typename T, int kHeadDim>
-__device__ __forceinline__ void store_dxt(const Smem<T, kHeadDim>& sm, const uint32_t (&ax)[Tile<kHeadDim>::kBlockM / 16][4]) {
-  using Tl = Tile<kHeadDim>;
+template <typename T, int kHeadDim, int kFamily>
+__device__ __forceinline__ void store_dxt(const Smem<T, kHeadDim, kFamily>& sm, const uint32_t (&ax)[Tile<kHeadDim, kFamily>::kBlockM / 16][4]) {
+  using Tl = Tile<kHeadDim, kFamily>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -432,9 +467,9 @@ __device__ __forceinline__ void store_dxt(const Smem<T, kHeadDim>& sm, const uin
 }
 
 // acc (the warp's 16 query rows × kCols columns from col0) += dX_ij K_j, from dxt and K_j in shared memory.
-template <typename T, int kHeadDim, int kCols>
-__device__ __forceinline__ void dq_mma(const Smem<T, kHeadDim>& sm, float (&acc)[kCols / 8][4], int col0) {
-  using Tl = Tile<kHeadDim>;
+template <typename T, int kHeadDim, int kFamily, int kCols>
+__device__ __forceinline__ void dq_mma(const Smem<T, kHeadDim, kFamily>& sm, float (&acc)[kCols / 8][4], int col0) {
+  using Tl = Tile<kHeadDim, kFamily>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = 16 * (warp % Tl::kRowGroups);
 #pragma unroll
@@ -461,13 +496,100 @@ __device__ __forceinline__ void add_float2(float* dst, float x, float y) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Kernel 0 (query-parallel): D_i = Σ_j P_ij dP_ij over the visible keys, grid (ceil(N / kBlockM), B·H).
+// Same tiles and the same dP_ij as the main kernels, so Σ_j dS_ij = 0 holds to fp32 rounding.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int kHeadDim, int kFamily>
+__global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attention_bwd_delta_kernel(const BwdParams p) {
+  using Tl = Tile<kHeadDim, kFamily>;
+  extern __shared__ __align__(16) char smem_raw[];
+  const Smem<T, kHeadDim, kFamily> sm(smem_raw);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int hk = h / (p.heads / p.kv_heads);
+  const size_t bhk = (size_t)b * p.kv_heads + hk;
+  const int i0 = blockIdx.x * Tl::kBlockM;
+  const int N = p.n_queries, M = p.n_keys;
+  const HeadConst hc = head_const<kFamily>(p, h);
+  const T* k = static_cast<const T*>(p.k) + bhk * M * kHeadDim;
+  const T* v = static_cast<const T*>(p.v) + bhk * M * kHeadDim;
+
+  load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.q, static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim, i0, N);
+  load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.dout, static_cast<const T*>(p.dout_s) + (size_t)bh * N * kHeadDim, i0, N);
+  const bool has_lo = p.dout_lo != nullptr;
+  if (has_lo) {
+    load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.dout_lo, static_cast<const T*>(p.dout_lo) + (size_t)bh * N * kHeadDim, i0, N);
+  }
+  cp_async_commit();
+  load_row_fields<kHeadDim, kFamily>(sm.row, p, hc, bh, i0);
+  for (int r = threadIdx.x; r < Tl::kWarps * Tl::kBlockM; r += Tl::kThreads) sm.row_part[r] = 0.f;
+
+  const int j_end = p.causal ? min(M, i0 + Tl::kBlockM) : M;
+  for (int j0 = 0; j0 < j_end; j0 += Tl::kBlockN) {
+    load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm.k, k, j0, M);
+    load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm.v, v, j0, M);
+    cp_async_commit();
+    load_key_fields<kHeadDim, kFamily>(sm.key, p, hc, b, bhk, j0);
+    cp_async_wait<0>();
+    __syncthreads();
+
+    float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
+    score_mma<T, kHeadDim, kFamily>(sm, has_lo, sp, dp);
+    const int r_lo = warp * 16 + g;
+    float kw[2], ksq[2], v0[2], lam[2];
+    bool visible[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = r_lo + 8 * hh;
+      kw[hh] = sm.key[KEY_W * Tl::kBlockN + r];
+      ksq[hh] = sm.key[KEY_SQ * Tl::kBlockN + r];
+      v0[hh] = sm.key[KEY_V0 * Tl::kBlockN + r];
+      lam[hh] = sm.key[KEY_LAMBDA * Tl::kBlockN + r];
+      visible[hh] = sm.key[KEY_VISIBLE * Tl::kBlockN + r] != 0.f;
+    }
+#pragma unroll
+    for (int n = 0; n < Tl::kQTiles; ++n) {
+      float acc[2] = {0.f, 0.f};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hh = e >> 1, c = e & 1;
+        const int ii = n * 8 + 2 * t + c;
+        float X, u, ds_dX;
+        score_terms<kFamily>(sp[n][e], sm.row[ROW_W * Tl::kBlockM + ii], sm.row[ROW_SQ * Tl::kBlockM + ii], kw[hh],
+                             ksq[hh], hc, X, u, ds_dX);
+        const bool valid = visible[hh] && (!p.causal || j0 + r_lo + 8 * hh <= i0 + ii);
+        const float P = valid ? fast_exp2((hc.coef * u - sm.row[ROW_LSE * Tl::kBlockM + ii]) * kLog2e) : 0.f;
+        const float dP = fmaf(lam[hh], dp[n][e], sm.row[ROW_DO0 * Tl::kBlockM + ii] * v0[hh]);
+        acc[c] = fmaf(P, dP, acc[c]);
+      }
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], off);
+        if (g == 0) sm.row_part[warp * Tl::kBlockM + n * 8 + 2 * t + c] += acc[c];
+      }
+    }
+    __syncthreads();
+  }
+  for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
+    if (i0 + r < N) {
+      float d = 0.f;
+#pragma unroll
+      for (int w = 0; w < Tl::kWarps; ++w) d += sm.row_part[w * Tl::kBlockM + r];
+      p.delta[(size_t)bh * N + i0 + r] = d;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Kernel 1 (key-parallel): grid (ceil(M / kBlockN), B·H).
 // ---------------------------------------------------------------------------------------------
 template <typename T, int kHeadDim, int kFamily>
-__global__ void __launch_bounds__(Tile<kHeadDim>::kThreads) attention_bwd_kv_kernel(const BwdParams p) {
-  using Tl = Tile<kHeadDim>;
+__global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attention_bwd_kv_kernel(const BwdParams p) {
+  using Tl = Tile<kHeadDim, kFamily>;
   extern __shared__ __align__(16) char smem_raw[];
-  const Smem<T, kHeadDim> sm(smem_raw);
+  const Smem<T, kHeadDim, kFamily> sm(smem_raw);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
@@ -478,6 +600,8 @@ __global__ void __launch_bounds__(Tile<kHeadDim>::kThreads) attention_bwd_kv_ker
   const HeadConst hc = head_const<kFamily>(p, h);
   const T* q = static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim;
   const T* dout = static_cast<const T*>(p.dout_s) + (size_t)bh * N * kHeadDim;
+  const bool has_lo = p.dout_lo != nullptr;
+  const T* dout_lo = has_lo ? static_cast<const T*>(p.dout_lo) + (size_t)bh * N * kHeadDim : nullptr;
 
   // Load K_j, V_j and the key fields once
   load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm.k, static_cast<const T*>(p.k) + bhk * M * kHeadDim, j0, M);
@@ -499,38 +623,43 @@ __global__ void __launch_bounds__(Tile<kHeadDim>::kThreads) attention_bwd_kv_ker
     // Load Q_i, dO_i and the row fields
     load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.q, q, i0, N);
     load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.dout, dout, i0, N);
+    if (has_lo) load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.dout_lo, dout_lo, i0, N);
     cp_async_commit();
     load_row_fields<kHeadDim, kFamily>(sm.row, p, hc, bh, i0);
     cp_async_wait<0>();
     __syncthreads();
 
     float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
-    tile_step<T, kHeadDim, kFamily, true, false>(sm, hc, i0, j0, p.causal, p.dq_atomic, sp, dp, ks);
+    tile_step<T, kHeadDim, kFamily, true, false>(sm, hc, i0, j0, p.causal, p.dq_atomic, has_lo, sp, dp, ks);
 
     // dV_j += P_ijᵀ dO_i and dK_j += dX_ijᵀ Q_i: the Sᵀ/dPᵀ accumulators become A operands
-    uint32_t ap[Tl::kBlockM / 16][4], ax[Tl::kBlockM / 16][4];
-    to_a_operands<T, kHeadDim>(sp, ap);
-    to_a_operands<T, kHeadDim>(dp, ax);
-    acc_mma_kn<T, kHeadDim>(dv, ap, sm.dout);
-    acc_mma_kn<T, kHeadDim>(dk, ax, sm.q);
+    {
+      uint32_t ap[Tl::kBlockM / 16][4];
+      to_a_operands<T, kHeadDim, kFamily>(sp, ap);
+      acc_mma_kn<T, kHeadDim, kFamily>(dv, ap, sm.dout);
+      if (has_lo) acc_mma_kn<T, kHeadDim, kFamily>(dv, ap, sm.dout_lo);
+    }
+    uint32_t ax[Tl::kBlockM / 16][4];
+    to_a_operands<T, kHeadDim, kFamily>(dp, ax);
+    acc_mma_kn<T, kHeadDim, kFamily>(dk, ax, sm.q);
 
     if (p.dq_atomic) {
       // dQ_i += dX_ij K_j (fp32 atomics), R_i and RX_i likewise
-      store_dxt<T, kHeadDim>(sm, ax);
+      store_dxt<T, kHeadDim, kFamily>(sm, ax);
       __syncthreads();
-      // in chunks of 32 columns, so the chunk's accumulators fit next to dK_j, dV_j
+      // in chunks of kDqChunk columns, so the chunk's accumulators fit next to dK_j, dV_j
       const int row0 = 16 * (warp % Tl::kRowGroups);
 #pragma unroll 1
-      for (int col0 = (warp / Tl::kRowGroups) * Tl::kDqCols; col0 < (warp / Tl::kRowGroups + 1) * Tl::kDqCols; col0 += 32) {
-        float acc[4][4];
+      for (int col0 = (warp / Tl::kRowGroups) * Tl::kDqCols; col0 < (warp / Tl::kRowGroups + 1) * Tl::kDqCols; col0 += Tl::kDqChunk) {
+        float acc[Tl::kDqChunk / 8][4];
 #pragma unroll
-        for (int n = 0; n < 4; ++n) {
+        for (int n = 0; n < Tl::kDqChunk / 8; ++n) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
         }
-        dq_mma<T, kHeadDim, 32>(sm, acc, col0);
+        dq_mma<T, kHeadDim, kFamily, Tl::kDqChunk>(sm, acc, col0);
 #pragma unroll
-        for (int n = 0; n < 4; ++n) {
+        for (int n = 0; n < Tl::kDqChunk / 8; ++n) {
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
             const int i = i0 + row0 + g + 8 * hh;
@@ -596,10 +725,10 @@ __global__ void __launch_bounds__(Tile<kHeadDim>::kThreads) attention_bwd_kv_ker
 // Kernel 2 (query-parallel, deterministic dQ): grid (ceil(N / kBlockM), B·H).
 // ---------------------------------------------------------------------------------------------
 template <typename T, int kHeadDim, int kFamily>
-__global__ void __launch_bounds__(Tile<kHeadDim>::kThreads) attention_bwd_q_kernel(const BwdParams p) {
-  using Tl = Tile<kHeadDim>;
+__global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attention_bwd_q_kernel(const BwdParams p) {
+  using Tl = Tile<kHeadDim, kFamily>;
   extern __shared__ __align__(16) char smem_raw[];
-  const Smem<T, kHeadDim> sm(smem_raw);
+  const Smem<T, kHeadDim, kFamily> sm(smem_raw);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
@@ -613,6 +742,10 @@ __global__ void __launch_bounds__(Tile<kHeadDim>::kThreads) attention_bwd_q_kern
 
   load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.q, static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim, i0, N);
   load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.dout, static_cast<const T*>(p.dout_s) + (size_t)bh * N * kHeadDim, i0, N);
+  const bool has_lo = p.dout_lo != nullptr;
+  if (has_lo) {
+    load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.dout_lo, static_cast<const T*>(p.dout_lo) + (size_t)bh * N * kHeadDim, i0, N);
+  }
   cp_async_commit();
   load_row_fields<kHeadDim, kFamily>(sm.row, p, hc, bh, i0);
   for (int r = threadIdx.x; r < Tl::kWarps * Tl::kBlockM * 2; r += Tl::kThreads) sm.row_part[r] = 0.f;
@@ -634,12 +767,12 @@ __global__ void __launch_bounds__(Tile<kHeadDim>::kThreads) attention_bwd_q_kern
     __syncthreads();
 
     float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
-    tile_step<T, kHeadDim, kFamily, false, true>(sm, hc, i0, j0, p.causal, true, sp, dp, unused);
+    tile_step<T, kHeadDim, kFamily, false, true>(sm, hc, i0, j0, p.causal, true, has_lo, sp, dp, unused);
     uint32_t ax[Tl::kBlockM / 16][4];
-    to_a_operands<T, kHeadDim>(dp, ax);
-    store_dxt<T, kHeadDim>(sm, ax);
+    to_a_operands<T, kHeadDim, kFamily>(dp, ax);
+    store_dxt<T, kHeadDim, kFamily>(sm, ax);
     __syncthreads();
-    dq_mma<T, kHeadDim, Tl::kDqCols>(sm, acc, (warp / Tl::kRowGroups) * Tl::kDqCols);
+    dq_mma<T, kHeadDim, kFamily, Tl::kDqCols>(sm, acc, (warp / Tl::kRowGroups) * Tl::kDqCols);
     __syncthreads();
   }
 
@@ -670,10 +803,17 @@ __global__ void __launch_bounds__(Tile<kHeadDim>::kThreads) attention_bwd_q_kern
 
 template <typename T, int kHeadDim, int kFamily>
 cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
-  using Tl = Tile<kHeadDim>;
+  using Tl = Tile<kHeadDim, kFamily>;
   constexpr int smem = Tl::template smem_bytes<T>();
+  const dim3 grid_q((p.n_queries + Tl::kBlockM - 1) / Tl::kBlockM, p.batch * p.heads);
+  auto delta = attention_bwd_delta_kernel<T, kHeadDim, kFamily>;
+  cudaError_t err = cudaFuncSetAttribute(delta, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  delta<<<grid_q, Tl::kThreads, smem, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
   auto kv = attention_bwd_kv_kernel<T, kHeadDim, kFamily>;
-  cudaError_t err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid_kv((p.n_keys + Tl::kBlockN - 1) / Tl::kBlockN, p.batch * p.heads);
   kv<<<grid_kv, Tl::kThreads, smem, stream>>>(p);
@@ -682,7 +822,6 @@ cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
   auto qk = attention_bwd_q_kernel<T, kHeadDim, kFamily>;
   err = cudaFuncSetAttribute(qk, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid_q((p.n_queries + Tl::kBlockM - 1) / Tl::kBlockM, p.batch * p.heads);
   qk<<<grid_q, Tl::kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }

@@ -22,9 +22,11 @@ struct BwdParams {
   const void* k;
   const void* v;
   const void* dout_s;
-  // Per query row (B, H, N) float32: log-sum-exp (−inf = no visible key), D_i, dO_L0 (time part of dO_L), |q|².
+  // dO_s − dout_s rounded to the same dtype (so dO_s ≈ dout_s + dout_lo to ~16 bits), or nullptr when
+  // dout_s is exact (the euclidean output: dO = dout).
+  const void* dout_lo;
+  // Per query row (B, H, N) float32: log-sum-exp (−inf = no visible key), dO_L0 (time part of dO_L), |q|².
   const float* lse;
-  const float* delta;
   const float* dout0;
   const float* q_sq;
   // Per key (B, Hkv, M) float32: |k|², |v|².
@@ -36,6 +38,10 @@ struct BwdParams {
   // (B, M) uint8, nonzero = padded key; nullptr when there is no padding mask.
   const uint8_t* key_padding;
   // Outputs (float32), see the header comment. dq_acc and row_acc must be zeroed when dq_atomic.
+  // delta (B, H, N): D_i = Σ_j P_ij dP_ij, written by the first kernel (a query-parallel pass) from the
+  // same dP tiles the main kernel uses, so Σ_j dS_ij = 0 holds to rounding (rowsum(dO ∘ O) with the
+  // rounded output O would not: it breaks the cancellation of the centroid epilogue).
+  float* delta;
   float* dq_acc;           // (B, H, N, D)
   float* row_acc;          // (B, H, N, 2)
   float* dk_acc;           // (B, H, M, D)

@@ -1,0 +1,40 @@
+"""Autograd of ``hyptorch_flash::attention_fwd``: the fused backward op ``hyptorch_flash::attention_bwd``.
+
+Registered with ``torch.library.register_autograd`` (so eager autograd and ``torch.compile`` both see
+it); the forward saves q, k, v, out, lse and o0 — O(N·D) — and the backward recomputes P from lse.
+``torch.use_deterministic_algorithms(True)`` selects the backward's atomic-free mode.
+
+Imported by :mod:`.cuda_backend`, which then lets the ``cuda`` backend run inputs that require grad.
+Gradients reaching the op's ``lse`` or ``o0`` outputs are not propagated (the backend returns lse for
+inspection; train through ``out``).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import cuda_backend
+from . import cuda_backward  # noqa: F401 - registers hyptorch_flash::attention_bwd
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, curvature, coef, key_padding_mask, score, out_id, causal, squared, acosh_eps = inputs
+    out, lse, o0 = output
+    ctx.save_for_backward(q, k, v, out, lse, o0, curvature, coef)
+    ctx.key_padding_mask = key_padding_mask
+    ctx.flags = (score, out_id, causal, squared, acosh_eps)
+
+
+def _backward(ctx, dout, _dlse, _do0):
+    q, k, v, out, lse, o0, curvature, coef = ctx.saved_tensors
+    score, out_id, causal, squared, acosh_eps = ctx.flags
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv, dcurv, dcoef = torch.ops.hyptorch_flash.attention_bwd(
+        dout.contiguous(), q, k, v, out, lse, o0, curvature, coef, ctx.key_padding_mask, score, out_id, causal,
+        squared, acosh_eps, torch.are_deterministic_algorithms_enabled(),
+    )
+    return dq, dk, dv, dcurv, dcoef, None, None, None, None, None, None
+
+
+torch.library.register_autograd("hyptorch_flash::attention_fwd", _backward, setup_context=_setup_context)
+cuda_backend.BACKWARD_REGISTERED = True

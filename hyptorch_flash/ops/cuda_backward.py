@@ -1,0 +1,357 @@
+"""The fused backward of the ``cuda`` backend: custom op ``hyptorch_flash::attention_bwd``.
+
+FlashAttention-2's backward (Dao 2023, Algorithm 2) for every score variant, in three steps:
+
+1. :func:`prepare_backward` (PyTorch, O(N·D)): pull the upstream gradient back through the centroid
+   epilogue's per-row Jacobian, dO_L = Jᵀ·dout (closed forms below, evaluated at the forward's
+   normalised Lorentz average O_L rebuilt from ``(out, o0)``). Its space part goes to the kernels as two
+   terms in the input dtype (hi + lo ≈ 16 significant bits): at large norms dP_ij = dO_s·v_j + dO_0·v0_j
+   and dv_s + (v_s/v0)·dv0 cancel by orders of magnitude, and one rounding of dO_s would not survive that.
+2. The kernels (``csrc/hyperbolic_attention/bwd_kernel.cuh``, extension ``hyptorch_flash_cuda_bwd``):
+   D_i = Σ_j P_ij dP_ij from the same dP tiles as the main pass (rowsum(dO ∘ O) with the rounded output
+   would break the epilogue's cancellation: dO_L·O_L = 0 exactly, the epilogue being scale-invariant);
+   then recompute P from the saved log-sum-exp, form dX_ij = ∂L/∂X_ij for the variant's inner quantity X
+   and return the O(N·D) contractions G, Gk, dV_s, the row/column sums R, RX, C, CX, dv0 and the
+   per-head scalars Σ dS·u, Σ dX·X (``bwd_params.cuh``). dQ uses fp32 atomics, or, in deterministic mode,
+   a query-parallel kernel without atomics.
+3. :func:`finish_gradients` (PyTorch, O(N·D)): the chain rule through the recomputed time coordinates
+   (dq_s = G − (q_s/q0)·R, dk_s, dv_s alike), the Poincaré lift factors, the curvature and the score
+   coefficient; dK/dV are summed over the query heads of a GQA group.
+
+:func:`contractions_reference` computes step 2 with dense PyTorch math, so steps 1 and 3 are tested
+on the CPU against autograd of the reference backend.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import numerics
+from . import cuda_build
+
+EXTENSION_NAME = "hyptorch_flash_cuda_bwd"
+SCORE_EUCLIDEAN, SCORE_LORENTZ_DOT, SCORE_DISTANCE, SCORE_POINCARE = 0, 1, 2, 3
+OUTPUT_EUCLIDEAN, OUTPUT_LORENTZ, OUTPUT_KLEIN, OUTPUT_POINCARE = 0, 1, 2, 3
+NATIVE_HEAD_DIMS = (64, 128)
+# c·|p|² ≤ 1 − margin, in the compute dtype (float32) like the forward kernel and the reference.
+BALL_TOP = 1.0 - numerics.ball_margin(torch.float32)
+
+_module = None
+
+
+def _sources():
+    csrc = cuda_build.CSRC
+    return [csrc / "binding_bwd.cpp", *sorted(csrc.glob("bwd_*.cu"))]
+
+
+def load_extension():
+    """The backward extension (JIT-built on first use with ninja, cached, under a file lock)."""
+    global _module
+    if _module is not None:
+        return _module
+    from torch.utils import cpp_extension
+
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}.{minor}"
+    digest = hashlib.sha256()
+    for path in sorted(cuda_build.CSRC.iterdir()):
+        if path.name.startswith(("bwd_", "binding_bwd")) or path.name in ("device_primitives.cuh", "numerics.cuh"):
+            digest.update(path.name.encode() + path.read_bytes())
+    digest.update(f"{torch.__version__}|{torch.version.cuda}|{arch}|{cuda_build.NVCC_FLAGS}".encode())
+    build_dir = cuda_build._cache_root() / f"{EXTENSION_NAME}_{digest.hexdigest()[:16]}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    with open(build_dir / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            _module = cpp_extension.load(
+                name=EXTENSION_NAME, sources=[str(p) for p in _sources()], extra_cflags=cuda_build.CXX_FLAGS,
+                extra_cuda_cflags=cuda_build.NVCC_FLAGS, extra_include_paths=[str(cuda_build.CSRC)],
+                build_directory=str(build_dir), verbose=os.environ.get("HYPTORCH_FLASH_VERBOSE_BUILD") == "1",
+            )
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return _module
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 1: epilogue pull-back and D_i
+# --------------------------------------------------------------------------------------------------
+
+def epilogue_pullback(dout: torch.Tensor, out: torch.Tensor, o0: torch.Tensor, curvature: torch.Tensor, output: int):
+    """dO_L = Jᵀ·dout for the centroid epilogue, and the space part O_s of the normalised average.
+
+    ``dout``, ``out`` ``(B,H,N,D)``, ``o0`` ``(B,H,N)``, ``curvature`` ``(H,)``. Returns float32 (or
+    float64) ``dO_s`` ``(B,H,N,D)``, ``dO_0`` ``(B,H,N)`` and ``O_s``. With y = out, g = dout, κ = k:
+
+    - lorentz (y = √κ·O_s/n, n² = O0² − |O_s|², y0 = √(κ + |y|²)): O_s = o0·y/y0,
+      dO_s = (y0/o0)(g + (g·y)·y/κ), dO_0 = −(g·y)·y0²/(κ·o0);
+    - klein (y = √κ·O_s/O0): O_s = o0·y/√κ, dO_s = √κ·g/o0, dO_0 = −(g·y)/o0;
+    - poincare (y = √κ·O_s/(O0 + n), a = |y|²/κ): O_s = 2·o0·y/(√κ(1 + a)),
+      dO_s = ((1 + a)/o0)(√κ·g/2 + (g·y)·y/(√κ(1 − a))), dO_0 = −(g·y)(1 + a)/(o0(1 − a));
+    - euclidean: the identity (dO_0 = 0).
+
+    Rows that saw no key (o0 = 0) get dO_L = 0: their output is the constant origin.
+    Also returns the epilogue's own curvature gradient ``(H,)``: every chart is √κ times a function of
+    O, so ∂L/∂κ|_O = Σ_i (g·y)/(2κ).
+    """
+    dt = torch.float64 if out.dtype == torch.float64 else torch.float32
+    g, y = dout.to(dt), out.to(dt)
+    if output == OUTPUT_EUCLIDEAN:
+        return g, torch.zeros_like(g[..., 0]), y, torch.zeros_like(curvature, dtype=dt)
+    kap = curvature.to(dt).view(1, -1, 1, 1)
+    sk = kap.sqrt()
+    valid = (o0 > 0).unsqueeze(-1)
+    w = torch.where(valid, o0.to(dt).unsqueeze(-1), torch.ones((), dtype=dt, device=o0.device))
+    gy = (g * y).sum(-1, keepdim=True)
+    ysq = (y * y).sum(-1, keepdim=True)
+    if output == OUTPUT_LORENTZ:
+        y0sq = kap + ysq
+        y0 = y0sq.sqrt()
+        o_s = w * y / y0
+        do_s = (y0 / w) * (g + gy * y / kap)
+        do_0 = -gy * y0sq / (kap * w)
+    elif output == OUTPUT_KLEIN:
+        o_s = w * y / sk
+        do_s = sk * g / w
+        do_0 = -gy / w
+    elif output == OUTPUT_POINCARE:
+        a = (ysq / kap).clamp_max(1.0 - numerics.ball_margin(dt))
+        o_s = 2.0 * w * y / (sk * (1.0 + a))
+        do_s = ((1.0 + a) / w) * (0.5 * sk * g + gy * y / (sk * (1.0 - a)))
+        do_0 = -gy * (1.0 + a) / (w * (1.0 - a))
+    else:
+        raise ValueError(f"hyptorch_flash: unknown output id {output}")
+    zero = torch.zeros((), dtype=dt, device=g.device)
+    dkap = (torch.where(valid, gy, zero) / (2 * kap)).sum((0, 2, 3))
+    return torch.where(valid, do_s, zero), torch.where(valid, do_0, zero).squeeze(-1), o_s, dkap
+
+
+def prepare_backward(dout, out, o0, curvature, output: int, dtype: torch.dtype):
+    """Kernel inputs of step 1: ``dout_hi`` and ``dout_lo`` (``dtype``; ``dout_lo`` is None for the
+    euclidean output, whose dO = dout is exact), ``dout0`` (``(B,H,N)``, float32; float64 when ``dtype``
+    is float64) and the epilogue's curvature gradient ``(H,)``."""
+    do_s, do_0, _, dkap = epilogue_pullback(dout, out, o0, curvature, output)
+    dout_hi = do_s.to(dtype)
+    dout_lo = None if output == OUTPUT_EUCLIDEAN else (do_s - dout_hi.to(do_s.dtype)).to(dtype)
+    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    return dout_hi, dout_lo, do_0.to(stats), dkap
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 2 in dense PyTorch (the kernels' contract, for CPU tests)
+# --------------------------------------------------------------------------------------------------
+
+def _key_lift(k_sq, v_sq, kap, score):
+    """(w_j, v0_j, λ_j) per key: w = k0 (dot/distance) or b_j (poincare), value lift (v0, λ)."""
+    if score == SCORE_POINCARE:
+        w = 1.0 / (1.0 - (k_sq / kap).clamp_max(BALL_TOP))
+        av = (v_sq / kap).clamp_max(BALL_TOP)
+        inv = 1.0 / (1.0 - av)
+        return w, kap.sqrt() * (1.0 + av) * inv, 2.0 * inv
+    if score == SCORE_EUCLIDEAN:
+        zero = torch.zeros_like(k_sq)
+        return zero, zero, torch.ones_like(k_sq)
+    return (kap + k_sq).sqrt(), (kap + v_sq).sqrt(), torch.ones_like(k_sq)
+
+
+def _query_weight(q_sq, kap, score):
+    if score == SCORE_POINCARE:
+        return 1.0 / (1.0 - (q_sq / kap).clamp_max(BALL_TOP))
+    if score == SCORE_EUCLIDEAN:
+        return torch.zeros_like(q_sq)
+    return (kap + q_sq).sqrt()
+
+
+def contractions_reference(q, k, v, dout_hi, dout_lo, lse, dout0, curvature, coef, key_padding_mask, score: int,
+                           causal: bool, squared: bool, acosh_eps: float, *, dtype=torch.float64, rounding=None):
+    """What the kernels compute, with dense (B,H,N,M) PyTorch math in ``dtype``.
+
+    ``rounding`` (e.g. ``torch.bfloat16``) rounds dX and P where the kernel feeds them to the tensor
+    cores. Returns ``(G, row, Gk, dVs, col, scalars)`` like the extension's ``bwd`` (scalars ``(B,H,1,2)``).
+    """
+    B, H, N, D = q.shape
+    group = H // k.shape[1]
+    rnd = (lambda x: x.to(rounding).to(dtype)) if rounding is not None else (lambda x: x)
+    qf = q.to(dtype)
+    kf, vf = (x.to(dtype).repeat_interleave(group, dim=1) for x in (k, v))
+    kap = curvature.to(dtype).view(1, H, 1, 1)
+    cf = coef.to(dtype).view(1, H, 1, 1)
+    q_sq, k_sq, v_sq = ((x * x).sum(-1, keepdim=True) for x in (qf, kf, vf))
+    qw = _query_weight(q_sq, kap, score)  # (B,H,N,1)
+    kw, v0, lam = (x.transpose(-1, -2) for x in _key_lift(k_sq, v_sq, kap, score))  # (B,H,1,M)
+    dot = qf @ kf.transpose(-1, -2)
+    if score == SCORE_POINCARE:
+        x_raw = q_sq + k_sq.transpose(-1, -2) - 2.0 * dot
+        X = x_raw.clamp_min(0.0)
+        dz_dx = 2.0 * qw * kw / kap
+        z = 1.0 + dz_dx * X
+    else:
+        x_raw = None
+        X = dot - qw * kw
+        z, dz_dx = -X / kap, -1.0 / kap
+    if score in (SCORE_EUCLIDEAN, SCORE_LORENTZ_DOT):
+        u, ds_dx = X, cf.expand_as(X)
+    else:
+        zc = z.clamp_min(1.0 + acosh_eps)
+        a = torch.acosh(zc)
+        inv_root = 1.0 / ((zc - 1.0) * (zc + 1.0)).sqrt()
+        u = -kap * a * a if squared else -kap.sqrt() * a
+        ds_dz = -2.0 * cf * kap * a * inv_root if squared else -cf * kap.sqrt() * inv_root
+        ok = z >= 1.0 + acosh_eps
+        if x_raw is not None:
+            ok = ok & (x_raw >= 0)
+        ds_dx = torch.where(ok, ds_dz * dz_dx, torch.zeros_like(z))
+    valid = torch.ones(B, 1, N, k.shape[2], dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        valid = valid & ~key_padding_mask[:, None, None, :]
+    if causal:
+        valid = valid & torch.ones(N, k.shape[2], dtype=torch.bool, device=q.device).tril()
+    lse_f = lse.to(dtype).unsqueeze(-1)
+    lse_f = torch.where(lse_f == float("-inf"), torch.full_like(lse_f, float("inf")), lse_f)
+    P = torch.where(valid, torch.exp(cf * u - lse_f), torch.zeros((), dtype=dtype, device=q.device))
+    d0 = dout0.to(dtype).unsqueeze(-1)
+    dout_s = dout_hi.to(dtype) if dout_lo is None else dout_hi.to(dtype) + dout_lo.to(dtype)
+    dP = lam * (dout_s @ vf.transpose(-1, -2)) + d0 * v0
+    delta = (P * dP).sum(-1, keepdim=True)  # D_i = Σ_j P_ij dP_ij
+    dS = P * (dP - delta)
+    dX = rnd(dS * ds_dx)
+    zero = torch.zeros((), dtype=dtype, device=q.device)
+    r_w = kw if score != SCORE_POINCARE else torch.ones_like(kw)
+    c_w = qw if score != SCORE_POINCARE else torch.ones_like(qw)
+    dXX = dX * X
+    row = torch.stack([(dX * r_w).sum(-1), dXX.sum(-1)], -1)
+    col = torch.stack([(dX * c_w).sum(-2), dXX.sum(-2), (P * d0).sum(-2)], -1)
+    s1 = torch.where(valid, dS * u, zero).sum((-1, -2))
+    s2 = torch.where(valid, dXX, zero).sum((-1, -2)) if score in (SCORE_DISTANCE, SCORE_POINCARE) else torch.zeros_like(s1)
+    scalars = torch.stack([s1, s2], -1).unsqueeze(2)
+    G = dX @ kf
+    Gk = dX.transpose(-1, -2) @ qf
+    dVs = rnd(P).transpose(-1, -2) @ dout_s
+    return G, row, Gk, dVs, col, scalars
+
+
+# --------------------------------------------------------------------------------------------------
+# Step 3: chain rule through time coordinates, lifts, curvature and coefficient
+# --------------------------------------------------------------------------------------------------
+
+def finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, score: int, squared: bool,
+                     dcurvature_epilogue=None):
+    """Gradients ``(dq, dk, dv, dcurvature, dcoef)`` from the kernels' contractions (shapes in bwd_params.cuh).
+
+    dq/dk/dv come back in the dtype of q/k/v, dcurvature/dcoef in that of curvature/coef.
+    With R, C the time-weighted sums and s1 = Σ dS·u, s2 = Σ dX·X (u = s/coef):
+
+    - dot/distance: dq = G − q·R/q0, dk = Gk − k·C/k0, dv = dV_s + v·dv0/v0,
+      dκ = Σ (−R/(2q0) − C/(2k0) + dv0/(2v0)) [+ (e·coef·s1 − s2)/κ for distance, e = 1 squared, ½ not];
+    - poincare (X = |p − q|², a_i = 1/(1 − c|p_i|²), c = 1/κ): dq = q·(2R + 2c·a·RX) − 2G (likewise k with b),
+      dv through the value lift x = (√κ(1 + a_v), 2v)/(1 − a_v), dκ = −c²(s2/c + Σ RX·|q|²a + Σ CX·|k|²b) + ...;
+    - dcoef = s1 for every score; ``dcurvature_epilogue`` (from :func:`prepare_backward`) is added to dκ.
+    """
+    dt = G.dtype
+    B, H, N, D = G.shape
+    Hkv = k.shape[1]
+    group = H // Hkv
+    qf = q.to(dt)
+    kf, vf = (x.to(dt).repeat_interleave(group, dim=1) for x in (k, v))
+    kap = curvature.to(dt).view(1, H, 1, 1)
+    cf = coef.to(dt).view(1, H)
+    R, RX = row[..., :1], row[..., 1:]
+    C, CX, dv0 = col[..., :1], col[..., 1:2], col[..., 2:]
+    s1, s2 = scalars.to(dt).sum((0, 2)).unbind(-1)  # (H,) in a fixed order
+    heads_sum = lambda x: x.sum((0, 2, 3))  # noqa: E731 - (B,H,n,1) → (H,)
+    q_sq, k_sq, v_sq = ((x * x).sum(-1, keepdim=True) for x in (qf, kf, vf))
+    e = 1.0 if squared else 0.5
+    if score == SCORE_EUCLIDEAN:
+        dq, dk, dv = G, Gk, dVs
+        dkap = torch.zeros(H, dtype=dt, device=G.device)
+    elif score in (SCORE_LORENTZ_DOT, SCORE_DISTANCE):
+        q0, k0, v0 = ((kap + x).sqrt() for x in (q_sq, k_sq, v_sq))
+        dq = G - qf * (R / q0)
+        dk = Gk - kf * (C / k0)
+        dv = dVs + vf * (dv0 / v0)
+        dkap = heads_sum(-R / (2 * q0)) + heads_sum(-C / (2 * k0) + dv0 / (2 * v0))
+        if score == SCORE_DISTANCE:
+            dkap = dkap + (e * cf[0] * s1 - s2) / kap.view(H)
+    elif score == SCORE_POINCARE:
+        c = 1.0 / kap
+        qa_raw, kb_raw = c * q_sq, c * k_sq
+        a = 1.0 / (1.0 - qa_raw.clamp_max(BALL_TOP))
+        b = 1.0 / (1.0 - kb_raw.clamp_max(BALL_TOP))
+        zero = torch.zeros((), dtype=dt, device=G.device)
+        rx_a = torch.where(qa_raw <= BALL_TOP, RX * a, zero)  # d(a_i)·∂a/∂(c|p|²)/c-free part
+        cx_b = torch.where(kb_raw <= BALL_TOP, CX * b, zero)
+        dq = qf * (2 * R + 2 * c * rx_a) - 2 * G
+        dk = kf * (2 * C + 2 * c * cx_b) - 2 * Gk
+        av_raw = v_sq / kap
+        av = av_raw.clamp_max(BALL_TOP)
+        inv = 1.0 / (1.0 - av)
+        sk = kap.sqrt()
+        common = torch.where(av_raw <= BALL_TOP, 2 * inv * inv * ((vf * dVs).sum(-1, keepdim=True) + sk * dv0), zero)
+        dv = 2 * inv * dVs + vf * (2 / kap) * common
+        dkap_v = heads_sum(dv0 * (1 + av) * inv / (2 * sk) - (av / kap) * common)
+        dc = s2 / c.view(H) + heads_sum(rx_a * q_sq) + heads_sum(cx_b * k_sq)
+        dkap = -(c.view(H) ** 2) * dc + e * cf[0] * s1 / kap.view(H) + dkap_v
+    else:
+        raise ValueError(f"hyptorch_flash: unknown score id {score}")
+    if dcurvature_epilogue is not None:
+        dkap = dkap + dcurvature_epilogue.to(dt)
+    if group > 1:
+        dk = dk.view(B, Hkv, group, *dk.shape[2:]).sum(2)
+        dv = dv.view(B, Hkv, group, *dv.shape[2:]).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkap.to(curvature.dtype), s1.to(coef.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The custom op
+# --------------------------------------------------------------------------------------------------
+
+def _padded_head_dim(*dims: int) -> int:
+    for d in NATIVE_HEAD_DIMS:
+        if d >= max(dims):
+            return d
+    raise NotImplementedError(f"hyptorch_flash: the CUDA backward supports head dims up to {NATIVE_HEAD_DIMS[-1]}, got {dims}")
+
+
+def _pad_to(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return (x if x.shape[-1] == dim else F.pad(x, (0, dim - x.shape[-1]))).contiguous()
+
+
+@torch.library.custom_op("hyptorch_flash::attention_bwd", mutates_args=(), device_types="cuda")
+def attention_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    o0: torch.Tensor, curvature: torch.Tensor, coef: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+    score: int, output: int, causal: bool, squared: bool, acosh_eps: float, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``hyptorch_flash::attention_fwd`` w.r.t. ``(q, k, v, curvature, coef)``.
+
+    ``dout`` ``(B,H,N,Dv)``: gradient of ``out``; the other arguments are the forward's inputs and
+    outputs. ``deterministic=True`` computes dQ without atomics (bit-identical across runs).
+    """
+    dim = _padded_head_dim(q.shape[-1], v.shape[-1])
+    qp, kp, vp = (_pad_to(x, dim) for x in (q, k, v))
+    dout_hi, dout_lo, dout0, dcurv_epilogue = prepare_backward(_pad_to(dout, dim), _pad_to(out, dim), o0,
+                                                               curvature, output, q.dtype)
+    curv32, coef32 = curvature.float().contiguous(), coef.float().contiguous()
+    sq = lambda x: x.float().square().sum(-1).contiguous()  # noqa: E731
+    acc = load_extension().bwd(
+        qp, kp, vp, dout_hi.contiguous(), None if dout_lo is None else dout_lo.contiguous(), lse.contiguous(),
+        dout0.contiguous(), sq(qp), sq(kp),
+        sq(vp), curv32, coef32, key_padding_mask, score, causal, squared, float(acosh_eps), deterministic,
+    )
+    dq, dk, dv, dcurv, dcoef = finish_gradients(*acc, qp, kp, vp, curv32, coef32, score, squared, dcurv_epilogue)
+    return (dq[..., : q.shape[-1]].contiguous(), dk[..., : k.shape[-1]].contiguous(), dv[..., : v.shape[-1]].contiguous(),
+            dcurv.to(curvature.dtype), dcoef.to(coef.dtype))
+
+
+@attention_bwd.register_fake
+def _attention_bwd_fake(dout, q, k, v, out, lse, o0, curvature, coef, key_padding_mask, score, output, causal,
+                        squared, acosh_eps, deterministic):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(curvature),
+            torch.empty_like(coef))

@@ -1,0 +1,217 @@
+"""The fused CUDA backward (op ``hyptorch_flash::attention_bwd``) against float64 autograd of the reference.
+
+CPU (runs in CI): the backward's pre- and post-processing (epilogue pull-back, D_i, chain rule through
+time coordinates, lifts, curvature and coefficient) around a dense PyTorch model of the kernels'
+contractions reproduces float64 autograd of the reference backend to 1e-9, for every score × output
+× mask mode. This pins the math the kernels implement.
+
+CUDA: the kernels' contractions match the dense model; every gradient (q, k, v, curvature, coef) of
+the op is within 2× the reference backend's error in the same dtype (+ one unit roundoff of the dtype,
+relative to the gradient's scale), both against float64 truth, with random upstream gradients; the
+deterministic mode is bit-identical across runs; autograd through ``hyperbolic_attention(backend="cuda")``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hyptorch_flash as hf
+from hyptorch_flash.ops import cuda_backward as cb
+from hyptorch_flash.ops.problem import build_problem
+from hyptorch_flash.ops.reference import attention_probabilities
+
+from attention_cases import SCORES, assert_close_to_truth, outputs_for, random_points
+
+SCORE_IDS = {"euclidean": 0, "lorentz_dot": 1, "distance": 2, "poincare_distance": 3}
+OUTPUT_IDS = {"euclidean": 0, "lorentz": 1, "klein": 2, "poincare": 3}
+VARIANTS = [(s, o) for s in SCORES for o in outputs_for(s)]
+MODES = ("plain", "causal", "padded", "gqa_causal_padded")
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def make_grad_case(score, output, *, B=2, H=4, N=37, M=50, D=16, mode="plain", squared=False, norm_scale=0.25,
+                   seed=0, device="cpu"):
+    """float64 leaves (q, k, v, curvature, coef), keyword arguments of the call, and an upstream gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    hkv = H // 2 if "gqa" in mode else H
+    curvature = torch.rand(H, generator=gen, dtype=torch.float64) * 1.5 + 0.5
+    dot = score in ("lorentz_dot", "euclidean")
+    coef = torch.rand(H, generator=gen, dtype=torch.float64) * 0.2 + (0.15 if dot else 0.5)
+    pts = dict(score=score, generator=gen, norm_scale=norm_scale, curvature=curvature)
+    q = random_points((B, H, N, D), **pts)
+    k = random_points((B, hkv, M, D), **pts)
+    v = random_points((B, hkv, M, D), **pts)
+    dout = torch.randn(B, H, N, D, generator=gen, dtype=torch.float64)
+    pad = None
+    if "padded" in mode:
+        pad = torch.rand(B, M, generator=gen) < 0.3
+        pad[-1] = True  # the last batch element sees no key: zero gradient, no NaN
+        pad = pad.to(device)
+    leaves = [x.to(device).requires_grad_() for x in (q, k, v, curvature, coef)]
+    kw = dict(score=score, output=output, causal="causal" in mode, key_padding_mask=pad,
+              squared=squared if score == "distance" else False)
+    return leaves, kw, dout.to(device)
+
+
+def call(q, k, v, curvature, coef, kw, backend):
+    coef_kw = {"scale": coef} if kw["score"] in ("lorentz_dot", "euclidean") else {"beta": coef}
+    return hf.hyperbolic_attention(q, k, v, curvature=curvature, backend=backend, **coef_kw, **kw)
+
+
+def forward_stats(q, k, v, curvature, coef, kw):
+    """(lse, o0) of the forward in float64: o0 = time coordinate of the normalised P·lift(v)."""
+    coef_kw = {"scale": coef} if kw["score"] in ("lorentz_dot", "euclidean") else {"beta": coef}
+    problem = build_problem(q, k, v, curvature=curvature, tau=None, attn_mask=None, full_lorentz=False,
+                            check_inputs=True, acosh_eps=None, beta=coef_kw.get("beta"), scale=coef_kw.get("scale"),
+                            **kw)
+    with torch.no_grad():
+        p, lse, v_lifted = attention_probabilities(problem)
+        o = p @ v_lifted
+    o0 = torch.zeros_like(lse) if kw["score"] == "euclidean" else o[..., 0]
+    return lse, o0, problem.acosh_margin()
+
+
+def grads_of(leaves, kw, dout, backend):
+    out = call(*leaves, kw, backend)
+    return out, torch.autograd.grad(out, leaves, dout, allow_unused=True, materialize_grads=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("score,output", VARIANTS)
+def test_pre_and_post_processing_reproduce_autograd_float64(score, output, mode):
+    leaves, kw, dout = make_grad_case(score, output, mode=mode, squared=(mode == "causal"))
+    out, truth = grads_of(leaves, kw, dout, "reference")
+    q, k, v, curvature, coef = (x.detach() for x in leaves)
+    lse, o0, eps = forward_stats(q, k, v, curvature, coef, kw)
+    sid, oid = SCORE_IDS[score], OUTPUT_IDS[output]
+    dout_hi, dout_lo, dout0, dkap = cb.prepare_backward(dout, out.detach(), o0, curvature, oid, torch.float64)
+    acc = cb.contractions_reference(q, k, v, dout_hi, dout_lo, lse, dout0, curvature, coef,
+                                    kw["key_padding_mask"], sid, kw["causal"], kw["squared"], eps)
+    got = cb.finish_gradients(*acc, q, k, v, curvature, coef, sid, kw["squared"], dkap)
+    for name, g, t in zip(("dq", "dk", "dv", "dcurvature", "dcoef"), got, truth):
+        scale = max(t.abs().max().item(), 1.0)
+        err = (g - t).abs().max().item()
+        assert err <= 1e-9 * scale, f"{score}/{output}/{mode} {name}: error {err:.3e} (scale {scale:.3e})"
+
+
+def test_delta_is_zero_without_rounding():
+    """dO_L·O_L = 0: the epilogue is scale-invariant, so D_i vanishes before dO_s is rounded."""
+    for output in ("lorentz", "klein", "poincare"):
+        leaves, kw, dout = make_grad_case("distance", output)
+        q, k, v, curvature, coef = (x.detach() for x in leaves)
+        out = call(q, k, v, curvature, coef, kw, "reference")
+        lse, o0, _ = forward_stats(q, k, v, curvature, coef, kw)
+        do_s, do_0, o_s, _ = cb.epilogue_pullback(dout, out, o0, curvature, OUTPUT_IDS[output])
+        dot = (do_s * o_s).sum(-1) + do_0 * o0
+        assert dot.abs().max().item() < 1e-10 * do_s.abs().max().item(), output
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA
+# ------------------------------------------------------------------------------------------------
+
+def _cuda_inputs(score, output, dtype, **case):
+    """Leaves in float64 on the GPU, the same inputs in `dtype`, forward values cast as the op's contract."""
+    leaves, kw, dout = make_grad_case(score, output, device="cuda", **case)
+    q, k, v, curvature, coef = (x.detach() for x in leaves)
+    args = [x.to(dtype) for x in (q, k, v)]
+    args64 = [x.double() for x in args]
+    out64 = call(*args64, curvature, coef, kw, "reference")
+    lse, o0, _ = forward_stats(*args64, curvature, coef, kw)
+    eps = hf.numerics.acosh_margin(torch.float32)
+    fwd = (out64.to(dtype), lse.float(), o0.float())
+    return args, (curvature.float(), coef.float()), kw, dout.to(dtype), fwd, eps
+
+
+def _op(args, params, kw, dout, fwd, eps, deterministic):
+    return torch.ops.hyptorch_flash.attention_bwd(
+        dout, *args, *fwd, *params, kw["key_padding_mask"], SCORE_IDS[kw["score"]], OUTPUT_IDS[kw["output"]],
+        kw["causal"], kw["squared"], eps, deterministic)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("D", (64, 128))
+def test_kernel_contractions_match_dense_model(score, D):
+    output = outputs_for(score)[0]
+    args, params, kw, dout, fwd, eps = _cuda_inputs(score, output, torch.bfloat16, N=77, M=130, D=D,
+                                                    mode="gqa_causal_padded")
+    q, k, v = args
+    dout_hi, dout_lo, dout0, _ = cb.prepare_backward(dout, fwd[0], fwd[2], params[0], OUTPUT_IDS[output], q.dtype)
+    sq = lambda x: x.float().square().sum(-1).contiguous()  # noqa: E731
+    got = cb.load_extension().bwd(q, k, v, dout_hi, dout_lo, fwd[1], dout0, sq(q), sq(k), sq(v), *params,
+                                  kw["key_padding_mask"], SCORE_IDS[score], kw["causal"], False, eps, False)
+    want = cb.contractions_reference(q, k, v, dout_hi, dout_lo, fwd[1], dout0, *params, kw["key_padding_mask"],
+                                     SCORE_IDS[score], kw["causal"], False, eps, dtype=torch.float64,
+                                     rounding=torch.bfloat16)
+    want = list(want)
+    want[-1] = want[-1].sum(2, keepdim=True)
+    got = list(got)
+    got[-1] = got[-1].sum(2, keepdim=True)
+    for name, g, w in zip(("G", "row", "Gk", "dVs", "col", "scalars"), got, want):
+        scale = max(w.abs().max().item(), 1e-3)
+        err = (g.double() - w).abs().max().item()
+        assert err <= 2e-2 * scale, f"{score} D={D} {name}: error {err:.3e} (scale {scale:.3e})"
+
+
+CUDA_CASES = [
+    (s, o, mode) for (s, o) in VARIANTS for mode in MODES
+    if mode in ("plain", "gqa_causal_padded") or s in ("lorentz_dot", "euclidean")
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("D,N,M", ((64, 200, 130), (128, 63, 257)))
+@pytest.mark.parametrize("score,output,mode", CUDA_CASES)
+def test_gradients_within_twice_reference_error(score, output, mode, D, N, M, dtype):
+    args, params, kw, dout, fwd, eps = _cuda_inputs(score, output, dtype, N=N, M=M, D=D, mode=mode)
+    got = _op(args, params, kw, dout, fwd, eps, deterministic=False)
+    # truth: float64 autograd of the reference on the same (rounded) inputs; ref: the reference in `dtype`
+    leaves64 = [x.double().requires_grad_() for x in (*args, *params)]
+    _, truth = grads_of(leaves64, kw, dout.double(), "reference")
+    leaves_ref = [x.detach().clone().requires_grad_() for x in args] + [x.detach().clone().requires_grad_() for x in params]
+    _, ref = grads_of(leaves_ref, kw, dout, "reference")
+    for name, g, r, t in zip(("dq", "dk", "dv", "dcurvature", "dcoef"), got, ref, truth):
+        assert g.dtype == r.dtype and g.shape == t.shape, name
+        assert_close_to_truth(f"{score}/{output}/{mode} {dtype} D={D} {name}", g, r, t, floor_rel=UNIT_ROUNDOFF[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("score", ("lorentz_dot", "distance"))
+def test_deterministic_mode_is_bit_identical_and_agrees(score):
+    args, params, kw, dout, fwd, eps = _cuda_inputs(score, "lorentz", torch.bfloat16, N=300, M=260, D=64,
+                                                    mode="gqa_causal_padded")
+    first = _op(args, params, kw, dout, fwd, eps, deterministic=True)
+    second = _op(args, params, kw, dout, fwd, eps, deterministic=True)
+    atomic = _op(args, params, kw, dout, fwd, eps, deterministic=False)
+    for name, a, b, c in zip(("dq", "dk", "dv", "dcurvature", "dcoef"), first, second, atomic):
+        assert torch.equal(a, b), f"{name} differs between two deterministic runs"
+        scale = max(c.double().abs().max().item(), 1e-6)
+        assert (a.double() - c.double()).abs().max().item() <= 2 * UNIT_ROUNDOFF[torch.bfloat16] * scale, name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("score,output", (("lorentz_dot", "lorentz"), ("distance", "poincare"), ("euclidean", "euclidean")))
+def test_autograd_through_cuda_backend(score, output):
+    """hyperbolic_attention(backend="cuda") trains: the fused forward + fused backward vs float64 truth."""
+    dtype = torch.bfloat16
+    leaves, kw, dout = make_grad_case(score, output, device="cuda", N=150, M=150, D=64, mode="gqa_causal_padded")
+    args = [x.detach().to(dtype).requires_grad_() for x in leaves[:3]]
+    params = [x.detach().float().requires_grad_() for x in leaves[3:]]
+    _, got = grads_of(args + params, kw, dout.to(dtype), "cuda")
+    leaves64 = [x.detach().double().requires_grad_() for x in args + params]
+    _, truth = grads_of(leaves64, kw, dout.to(dtype).double(), "reference")
+    leaves_ref = [x.detach().clone().requires_grad_() for x in args + params]
+    _, ref = grads_of(leaves_ref, kw, dout.to(dtype), "reference")
+    for name, g, r, t in zip(("dq", "dk", "dv", "dcurvature", "dcoef"), got, ref, truth):
+        assert_close_to_truth(f"{score}/{output} autograd {name}", g, r, t, floor_rel=UNIT_ROUNDOFF[dtype])
+
+
+@pytest.mark.cuda
+def test_opcheck_backward_op():
+    args, params, kw, dout, fwd, eps = _cuda_inputs("distance", "lorentz", torch.bfloat16, N=40, M=70, D=64,
+                                                    mode="gqa_causal_padded")
+    sample = (dout, *args, *fwd, *params, kw["key_padding_mask"], 2, 1, True, False, eps, True)
+    torch.library.opcheck(torch.ops.hyptorch_flash.attention_bwd.default, sample,
+                          test_utils=("test_schema", "test_faketensor"))
