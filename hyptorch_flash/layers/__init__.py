@@ -50,6 +50,7 @@ from .poincare import (
     PoincareResidual, poincare_distance,
 )
 from .points import lorentz_point
+from .positional import LorentzPositionalEncoding, rotary, sinusoidal_table
 from .residual import LorentzResidual
 from .transformer import (
     DecoderLayerCache, LorentzTransformerDecoder, LorentzTransformerDecoderLayer, LorentzTransformerEncoder,
@@ -67,5 +68,5 @@ __all__ = [
     "PoincareLinear", "PoincareLayerNorm", "PoincareActivation", "PoincareDropout", "PoincareResidual",
     "PoincareFeedForward", "PoincareEmbedding", "poincare_distance", "PoincareMultiheadAttention",
     "PoincareTransformerEncoderLayer", "PoincareTransformerDecoderLayer", "PoincareTransformerEncoder",
-    "PoincareTransformerDecoder",
+    "PoincareTransformerDecoder", "LorentzPositionalEncoding", "rotary", "sinusoidal_table",
 ]

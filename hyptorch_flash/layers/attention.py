@@ -16,6 +16,7 @@ from .linear import LorentzLinear
 from .masks import module_masks_to_sdpa
 from .poincare import PoincareLinear
 from .points import check_ball_points, check_points, lorentz_point
+from .positional import rotary as apply_rotary
 
 LORENTZ_SCORES = ("lorentz_dot", "distance")
 OUTPUT_CHARTS = ("lorentz", "klein", "poincare")
@@ -42,7 +43,7 @@ class _MultiheadAttention(nn.Module):
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads, kdim, vdim, batch_first, curvature,
                  learnable_curvature, per_head_curvature, score, scores, tau, beta, squared, learnable_scale,
-                 attn_backend, check_inputs):
+                 attn_backend, check_inputs, rotary, rotary_base):
         super().__init__()
         name = type(self).__name__
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
@@ -59,6 +60,7 @@ class _MultiheadAttention(nn.Module):
         self.vdim = self.kdim if vdim is None else vdim
         self.batch_first, self.score, self.squared = batch_first, score, squared
         self.attn_backend, self.check_inputs = attn_backend, check_inputs
+        self.rotary, self.rotary_base = rotary, rotary_base
         self.curvature = as_curvature(curvature, learnable=learnable_curvature)
         if per_head_curvature:
             self.head_curvature = Curvature(self.curvature().detach(), learnable=True, num_heads=num_heads)
@@ -111,6 +113,11 @@ class _MultiheadAttention(nn.Module):
         else:
             k_heads = self._split(self.k_proj, key, self.num_kv_heads, head_k)
             v_heads = self._split(self.v_proj, value, self.num_kv_heads, head_k)
+            if self.rotary and self_attention:
+                start = cache.length if cache is not None else 0
+                positions = torch.arange(start, start + N, device=q.device)
+                q = apply_rotary(q, positions, base=self.rotary_base)
+                k_heads = apply_rotary(k_heads, positions, base=self.rotary_base)
             if cache is not None:
                 k_heads, v_heads = cache.update(k_heads, v_heads)
         M = k_heads.shape[2]
@@ -170,6 +177,8 @@ class HyperbolicMultiheadAttention(_MultiheadAttention):
 
     Extras: ``num_kv_heads`` (GQA/MQA), ``per_head_curvature`` (a learnable k_h > 0 per head, the
     heads' own hyperboloids), ``learnable_scale`` (per-head learnable τ or β, kept positive),
+    ``rotary`` (hyperbolic rotary position embedding of queries and keys in self-attention, see
+    :func:`hyptorch_flash.layers.positional.rotary`; positions continue across cached calls),
     ``attn_backend`` (``None`` = context manager / ``$HYPTORCH_FLASH_BACKEND`` / auto; see
     :func:`hyptorch_flash.set_attention_backend`), and ``cache=`` (:class:`KVCache`) for incremental
     decoding: each call appends the new keys/values, so a decoding step costs O(past length).
@@ -183,12 +192,13 @@ class HyperbolicMultiheadAttention(_MultiheadAttention):
                  per_head_curvature: bool = False, score: str = "lorentz_dot", output: str = "lorentz",
                  tau: Optional[float] = None, beta: float = 1.0, squared: bool = False,
                  learnable_scale: bool = False, bias: bool = True, projection: str = "space",
-                 attn_backend: Optional[str] = None, check_inputs: bool = True):
+                 rotary: bool = False, rotary_base: float = 10000.0, attn_backend: Optional[str] = None,
+                 check_inputs: bool = True):
         super().__init__(embed_dim, num_heads, num_kv_heads=num_kv_heads, kdim=kdim, vdim=vdim,
                          batch_first=batch_first, curvature=curvature, learnable_curvature=learnable_curvature,
                          per_head_curvature=per_head_curvature, score=score, scores=LORENTZ_SCORES, tau=tau,
                          beta=beta, squared=squared, learnable_scale=learnable_scale, attn_backend=attn_backend,
-                         check_inputs=check_inputs)
+                         check_inputs=check_inputs, rotary=rotary, rotary_base=rotary_base)
         if output not in OUTPUT_CHARTS:
             raise ValueError(f"{type(self).__name__}: output must be one of {OUTPUT_CHARTS}, got {output!r}")
         self.output = output
@@ -232,8 +242,8 @@ class PoincareMultiheadAttention(_MultiheadAttention):
 
     Shapes: ``(B, N, embed_dim)`` ball points (``batch_first=True``, default) → same. The interface
     (masks in the ``nn.MultiheadAttention`` convention, ``key_padding_mask``, ``is_causal``,
-    ``need_weights``, ``num_kv_heads``, ``per_head_curvature``, ``learnable_scale``, ``attn_backend``,
-    ``cache=``) is that of :class:`HyperbolicMultiheadAttention`. ``per_head_curvature`` needs
+    ``need_weights``, ``num_kv_heads``, ``per_head_curvature``, ``learnable_scale``, ``rotary``,
+    ``attn_backend``, ``cache=``) is that of :class:`HyperbolicMultiheadAttention`. ``per_head_curvature`` needs
     ``num_kv_heads == num_heads`` (a shared key head would have to lie in several balls).
     """
 
@@ -243,13 +253,14 @@ class PoincareMultiheadAttention(_MultiheadAttention):
                  kdim: Optional[int] = None, vdim: Optional[int] = None, batch_first: bool = True,
                  curvature: CurvatureArg = 1.0, learnable_curvature: bool = False,
                  per_head_curvature: bool = False, beta: float = 1.0, squared: bool = False,
-                 learnable_scale: bool = False, bias: bool = True, attn_backend: Optional[str] = None,
-                 check_inputs: bool = True):
+                 learnable_scale: bool = False, bias: bool = True, rotary: bool = False,
+                 rotary_base: float = 10000.0, attn_backend: Optional[str] = None, check_inputs: bool = True):
         super().__init__(embed_dim, num_heads, num_kv_heads=num_kv_heads, kdim=kdim, vdim=vdim,
                          batch_first=batch_first, curvature=curvature, learnable_curvature=learnable_curvature,
                          per_head_curvature=per_head_curvature, score="poincare_distance",
                          scores=("poincare_distance",), tau=None, beta=beta, squared=squared,
-                         learnable_scale=learnable_scale, attn_backend=attn_backend, check_inputs=check_inputs)
+                         learnable_scale=learnable_scale, attn_backend=attn_backend, check_inputs=check_inputs,
+                         rotary=rotary, rotary_base=rotary_base)
         if per_head_curvature and self.num_kv_heads != num_heads:
             raise ValueError(f"{type(self).__name__}: per_head_curvature needs num_kv_heads == num_heads")
         proj = dict(curvature=self.curvature, bias=bias, check_inputs=False)
