@@ -26,7 +26,7 @@ cudaError_t launch_typed(const FwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_attention_fwd(const FwdParams& p, cudaStream_t stream) {
-  if ((p.head_dim != 64 && p.head_dim != 128) || p.n_keys_padded % kFwdBlockN != 0 || p.heads % p.kv_heads != 0) {
+  if ((p.head_dim != 64 && p.head_dim != 128) || p.n_keys_padded % kKeyRecordPad != 0 || p.heads % p.kv_heads != 0) {
     return cudaErrorInvalidValue;
   }
   return p.is_bf16 ? launch_typed<__nv_bfloat16>(p, stream) : launch_typed<__half>(p, stream);

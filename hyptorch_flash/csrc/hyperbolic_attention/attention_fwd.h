@@ -43,7 +43,7 @@ struct FwdParams {
 // Launches the key-record prologue and the fused forward on `stream`; returns the first CUDA error.
 cudaError_t launch_attention_fwd(const FwdParams& params, cudaStream_t stream);
 
-// Key tile height of the forward kernel; key_records must be padded to a multiple of it.
-constexpr int kFwdBlockN = 64;
+// key_records rows are padded to a multiple of this (a multiple of every kernel's key tile).
+constexpr int kKeyRecordPad = 64;
 
 }  // namespace hyptorch_flash

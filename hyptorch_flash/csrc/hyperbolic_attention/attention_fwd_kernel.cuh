@@ -6,8 +6,9 @@
 // accumulator O_i and the log-sum-exp L_i. Scores are kept in the exp2 domain (S·log2 e), so each
 // probability costs one ex2.
 //
-// Layout: one CTA = 4 warps = one 64-row query tile of one (batch, head); each warp owns 16 rows
-// (split-Q, no inter-warp reduction). K_j/V_j are double-buffered in XOR-swizzled shared memory by
+// Layout: one CTA = 4 warps = one 128-row query tile of one (batch, head); each warp owns 32 rows,
+// two m16 tiles, so every K/V fragment read by ldmatrix feeds two mma (split-Q, no inter-warp
+// reduction). Key tiles are 64 keys for D = 64 and 32 for D = 128 (S and O share 255 registers). K_j/V_j are double-buffered in XOR-swizzled shared memory by
 // cp.async; fragments come from ldmatrix; S_ij = Q_i K_jᵀ and O_i += P_ij V_j run on
 // mma.sync.m16n8k16 with fp32 accumulation, and the S fragment is reused as the A operand of P·V.
 //
@@ -19,6 +20,7 @@
 
 #include <cstdint>
 #include <math_constants.h>
+#include <type_traits>
 
 #include "attention_fwd.h"
 #include "device_primitives.cuh"
@@ -31,7 +33,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 // Per-key record fields (rows of key_records, each Mpad floats long).
 //   A: k0 (lorentz_dot, distance) or |k|² (poincare)      B: b_j = 1/(1 − c|k|²) (poincare)
-//   V0: time coordinate of the lifted value               VS: value scale (poincare lift 2/(1 − c|v|²), else 1)
+//   V0: time coordinate of the lifted value / VS           VS: value scale (poincare lift 2/(1 − c|v|²), else 1)
 //   BIAS: 0 or −inf (padded key or j ≥ M)
 enum KeyRecordField : int { REC_A = 0, REC_B = 1, REC_V0 = 2, REC_VS = 3, REC_BIAS = 4 };
 
@@ -85,8 +87,9 @@ __global__ void __launch_bounds__(256) key_records_kernel(const FwdParams p) {
     a = k_sq;
     bcoef = 1.f / (1.f - fminf(c * k_sq, top));
     const float av = fminf(v_sq / kh, top), inv = 1.f / (1.f - av);
-    v0 = sqrtf(kh) * (1.f + av) * inv;  // Lorentz lift of a ball point: x0 = sqrt(k)(1 + a)/(1 − a)
-    vscale = 2.f * inv;                 //                                xs = 2p/(1 − a)
+    vscale = 2.f * inv;  // Lorentz lift of a ball point: xs = 2p/(1 − a), x0 = sqrt(k)(1 + a)/(1 − a)
+    // stored as x0/vscale: the kernel weighs it with the same rounded P·vscale that multiplies p
+    v0 = 0.5f * sqrtf(kh) * (1.f + av);
   }
   const bool padded = p.key_padding != nullptr && p.key_padding[(size_t)b * p.n_keys + j] != 0;
   rec[REC_A * stride] = a;
@@ -105,14 +108,16 @@ __global__ void __launch_bounds__(256) key_records_kernel(const FwdParams p) {
 // ---------------------------------------------------------------------------------------------
 template <int kHeadDim>
 struct FwdTile {
-  static constexpr int kBlockM = 64;                 // query rows per CTA
-  static constexpr int kBlockN = kFwdBlockN;         // keys per tile
-  static constexpr int kWarps = 4;                   // 16 query rows per warp
+  static constexpr int kWarps = 4;
+  static constexpr int kRowTiles = 2;                // m16 tiles per warp: each K/V fragment feeds 2 mma
+  static constexpr int kBlockM = kWarps * kRowTiles * 16;  // 128 query rows per CTA
+  static constexpr int kBlockN = kHeadDim <= 64 ? 64 : 32;  // keys per tile (registers: S is 2·kBlockN/8·4 floats)
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kChunks = kHeadDim / 8;       // 16-byte chunks per row
   static constexpr int kSteps = kHeadDim / 16;       // k-steps of Q Kᵀ
   static constexpr int kScoreTiles = kBlockN / 8;    // n8 tiles of S
   static constexpr int kOutTiles = kHeadDim / 8;     // n8 tiles of O
+  static constexpr int kRows = kRowTiles * 2;        // rows per thread (g and g + 8 of each m16 tile)
   template <typename T>
   static constexpr int smem_bytes() {
     return (kBlockM + 4 * kBlockN) * kHeadDim * (int)sizeof(T) + 2 * kKeyRecordFields * kBlockN * (int)sizeof(float);
@@ -142,22 +147,34 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* src, int row0,
   }
 }
 
+// A fragments of Q for k-step s, both m16 tiles of this warp.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void load_q_step(uint32_t (&qf)[2][4], const T* sQ, int warp_row, int s) {
+  const int lane = threadIdx.x % 32, lrow = lane % 8, lmat = lane / 8;
+#pragma unroll
+  for (int rt = 0; rt < 2; ++rt) {
+    const int row = warp_row + rt * 16 + ((lmat & 1) << 3) + lrow;
+    ldmatrix_x4(qf[rt], smem_addr(sQ + swizzled<kHeadDim>(row, 2 * s + (lmat >> 1))));
+  }
+}
+
 template <typename T, int kHeadDim, bool kDistance>
 __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_kernel(const FwdParams p) {
   using Tile = FwdTile<kHeadDim>;
   constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kThreads = Tile::kThreads;
   constexpr int kSteps = Tile::kSteps, kScoreTiles = Tile::kScoreTiles, kOutTiles = Tile::kOutTiles;
+  constexpr int kRows = Tile::kRows;
   constexpr int kRecFloats = kKeyRecordFields * kBlockN;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + kBlockM * kHeadDim;   // 2 stages
+  T* sK = sQ + kBlockM * kHeadDim;      // 2 stages
   T* sV = sK + 2 * kBlockN * kHeadDim;  // 2 stages
   float* sRec = reinterpret_cast<float*>(sV + 2 * kBlockN * kHeadDim);  // 2 stages × fields × kBlockN
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;          // mma fragment row group / column pair
-  const int lrow = lane % 8, lmat = lane / 8;    // ldmatrix: row within matrix, matrix index
+  const int g = lane / 4, t = lane % 4;        // mma fragment row group / column pair
+  const int lrow = lane % 8, lmat = lane / 8;  // ldmatrix: row within matrix, matrix index
 
   // Heaviest (causal) query tiles first.
   const int m_block = gridDim.x - 1 - blockIdx.x;
@@ -165,6 +182,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
   const int hk = h / (p.heads / p.kv_heads);
   const int i0 = m_block * kBlockM;
   const int N = p.n_queries, M = p.n_keys;
+  const int warp_row = warp * 16 * Tile::kRowTiles;  // first row of this warp inside the tile
 
   const T* q_ptr = static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim;
   const T* k_ptr = static_cast<const T*>(p.k) + ((size_t)b * p.kv_heads + hk) * M * kHeadDim;
@@ -191,25 +209,30 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
   load_kv(0, 0);
   cp_async_commit();
 
-  // Per-row constants of this thread's two rows (r = 0: row g, r = 1: row g + 8 of the warp's 16).
+  // Scores as x·exp_scale with x the tile value:
+  //   dot scores:     x = σ·(q_s·k_s − q0·k0) (σ = sign of the scale), exp_scale = |scale|·log2 e
+  //   arccosh scores: x = S·log2 e,                                                         exp_scale = 1
+  // so P = exp2(exp_scale·x − exp_scale·m) is one FFMA + one ex2 per score.
   const float kh = p.curvature[h], coef = p.coef[h];
   const bool poincare = p.score == SCORE_POINCARE;
-  float row_a[2], row_b[2];
-  float score_c = 0.f;  // arccosh scores: S·log2e = score_c·lg2(w) (or ·lg2(w)²), w = z + sqrt(z² − 1)
-  const float dot_c = coef * kLog2e;  // dot scores: S·log2e = dot_c·(q·k) − row_a·k0
+  const bool negate_acc = !kDistance && coef < 0.f;
+  const float exp_scale = kDistance ? 1.f : fmaxf(fabsf(coef) * kLog2e, 1e-30f);  // > 0 keeps −inf masked
   const float inv_k = 1.f / kh;
+  // arccosh scores: S·log2e = score_c·lg2(w) (or ·lg2(w)²), w = z + sqrt(z² − 1) = exp(arccosh z);
+  // d = sqrt(k)·arccosh z:  −β·d·log2e = −β·sqrt(k)·lg2 w;   −β·d²·log2e = −β·k·ln2·(lg2 w)²
+  const float score_c = p.squared ? -coef * kh * kLn2 : -coef * sqrtf(kh);
+  float row_a[kRows], row_b[kRows];  // per-row constants of this thread's rows
 
-  uint32_t q_frag[kSteps][4];
-  float acc_o[kOutTiles][4];
+  float acc_o[2][kOutTiles][4];
 #pragma unroll
-  for (int n = 0; n < kOutTiles; ++n)
+  for (int rt = 0; rt < 2; ++rt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc_o[n][e] = 0.f;
-  float m_i[2] = {-CUDART_INF_F, -CUDART_INF_F};  // running max of S·log2e
-  float l_i[2] = {0.f, 0.f};                      // running Σ_j exp2(S − m), this thread's columns
-  float o0_i[2] = {0.f, 0.f};                     // running Σ_j P_ij v0_j, this thread's columns
-
-  const int warp_row0 = i0 + warp * 16;
+    for (int n = 0; n < kOutTiles; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[rt][n][e] = 0.f;
+  float m_i[kRows], l_i[kRows], o0_i[kRows];  // running max of x, Σ_j P_ij and Σ_j P_ij v0_j (this thread's columns)
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) m_i[r] = -CUDART_INF_F, l_i[r] = 0.f, o0_i[r] = 0.f;
 
   for (int j = 0; j < n_tiles; ++j) {
     const int stage = j & 1;
@@ -224,15 +247,10 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
     __syncthreads();
 
     if (j == 0) {
-      // Q_i fragments into registers (kept for the whole loop) and the row constants.
+      // Row constants from |q_i|² (fp32, quad-split over the row's chunks).
 #pragma unroll
-      for (int s = 0; s < kSteps; ++s) {
-        const int row = warp * 16 + ((lmat & 1) << 3) + lrow;
-        ldmatrix_x4(q_frag[s], smem_addr(sQ + swizzled<kHeadDim>(row, 2 * s + (lmat >> 1))));
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = warp * 16 + g + 8 * r;
+      for (int r = 0; r < kRows; ++r) {
+        const int row = warp_row + (r >> 1) * 16 + g + 8 * (r & 1);
         float sq = 0.f;
 #pragma unroll
         for (int c = t; c < Tile::kChunks; c += 4) {
@@ -245,7 +263,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
         if (p.score == SCORE_EUCLIDEAN) {
           row_a[r] = 0.f, row_b[r] = 0.f;
         } else if (p.score == SCORE_LORENTZ_DOT) {
-          row_a[r] = dot_c * q0, row_b[r] = 0.f;
+          row_a[r] = negate_acc ? q0 : -q0, row_b[r] = 0.f;  // x = σ(q·k) − σ q0·k0
         } else if (p.score == SCORE_DISTANCE) {
           row_a[r] = q0 * inv_k, row_b[r] = 0.f;  // z = (q0·k0 − q·k)/k
         } else {
@@ -254,123 +272,174 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
           row_a[r] = 2.f * inv_k * a_i, row_b[r] = sq;
         }
       }
-      if (p.score == SCORE_DISTANCE || p.score == SCORE_POINCARE) {
-        // d = sqrt(k)·arccosh z:  −β·d·log2e = −β·sqrt(k)·lg2 w;   −β·d²·log2e = −β·k·ln2·(lg2 w)²
-        score_c = p.squared ? -coef * kh * kLn2 : -coef * sqrtf(kh);
-      }
     }
 
     const T* sKs = sK + stage * kBlockN * kHeadDim;
     const T* sVs = sV + stage * kBlockN * kHeadDim;
     const float* sRecs = sRec + stage * kRecFloats;
 
-    // S_ij = Q_i K_jᵀ on tensor cores (fp32 accumulate).
-    float acc_s[kScoreTiles][4];
+    // S_ij = Q_i K_jᵀ on tensor cores (fp32 accumulate); each K fragment feeds both m16 tiles.
+    float acc_s[2][kScoreTiles][4];
 #pragma unroll
-    for (int n = 0; n < kScoreTiles; ++n)
+    for (int rt = 0; rt < 2; ++rt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc_s[n][e] = 0.f;
+      for (int n = 0; n < kScoreTiles; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[rt][n][e] = 0.f;
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
+      // Q fragments are re-read from smem per k-step (FA2 does the same): the registers hold S and O.
+      uint32_t qf[2][4];
+      load_q_step<T, kHeadDim>(qf, sQ, warp_row, s);
 #pragma unroll
       for (int np = 0; np < kScoreTiles / 2; ++np) {
         uint32_t kf[4];
         const int key = np * 16 + ((lmat >> 1) << 3) + lrow;
         ldmatrix_x4(kf, smem_addr(sKs + swizzled<kHeadDim>(key, 2 * s + (lmat & 1))));
-        mma_16816<T>(acc_s[2 * np], q_frag[s], kf[0], kf[1]);
-        mma_16816<T>(acc_s[2 * np + 1], q_frag[s], kf[2], kf[3]);
+#pragma unroll
+        for (int rt = 0; rt < 2; ++rt) {
+          mma_16816<T>(acc_s[rt][2 * np], qf[rt], kf[0], kf[1]);
+          mma_16816<T>(acc_s[rt][2 * np + 1], qf[rt], kf[2], kf[3]);
+        }
       }
     }
 
-    // Score functor in fp32 (exp2 domain): rank-1 Minkowski correction or clamped arccosh.
+    // Score functor in fp32: rank-1 Minkowski correction or clamped arccosh; then the masks.
     const int j0 = j * kBlockN;
     const bool key_bias = p.key_padding != nullptr || j0 + kBlockN > M;
-    const bool causal_tile = p.causal && j0 + kBlockN - 1 > warp_row0;
-#pragma unroll
-    for (int n = 0; n < kScoreTiles; ++n) {
-      const int col = n * 8 + 2 * t;
-      const float2 ka = *reinterpret_cast<const float2*>(sRecs + REC_A * kBlockN + col);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const float kcol = (e & 1) ? ka.y : ka.x;
-        float s;
-        if constexpr (!kDistance) {
-          // S = scale·(q_s·k_s − q0·k0)·log2e (row_a = 0 for euclidean)
-          s = fmaf(dot_c, acc_s[n][e], -row_a[r] * kcol);
-        } else {
-          float z;
-          if (!poincare) {
-            z = fmaf(row_a[r], kcol, -acc_s[n][e] * inv_k);
-          } else {
-            const float bcol = sRecs[REC_B * kBlockN + col + (e & 1)];
-            const float dist_sq = fmaxf(fmaf(-2.f, acc_s[n][e], row_b[r] + kcol), 0.f);
-            z = fmaf(row_a[r] * bcol, dist_sq, 1.f);
-          }
-          z = fmaxf(z, 1.f + p.acosh_eps);
-          // arccosh z = ln(z + sqrt(z² − 1)); z² − 1 by one fma (no cancellation for z → 1)
-          const float lg = fast_log2(z + fast_sqrt(fmaf(z, z, -1.f)));
-          s = p.squared ? score_c * lg * lg : score_c * lg;
-        }
-        acc_s[n][e] = s;
-      }
-      if (key_bias) {
-        const float2 bias = *reinterpret_cast<const float2*>(sRecs + REC_BIAS * kBlockN + col);
-        acc_s[n][0] += bias.x, acc_s[n][1] += bias.y, acc_s[n][2] += bias.x, acc_s[n][3] += bias.y;
-      }
-      if (causal_tile) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (j0 + col + (e & 1) > warp_row0 + g + 8 * (e >> 1)) acc_s[n][e] = -CUDART_INF_F;
-        }
-      }
-    }
-
-    // Online softmax: m_i ← max(m_i, rowmax S_ij), P_ij = exp2(S_ij − m_i), rescale l_i, O_i by exp2(m_old − m_new).
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = m_i[r];
-#pragma unroll
-      for (int n = 0; n < kScoreTiles; ++n) mx = fmaxf(mx, fmaxf(acc_s[n][2 * r], acc_s[n][2 * r + 1]));
-      mx = quad_max(mx);
-      const float m_use = mx == -CUDART_INF_F ? 0.f : mx;  // a row with no visible key yet: P = 0, no NaN
-      const float alpha = fast_exp2(m_i[r] - m_use);
-      m_i[r] = mx;
-      float row_sum = 0.f, row_v0 = 0.f;
+    const bool causal_tile = p.causal && j0 + kBlockN - 1 > i0 + warp_row;
+    auto score_tile = [&](auto negate) {
 #pragma unroll
       for (int n = 0; n < kScoreTiles; ++n) {
-        const float2 v0 = *reinterpret_cast<const float2*>(sRecs + REC_V0 * kBlockN + n * 8 + 2 * t);
-        const float p0 = fast_exp2(acc_s[n][2 * r] - m_use), p1 = fast_exp2(acc_s[n][2 * r + 1] - m_use);
-        acc_s[n][2 * r] = p0, acc_s[n][2 * r + 1] = p1;
-        row_sum += p0 + p1;
-        row_v0 = fmaf(p0, v0.x, fmaf(p1, v0.y, row_v0));
-      }
-      l_i[r] = fmaf(l_i[r], alpha, row_sum);
-      o0_i[r] = fmaf(o0_i[r], alpha, row_v0);
+        const int col = n * 8 + 2 * t;
+        const float2 ka = *reinterpret_cast<const float2*>(sRecs + REC_A * kBlockN + col);
+        float2 kb = make_float2(0.f, 0.f);
+        if (kDistance && poincare) kb = *reinterpret_cast<const float2*>(sRecs + REC_B * kBlockN + col);
 #pragma unroll
-      for (int n = 0; n < kOutTiles; ++n) acc_o[n][2 * r] *= alpha, acc_o[n][2 * r + 1] *= alpha;
+        for (int rt = 0; rt < 2; ++rt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = rt * 2 + (e >> 1);
+            const float kcol = (e & 1) ? ka.y : ka.x;
+            const float acc = acc_s[rt][n][e];
+            float x;
+            if constexpr (!kDistance) {
+              x = fmaf(row_a[r], kcol, decltype(negate)::value ? -acc : acc);  // the sign is an FFMA operand modifier
+            } else {
+              float z;
+              if (!poincare) {
+                z = fmaf(row_a[r], kcol, -acc * inv_k);
+              } else {
+                const float dist_sq = fmaxf(fmaf(-2.f, acc, row_b[r] + kcol), 0.f);
+                z = fmaf(row_a[r] * ((e & 1) ? kb.y : kb.x), dist_sq, 1.f);
+              }
+              z = fmaxf(z, 1.f + p.acosh_eps);
+              // arccosh z = ln(z + sqrt(z² − 1)); z² − 1 by one fma (no cancellation for z → 1)
+              const float lg = fast_log2(z + fast_sqrt(fmaf(z, z, -1.f)));
+              x = p.squared ? score_c * lg * lg : score_c * lg;
+            }
+            acc_s[rt][n][e] = x;
+          }
+        }
+        if (key_bias) {
+          const float2 bias = *reinterpret_cast<const float2*>(sRecs + REC_BIAS * kBlockN + col);
+#pragma unroll
+          for (int rt = 0; rt < 2; ++rt) {
+            acc_s[rt][n][0] += bias.x, acc_s[rt][n][1] += bias.y, acc_s[rt][n][2] += bias.x, acc_s[rt][n][3] += bias.y;
+          }
+        }
+        if (causal_tile) {
+#pragma unroll
+          for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int row = i0 + warp_row + rt * 16 + g + 8 * (e >> 1);
+              if (j0 + col + (e & 1) > row) acc_s[rt][n][e] = -CUDART_INF_F;
+            }
+        }
+      }
+    };
+    if (negate_acc) score_tile(std::true_type{});
+    else score_tile(std::false_type{});
+
+    // Online softmax: m_i ← max(m_i, rowmax S_ij), P_ij = exp2(S_ij − m_i), rescale l_i, O_i by exp2(m_old − m_new).
+    float neg_m[kRows], alphas[kRows];
+    static_assert(kRows == 4, "the rescale vote below lists the 4 rows of a thread");
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int rt = r >> 1, e0 = 2 * (r & 1);
+      float mx = m_i[r];
+#pragma unroll
+      for (int n = 0; n < kScoreTiles; ++n) mx = fmaxf(mx, fmaxf(acc_s[rt][n][e0], acc_s[rt][n][e0 + 1]));
+      mx = quad_max(mx);
+      const float m_use = mx == -CUDART_INF_F ? 0.f : mx;  // a row with no visible key yet: P = 0, no NaN
+      const float alpha = fast_exp2(exp_scale * (m_i[r] - m_use));
+      neg_m[r] = -exp_scale * m_use;
+      m_i[r] = mx;
+      l_i[r] *= alpha, o0_i[r] *= alpha;
+      alphas[r] = alpha;
+    }
+    // Rescale O_i only when some row max of the warp moved (rare after the first tiles).
+    if (__any_sync(0xffffffffu, alphas[0] != 1.f || alphas[1] != 1.f || alphas[2] != 1.f || alphas[3] != 1.f)) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int rt = r >> 1, e0 = 2 * (r & 1);
+#pragma unroll
+        for (int n = 0; n < kOutTiles; ++n) acc_o[rt][n][e0] *= alphas[r], acc_o[rt][n][e0 + 1] *= alphas[r];
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kScoreTiles; ++n) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int rt = r >> 1, e0 = 2 * (r & 1);
+        const float p0 = fast_exp2(fmaf(exp_scale, acc_s[rt][n][e0], neg_m[r]));
+        const float p1 = fast_exp2(fmaf(exp_scale, acc_s[rt][n][e0 + 1], neg_m[r]));
+        acc_s[rt][n][e0] = p0, acc_s[rt][n][e0 + 1] = p1;
+        l_i[r] += p0 + p1;
+      }
     }
 
     // O_i += P_ij V_j: the S fragment becomes the A operand (Poincaré: P scaled by the value lift 2/(1 − c|v|²)).
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      float w[8];
+      uint32_t a[2][4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) w[e] = acc_s[2 * kk][e], w[4 + e] = acc_s[2 * kk + 1][e];
-      if (poincare) {
-        const float2 s0 = *reinterpret_cast<const float2*>(sRecs + REC_VS * kBlockN + kk * 16 + 2 * t);
-        const float2 s1 = *reinterpret_cast<const float2*>(sRecs + REC_VS * kBlockN + kk * 16 + 8 + 2 * t);
-        w[0] *= s0.x, w[1] *= s0.y, w[2] *= s0.x, w[3] *= s0.y;
-        w[4] *= s1.x, w[5] *= s1.y, w[6] *= s1.x, w[7] *= s1.y;
+      for (int rt = 0; rt < 2; ++rt) {
+        float w[8];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) w[e] = acc_s[rt][2 * kk][e], w[4 + e] = acc_s[rt][2 * kk + 1][e];
+        if (kDistance && poincare) {
+          const float2 s0 = *reinterpret_cast<const float2*>(sRecs + REC_VS * kBlockN + kk * 16 + 2 * t);
+          const float2 s1 = *reinterpret_cast<const float2*>(sRecs + REC_VS * kBlockN + kk * 16 + 8 + 2 * t);
+          w[0] *= s0.x, w[1] *= s0.y, w[2] *= s0.x, w[3] *= s0.y;
+          w[4] *= s1.x, w[5] *= s1.y, w[6] *= s1.x, w[7] *= s1.y;
+        }
+        a[rt][0] = pack2<T>(w[0], w[1]), a[rt][1] = pack2<T>(w[2], w[3]);
+        a[rt][2] = pack2<T>(w[4], w[5]), a[rt][3] = pack2<T>(w[6], w[7]);
+        // O_0 += P_ij v0_j with the same rounded weights the tensor cores use for O_s, so O stays an
+        // exact combination of lifted points and O0² − |Os|² does not cancel through rounding.
+        if (kDistance || p.score != SCORE_EUCLIDEAN) {
+          const float2 v0a = *reinterpret_cast<const float2*>(sRecs + REC_V0 * kBlockN + kk * 16 + 2 * t);
+          const float2 v0b = *reinterpret_cast<const float2*>(sRecs + REC_V0 * kBlockN + kk * 16 + 8 + 2 * t);
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const float2 pa = unpack2<T>(a[rt][half]), pb = unpack2<T>(a[rt][2 + half]);
+            float& o0 = o0_i[rt * 2 + half];
+            o0 = fmaf(pa.x, v0a.x, fmaf(pa.y, v0a.y, fmaf(pb.x, v0b.x, fmaf(pb.y, v0b.y, o0))));
+          }
+        }
       }
-      const uint32_t a[4] = {pack2<T>(w[0], w[1]), pack2<T>(w[2], w[3]), pack2<T>(w[4], w[5]), pack2<T>(w[6], w[7])};
 #pragma unroll
       for (int np = 0; np < kOutTiles / 2; ++np) {
         uint32_t vf[4];
         const int key = kk * 16 + ((lmat & 1) << 3) + lrow;
         ldmatrix_x4_trans(vf, smem_addr(sVs + swizzled<kHeadDim>(key, 2 * np + (lmat >> 1))));
-        mma_16816<T>(acc_o[2 * np], a, vf[0], vf[1]);
-        mma_16816<T>(acc_o[2 * np + 1], a, vf[2], vf[3]);
+#pragma unroll
+        for (int rt = 0; rt < 2; ++rt) {
+          mma_16816<T>(acc_o[rt][2 * np], a[rt], vf[0], vf[1]);
+          mma_16816<T>(acc_o[rt][2 * np + 1], a[rt], vf[2], vf[3]);
+        }
       }
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
@@ -379,15 +448,16 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
   // Epilogue: O_i /= l_i, L_i = m_i + log l_i, then the centroid map in fp32 (DESIGN.md §2.4).
   const float sqrt_k = sqrtf(kh);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
+  for (int r = 0; r < kRows; ++r) {
+    const int rt = r >> 1, e0 = 2 * (r & 1);
     const float l = quad_sum(l_i[r]);
     const float inv_l = l > 0.f ? 1.f / l : 0.f;  // l = 0: every key masked → O = 0, L = −inf
     const float o0 = quad_sum(o0_i[r]) * inv_l;
     float os_sq = 0.f;
 #pragma unroll
     for (int n = 0; n < kOutTiles; ++n) {
-      acc_o[n][2 * r] *= inv_l, acc_o[n][2 * r + 1] *= inv_l;
-      os_sq = fmaf(acc_o[n][2 * r], acc_o[n][2 * r], fmaf(acc_o[n][2 * r + 1], acc_o[n][2 * r + 1], os_sq));
+      acc_o[rt][n][e0] *= inv_l, acc_o[rt][n][e0 + 1] *= inv_l;
+      os_sq = fmaf(acc_o[rt][n][e0], acc_o[rt][n][e0], fmaf(acc_o[rt][n][e0 + 1], acc_o[rt][n][e0 + 1], os_sq));
     }
     os_sq = quad_sum(os_sq);
     float factor = 1.f;
@@ -400,16 +470,17 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
       else factor = sqrt_k / (o0 + n_lor);
       if (!(o0 > 0.f)) factor = 0.f;  // masked row → the origin
     }
-    const int row = warp_row0 + g + 8 * r;
+    const int row = i0 + warp_row + rt * 16 + g + 8 * (r & 1);
     if (row < N) {
       T* out_row = static_cast<T*>(p.out) + ((size_t)bh * N + row) * kHeadDim;
 #pragma unroll
       for (int n = 0; n < kOutTiles; ++n) {
         *reinterpret_cast<uint32_t*>(out_row + n * 8 + 2 * t) =
-            pack2<T>(acc_o[n][2 * r] * factor, acc_o[n][2 * r + 1] * factor);
+            pack2<T>(acc_o[rt][n][e0] * factor, acc_o[rt][n][e0 + 1] * factor);
       }
       if (t == 0) {
-        p.lse[(size_t)bh * N + row] = l > 0.f ? (m_i[r] + log2f(l)) * kLn2 : -CUDART_INF_F;
+        // L_i = ln Σ_j exp(S_ij) = (exp_scale·m_i + log2 l_i)·ln 2
+        p.lse[(size_t)bh * N + row] = l > 0.f ? (exp_scale * m_i[r] + log2f(l)) * kLn2 : -CUDART_INF_F;
         p.o0[(size_t)bh * N + row] = o0;
       }
     }

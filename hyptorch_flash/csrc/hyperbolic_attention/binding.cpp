@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({B, H, N}, f32);
   at::Tensor o0 = at::empty({B, H, N}, f32);
-  const int64_t m_padded = (M + hyptorch_flash::kFwdBlockN - 1) / hyptorch_flash::kFwdBlockN * hyptorch_flash::kFwdBlockN;
+  const int64_t m_padded = (M + hyptorch_flash::kKeyRecordPad - 1) / hyptorch_flash::kKeyRecordPad * hyptorch_flash::kKeyRecordPad;
   at::Tensor records = at::empty({B, H, hyptorch_flash::kKeyRecordFields, m_padded}, f32);
 
   hyptorch_flash::FwdParams p{};

@@ -1,0 +1,39 @@
+"""One small case of every CUDA forward variant, for ``compute-sanitizer --tool memcheck``.
+
+Run (on a GPU machine)::
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \\
+        python tests/cuda_sanitizer_cases.py
+
+(no caching allocator, so an out-of-bounds access hits unallocated memory instead of a cached block).
+Shapes are not multiples of the tiles, with causal, key padding and GQA, so every boundary path runs.
+"""
+import torch
+
+import hyptorch_flash as hf
+from attention_cases import SCORES, coefficient_kw, outputs_for, random_points
+
+
+def main():
+    gen = torch.Generator().manual_seed(0)
+    B, H, Hkv, N, M = 2, 4, 2, 70, 45
+    curvature = torch.linspace(0.5, 2.0, H, dtype=torch.float64)
+    for D in (64, 128, 40):
+        for dtype in (torch.bfloat16, torch.float16):
+            for score in SCORES:
+                for output in outputs_for(score):
+                    q = random_points((B, H, N, D), score, generator=gen, curvature=curvature).to(dtype).cuda()
+                    k = random_points((B, Hkv, M, D), score, generator=gen, curvature=curvature).to(dtype).cuda()
+                    v = random_points((B, Hkv, M, D), score, generator=gen, curvature=curvature).to(dtype).cuda()
+                    pad = (torch.rand(B, M, generator=gen) < 0.3).cuda()
+                    out = hf.hyperbolic_attention(q, k, v, score=score, output=output, causal=True,
+                                                  key_padding_mask=pad, backend="cuda",
+                                                  curvature=curvature.cuda(),
+                                                  **coefficient_kw(score, 1.3))
+                    torch.cuda.synchronize()
+                    assert torch.isfinite(out).all(), (D, dtype, score, output)
+                    print(f"ok D={D} {dtype} {score}/{output}")
+
+
+if __name__ == "__main__":
+    main()
