@@ -1,4 +1,5 @@
 """HyperbolicMultiheadAttention against a float64 hand-written reference; masks, cache, backends, errors."""
+import functools
 import math
 
 import pytest
@@ -8,14 +9,10 @@ import hyptorch_flash
 from hyptorch_flash.layers import Curvature, HyperbolicMultiheadAttention, KVCache, lorentz_point
 from hyptorch_flash.ops import backends
 from hyptorch_flash.ops.reference import reference_attention
+from hyptorch_flash.layers.testing import random_lorentz_points
 
 E, H = 8, 4
-
-
-def points(*shape, k=1.0, scale=1.0, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    xs = torch.randn(*shape, generator=g, dtype=torch.float64) * scale
-    return lorentz_point(xs, torch.tensor(k, dtype=torch.float64)).to(dtype)
+points = functools.partial(random_lorentz_points, dtype=torch.float64)
 
 
 def lift(space, k):

@@ -5,29 +5,14 @@ import geoopt
 import pytest
 import torch
 
-from hyptorch_flash import numerics
 from hyptorch_flash.layers import (
     Curvature, LorentzActivation, LorentzDistanceDecoder, LorentzDropout, LorentzEmbedding, LorentzFeedForward,
     LorentzLayerNorm, LorentzLinear, LorentzMLR, LorentzResidual, lorentz_point, rescale,
 )
+from hyptorch_flash.layers.testing import assert_on_lorentz
+from hyptorch_flash.layers.testing import random_lorentz_points as points
 
 D = 6
-
-
-def points(*shape, k=1.0, scale=1.0, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    xs = torch.randn(*shape, generator=g, dtype=torch.float64) * scale
-    return lorentz_point(xs, torch.tensor(k, dtype=torch.float64)).to(dtype)
-
-
-def assert_on_lorentz(y, k):
-    y64 = y.double()
-    k = torch.as_tensor(k, dtype=torch.float64)
-    residual = (-y64[..., 0] ** 2 + (y64[..., 1:] ** 2).sum(-1) + k).abs()
-    assert torch.isfinite(y64).all()
-    assert (y64[..., 0] > 0).all()
-    bound = numerics.manifold_tol(y.dtype) * y64[..., 0] ** 2
-    assert (residual <= bound).all(), (residual / y64[..., 0] ** 2).max()
 
 
 def make(name, k):

@@ -7,30 +7,17 @@ import pytest
 import torch
 from geoopt.manifolds.stereographic import math as gmath
 
-from hyptorch_flash import numerics, set_attention_backend
+from hyptorch_flash import set_attention_backend
 from hyptorch_flash.layers import (
     Curvature, KVCache, PoincareActivation, PoincareDropout, PoincareEmbedding, PoincareFeedForward,
     PoincareLayerNorm, PoincareLinear, PoincareMultiheadAttention, PoincareResidual, PoincareTransformerDecoder,
     PoincareTransformerEncoder, PoincareTransformerEncoderLayer, poincare_distance,
 )
 from hyptorch_flash.layers import ball
+from hyptorch_flash.layers.testing import assert_in_ball
+from hyptorch_flash.layers.testing import random_ball_points as ball_points
 
 D = 6
-
-
-def ball_points(*shape, k=1.0, radius=0.5, dtype=torch.float32, seed=0):
-    """Random directions at random radii up to ``radius``·sqrt(k) (radius ≤ 1 − 1e-4: near the boundary)."""
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(*shape, generator=g, dtype=torch.float64)
-    r = torch.rand(*shape[:-1], 1, generator=g, dtype=torch.float64) * radius
-    return (u / u.norm(dim=-1, keepdim=True) * r * math.sqrt(k)).to(dtype)
-
-
-def assert_in_ball(p, k):
-    assert torch.isfinite(p).all()
-    c_norm_sq = (p.double() ** 2).sum(-1) / k
-    # the margin (many ulps of 1) must survive: allow the last few ulps of rounding of the radius
-    assert (c_norm_sq <= 1.0 - 0.5 * numerics.ball_margin(p.dtype)).all(), c_norm_sq.max()
 
 
 def make(name, k):

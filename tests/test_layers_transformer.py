@@ -6,26 +6,15 @@ import geoopt
 import pytest
 import torch
 
-from hyptorch_flash import attention_backend, numerics
+from hyptorch_flash import attention_backend
 from hyptorch_flash.layers import (
     Curvature, LorentzEmbedding, LorentzMLR, LorentzTransformerDecoder, LorentzTransformerDecoderLayer,
     LorentzTransformerEncoder, LorentzTransformerEncoderLayer, lorentz_point,
 )
+from hyptorch_flash.layers.testing import assert_on_lorentz
+from hyptorch_flash.layers.testing import random_lorentz_points as points
 
 E, H = 8, 2
-
-
-def points(*shape, k=1.0, scale=1.0, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    xs = torch.randn(*shape, generator=g, dtype=torch.float64) * scale
-    return lorentz_point(xs, torch.tensor(k, dtype=torch.float64)).to(dtype)
-
-
-def assert_on_lorentz(y, k):
-    y64, k = y.double(), torch.as_tensor(k, dtype=torch.float64)
-    residual = (-y64[..., 0] ** 2 + (y64[..., 1:] ** 2).sum(-1) + k).abs()
-    assert torch.isfinite(y64).all() and (y64[..., 0] > 0).all()
-    assert (residual <= numerics.manifold_tol(y.dtype) * y64[..., 0] ** 2).all()
 
 
 @pytest.mark.parametrize("scale", [1.0, 300.0])

@@ -26,6 +26,10 @@ Usage (a tiny hyperbolic language model)::
         y = dec(emb(prompt), cache=cache)                 # prefill
         y = dec(emb(next_token[:, None]), cache=cache)    # one token at a time
 
+Positions: ``LorentzPositionalEncoding(64, max_len, curvature=k)(x, offset=cache[0].length)`` before the
+stack, or ``rotary=True`` (a layer keyword) for hyperbolic rotary embeddings inside attention.
+Tests of your own models: :mod:`hyptorch_flash.layers.testing` (random points, manifold assertions).
+
 Poincaré counterparts (``PoincareLinear`` after HNN++, ``PoincareMultiheadAttention`` with the
 ``poincare_distance`` score and gyromidpoint, ``PoincareTransformerEncoder``/``Decoder``) take ball
 points ``(..., d)`` of geoopt ``PoincareBall(c=1/k)`` and the same curvature arguments.

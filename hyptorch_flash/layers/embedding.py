@@ -51,7 +51,8 @@ class LorentzEmbedding(nn.Module):
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         if indices.dtype not in (torch.long, torch.int32, torch.int64):
             raise TypeError(f"LorentzEmbedding: indices must be an integer tensor, got {indices.dtype}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_embeddings):
+        checkable = indices.numel() and not torch.compiler.is_compiling()  # the range check syncs
+        if checkable and (int(indices.min()) < 0 or int(indices.max()) >= self.num_embeddings):
             raise IndexError(
                 f"LorentzEmbedding: indices must be in [0, {self.num_embeddings}), got range "
                 f"[{int(indices.min())}, {int(indices.max())}]"
