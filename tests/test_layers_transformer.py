@@ -173,3 +173,13 @@ def test_stack_errors():
     off[0, 0, 1] += 1.0
     with pytest.raises(ValueError, match="LorentzTransformerEncoder: src .* is not on the Lorentz manifold"):
         LorentzTransformerEncoder(1, E, H)(off)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_stack_stays_on_manifold(dtype):
+    torch.manual_seed(7)
+    dec = LorentzTransformerDecoder(2, E, H, 16, cross_attention=False, attn_backend="blockwise").to(dtype)
+    x = points(2, 9, E, k=1.0, scale=4.0, dtype=dtype)
+    y = dec(x)
+    assert y.dtype == dtype
+    assert_on_lorentz(y, 1.0)
