@@ -248,3 +248,19 @@ def test_forward_errors():
         mha(off)
     with pytest.raises(ValueError, match="key .* must be .* with the query's batch"):
         mha(x, points(3, 5, E, dtype=torch.float32))
+
+
+def test_kv_cache_with_padding_and_float_mask_matches_full():
+    """Chunks with a key_padding_mask over all cached keys and a float mask over the chunk's rows."""
+    torch.manual_seed(5)
+    mha = HyperbolicMultiheadAttention(E, H, score="distance", attn_backend="reference").double()
+    x = points(2, 8, E, scale=1.5)
+    pad = torch.zeros(2, 8, dtype=torch.bool)
+    pad[1, :2] = True  # left padding of the second sequence
+    bias = 0.3 * torch.randn(8, 8, dtype=torch.float64)
+    full, _ = mha(x, is_causal=True, key_padding_mask=pad, attn_mask=bias)
+    cache, steps = KVCache(), []
+    for a, b in ((0, 3), (3, 4), (4, 8)):
+        out, _ = mha(x[:, a:b], is_causal=True, key_padding_mask=pad[:, :b], attn_mask=bias[a:b, :b], cache=cache)
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1), full)
