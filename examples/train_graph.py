@@ -434,6 +434,11 @@ def load_checkpoint(path, model, optimizer, cfg, device, rank, world):
         raise SystemExit(f"error: checkpoint was written by {ckpt['world_size']} processes, this run has {world}")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    for state in optimizer.state.values():
+        # torch's load_state_dict turns geoopt's int step count into a float32 tensor, which changes
+        # RiemannianAdam's bias correction (beta**step) in the last bits: restore the int.
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = int(state["step"].item())
     set_rng_state(ckpt["rng"][rank], device)
     return ckpt["step"], ckpt["history"]
 
