@@ -7,7 +7,7 @@ import torch
 
 from hyptorch_flash.layers import (
     Curvature, LorentzActivation, LorentzDistanceDecoder, LorentzDropout, LorentzEmbedding, LorentzFeedForward,
-    LorentzLayerNorm, LorentzLinear, LorentzMLR, LorentzResidual, lorentz_point, rescale,
+    LorentzLayerNorm, LorentzLinear, LorentzMLR, LorentzPositionalEncoding, LorentzResidual, lorentz_point, rescale,
 )
 from hyptorch_flash.layers.testing import assert_on_lorentz
 from hyptorch_flash.layers.testing import random_lorentz_points as points
@@ -226,6 +226,7 @@ def test_riemannian_adam_keeps_manifold_parameters_on_manifold():
         learnable=LorentzEmbedding(20, D, curvature=curv, init_std=1.0),
         head=LorentzMLR(D, 3, curvature=curv),
         decoder=LorentzDistanceDecoder(D, curvature=0.5),
+        positions=LorentzPositionalEncoding(D, 16, kind="learned", curvature=curv, scale=1.0),
     ))
     opt = geoopt.optim.RiemannianAdam(model.parameters(), lr=0.1)
     labels, edges = torch.randint(0, 3, (20,)), torch.rand(20, 20).round()
@@ -233,13 +234,14 @@ def test_riemannian_adam_keeps_manifold_parameters_on_manifold():
         idx, other = torch.randint(0, 20, (16,)), torch.randint(0, 20, (16,))
         fixed = model["fixed"]
         link_logits = model["decoder"](fixed(idx), fixed(other))
-        loss = (torch.nn.functional.cross_entropy(model["head"](model["learnable"](idx)), labels[idx])
+        tokens = model["positions"](model["learnable"](idx)[None])[0]
+        loss = (torch.nn.functional.cross_entropy(model["head"](tokens), labels[idx])
                 + torch.nn.functional.binary_cross_entropy_with_logits(link_logits, edges[idx, other]))
         opt.zero_grad()
         loss.backward()
         opt.step()
     manifold_params = [p for p in model.parameters() if isinstance(p, geoopt.ManifoldParameter)]
-    assert len(manifold_params) == 2
+    assert len(manifold_params) == 3
     for p in manifold_params:
         assert_on_lorentz(p.detach(), p.manifold.k.item())
         assert p.detach()[:, 1:].abs().max() > 0.5  # they moved away from the origin

@@ -94,6 +94,21 @@ def test_layers_gradcheck(name):
     gradcheck_module(layer, torch.randn(2, 3, D))
 
 
+def test_dropout_and_embedding_gradcheck():
+    layer = PoincareDropout(0.5, curvature=0.8).train()
+    k = torch.tensor(0.8, dtype=torch.float64)
+
+    def fn(u):
+        torch.manual_seed(4)  # the same dropout mask at every evaluation
+        return layer(ball.expmap0(u, k))
+
+    assert torch.autograd.gradcheck(fn, (torch.randn(4, D, dtype=torch.float64, requires_grad=True),))
+    emb = PoincareEmbedding(5, D, curvature=Curvature(0.8, learnable=True), init_std=0.5).double()
+    names, params = zip(*emb.named_parameters())
+    call = lambda *ps: torch.func.functional_call(emb, dict(zip(names, ps)), (torch.tensor([0, 3, 3]),))  # noqa: E731
+    assert torch.autograd.gradcheck(call, [p.detach().clone().requires_grad_() for p in params])
+
+
 def test_residual_and_attention_gradcheck():
     torch.manual_seed(2)
     gradcheck_module(PoincareResidual(D, curvature=Curvature(0.8, learnable=True)), torch.randn(3, D), torch.randn(3, D))
