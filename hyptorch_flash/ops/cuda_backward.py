@@ -221,19 +221,30 @@ def contractions_reference(q, k, v, dout_hi, dout_lo, lse, dout0, curvature, coe
     dP = lam * (dout_s @ vf.transpose(-1, -2)) + d0 * v0
     delta = (P * dP).sum(-1, keepdim=True)  # D_i = Σ_j P_ij dP_ij
     dS = P * (dP - delta)
-    dX = rnd(dS * ds_dx)
+    dx_exact = dS * ds_dx
+    dX = rnd(dx_exact)
+    rnd_p = rnd if dout_lo is None else (lambda x: x)  # with dout_lo, the kernel also splits P in two terms
     zero = torch.zeros((), dtype=dtype, device=q.device)
     r_w = kw if score != SCORE_POINCARE else torch.ones_like(kw)
     c_w = qw if score != SCORE_POINCARE else torch.ones_like(qw)
     dXX = dX * X
     row = torch.stack([(dX * r_w).sum(-1), dXX.sum(-1)], -1)
-    col = torch.stack([(dX * c_w).sum(-2), dXX.sum(-2), (P * d0).sum(-2)], -1)
+    # dv0 from the same rounded P as dV_s: dv_s + (v_s/v0)·dv0 cancel at large norms
+    col = torch.stack([(dX * c_w).sum(-2), dXX.sum(-2), (rnd_p(P) * d0).sum(-2)], -1)
     s1 = torch.where(valid, dS * u, zero).sum((-1, -2))
-    s2 = torch.where(valid, dXX, zero).sum((-1, -2)) if score in (SCORE_DISTANCE, SCORE_POINCARE) else torch.zeros_like(s1)
+    if score == SCORE_DISTANCE:
+        s2 = torch.where(valid, dXX, zero).sum((-1, -2))
+    elif score == SCORE_POINCARE:
+        # ∂L/∂c at fixed p, q: Σ dX·X·(1/c + |p|²a + |q|²b), a/b terms where unclamped, unrounded dX
+        alpha = torch.where(q_sq / kap <= BALL_TOP, q_sq * qw, zero)
+        beta = torch.where(k_sq / kap <= BALL_TOP, k_sq * kw.transpose(-1, -2), zero).transpose(-1, -2)
+        s2 = torch.where(valid, dx_exact * X * (kap + alpha + beta), zero).sum((-1, -2))
+    else:
+        s2 = torch.zeros_like(s1)
     scalars = torch.stack([s1, s2], -1).unsqueeze(2)
     G = dX @ kf
     Gk = dX.transpose(-1, -2) @ qf
-    dVs = rnd(P).transpose(-1, -2) @ dout_s
+    dVs = rnd_p(P).transpose(-1, -2) @ dout_s
     return G, row, Gk, dVs, col, scalars
 
 
@@ -251,7 +262,8 @@ def finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, sc
     - dot/distance: dq = G − q·R/q0, dk = Gk − k·C/k0, dv = dV_s + v·dv0/v0,
       dκ = Σ (−R/(2q0) − C/(2k0) + dv0/(2v0)) [+ (e·coef·s1 − s2)/κ for distance, e = 1 squared, ½ not];
     - poincare (X = |p − q|², a_i = 1/(1 − c|p_i|²), c = 1/κ): dq = q·(2R + 2c·a·RX) − 2G (likewise k with b),
-      dv through the value lift x = (√κ(1 + a_v), 2v)/(1 − a_v), dκ = −c²(s2/c + Σ RX·|q|²a + Σ CX·|k|²b) + ...;
+      dv through the value lift x = (√κ(1 + a_v), 2v)/(1 − a_v), dκ = −c²·s2 + e·coef·s1/κ + (value lift),
+      where the kernel's s2 = ∂L/∂c at fixed p, q = Σ dX·X·(1/c + |p|²a + |q|²b);
     - dcoef = s1 for every score; ``dcurvature_epilogue`` (from :func:`prepare_backward`) is added to dκ.
     """
     dt = G.dtype
@@ -296,8 +308,8 @@ def finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, sc
         common = torch.where(av_raw <= BALL_TOP, 2 * inv * inv * ((vf * dVs).sum(-1, keepdim=True) + sk * dv0), zero)
         dv = 2 * inv * dVs + vf * (2 / kap) * common
         dkap_v = heads_sum(dv0 * (1 + av) * inv / (2 * sk) - (av / kap) * common)
-        dc = s2 / c.view(H) + heads_sum(rx_a * q_sq) + heads_sum(cx_b * k_sq)
-        dkap = -(c.view(H) ** 2) * dc + e * cf[0] * s1 / kap.view(H) + dkap_v
+        # s2 = ∂L/∂c at fixed p, q (the kernel's unrounded sum; = s2/c + Σ RX·|q|²a + Σ CX·|k|²b with rounded dX)
+        dkap = -(c.view(H) ** 2) * s2 + e * cf[0] * s1 / kap.view(H) + dkap_v
     else:
         raise ValueError(f"hyptorch_flash: unknown score id {score}")
     if dcurvature_epilogue is not None:
@@ -305,7 +317,8 @@ def finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, sc
     if group > 1:
         dk = dk.view(B, Hkv, group, *dk.shape[2:]).sum(2)
         dv = dv.view(B, Hkv, group, *dv.shape[2:]).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkap.to(curvature.dtype), s1.to(coef.dtype)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkap.to(curvature.dtype).contiguous(),
+            s1.to(coef.dtype).contiguous())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -380,11 +380,20 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily>& sm, 
       // dP_ij = dO_L,i · lift(v_j) = λ_j (dO_s,i · v_j) + dO0_i v0_j;  dS_ij = P_ij (dP_ij − D_i)
       const float dP = fmaf(lam, dp[n][e], do0 * v0);
       const float dS = P * (dP - delta);
-      const float dX = round_to<T>(dS * ds_dX);
+      const float dx_exact = dS * ds_dX;
+      const float dX = round_to<T>(dx_exact);
       if constexpr (kKeySums) {
         if (valid) {
           ks.s1 = fmaf(dS, u, ks.s1);
-          if constexpr (kFamily != FAMILY_DOT) ks.s2 = fmaf(dX, X, ks.s2);
+          if constexpr (kFamily == FAMILY_DISTANCE) ks.s2 = fmaf(dX, X, ks.s2);
+          if constexpr (kFamily == FAMILY_POINCARE) {
+            // ∂L/∂c at fixed p, q (c = 1/k): Σ dX·X·(1/c + |p|²a_i + |q|²b_j), the a/b terms where
+            // unclamped. Unrounded dX: no tensor-core term has to cancel against this one.
+            const float top = 1.f - numerics::BALL_MARGIN_F32;
+            const float alpha = hc.inv_kappa * qsq <= top ? qsq * qw : 0.f;
+            const float beta = hc.inv_kappa * ksq <= top ? ksq * kw : 0.f;
+            ks.s2 = fmaf(dx_exact * X, hc.kappa + alpha + beta, ks.s2);
+          }
         }
         ks.dv0[h] = fmaf(P, do0, ks.dv0[h]);
         ks.c[h] = fmaf(dX, kFamily == FAMILY_POINCARE ? 1.f : qw, ks.c[h]);
@@ -431,6 +440,19 @@ __device__ __forceinline__ void to_a_operands(const float (&c)[Tile<kHeadDim, kF
     a[kk][2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
     a[kk][3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
   }
+}
+
+// Same for the rounding residues c − round(c): with to_a_operands, c ≈ hi + lo to ~16 bits.
+template <typename T, int kHeadDim, int kFamily>
+__device__ __forceinline__ void to_a_operands_lo(const float (&c)[Tile<kHeadDim, kFamily>::kQTiles][4],
+                                                 uint32_t (&a)[Tile<kHeadDim, kFamily>::kBlockM / 16][4]) {
+  float r[Tile<kHeadDim, kFamily>::kQTiles][4];
+#pragma unroll
+  for (int n = 0; n < Tile<kHeadDim, kFamily>::kQTiles; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) r[n][e] = c[n][e] - round_to<T>(c[n][e]);
+  }
+  to_a_operands<T, kHeadDim, kFamily>(r, a);
 }
 
 // acc (warp's 16 keys × D) += A (16 keys × kBlockM queries, registers) · tile [query][D] (shared memory).
@@ -637,7 +659,13 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
       uint32_t ap[Tl::kBlockM / 16][4];
       to_a_operands<T, kHeadDim, kFamily>(sp, ap);
       acc_mma_kn<T, kHeadDim, kFamily>(dv, ap, sm.dout);
-      if (has_lo) acc_mma_kn<T, kHeadDim, kFamily>(dv, ap, sm.dout_lo);
+      if (has_lo) {
+        // P and dO in two terms each (P_lo·dO_lo is below fp32 noise): the value lift's pull-back
+        // dv_s + (v_s/v0)·dv0 cancels at large norms and near the Poincaré boundary.
+        acc_mma_kn<T, kHeadDim, kFamily>(dv, ap, sm.dout_lo);
+        to_a_operands_lo<T, kHeadDim, kFamily>(sp, ap);
+        acc_mma_kn<T, kHeadDim, kFamily>(dv, ap, sm.dout);
+      }
     }
     uint32_t ax[Tl::kBlockM / 16][4];
     to_a_operands<T, kHeadDim, kFamily>(dp, ax);

@@ -6,8 +6,9 @@
 // short per-row formula of (hyptorch_flash/ops/cuda_backward.py: finish_gradients):
 //   dq_acc  G_i  = Σ_j dX_ij k_j        row_acc (R_i, RX_i) = Σ_j dX_ij (w_j, X_ij)
 //   dk_acc  Gk_j = Σ_i dX_ij q_i        col_acc (C_j, CX_j, dv0_j) = (Σ_i dX_ij w_i, Σ_i dX_ij X_ij, Σ_i P_ij dO0_i)
-//   dv_acc  Σ_i P_ij dO_s,i             scalars (Σ dS_ij u_ij, Σ dX_ij X_ij) per (batch, head, key block)
-// with w = the time coordinate (lorentz_dot, distance) or 1 (poincare), u = s/coef.
+//   dv_acc  Σ_i P_ij dO_s,i             scalars (s1, s2) per (batch, head, key block)
+// with w = the time coordinate (lorentz_dot, distance) or 1 (poincare), u = s/coef, s1 = Σ dS_ij u_ij,
+// s2 = Σ dX_ij X_ij (distance) or ∂L/∂c at fixed p, q = Σ dX_ij X_ij (1/c + |p_i|² a_i + |q_j|² b_j) (poincare).
 #pragma once
 
 #include <cstdint>

@@ -1,0 +1,102 @@
+"""Forward + backward speed and peak memory of the ``cuda`` backend against SDPA, in one run.
+
+FLOPs follow flash-attn: fwd = 4·B·H·N²·D (D = space dim), fwd + bwd = 3.5 × fwd (halved if causal).
+Each case: warm-up, then CUDA-event timing of ``iters`` fwd+bwd steps (random upstream gradient).
+Peak memory: ``torch.cuda.max_memory_allocated`` over one fwd+bwd beyond the live inputs, against
+the bytes of inputs + output + gradients + LSE. Prints one JSON row per case.
+
+    python benchmarks/bench_cuda_backward.py --n 4096 --dims 64 128 --memory-n 16384
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+import hyptorch_flash as hf
+
+
+def _inputs(B, H, N, D, dtype, score):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype, generator=gen) * 0.25 for _ in range(3))
+    if score == "poincare_distance":
+        q, k, v = (x / (1 + x.float().norm(dim=-1, keepdim=True)).to(dtype) for x in (q, k, v))
+    return [x.requires_grad_() for x in (q, k, v)]
+
+
+def _step_fn(score, q, k, v, causal):
+    if score == "sdpa":
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return lambda: hf.hyperbolic_attention(q, k, v, score=score, causal=causal, backend="cuda", check_inputs=False)
+
+
+def time_fwd_bwd(fn, grad, params, iters):
+    for _ in range(3):
+        torch.autograd.grad(fn(), params, grad)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        torch.autograd.grad(fn(), params, grad)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def run_case(score, B, H, N, D, dtype, causal, iters):
+    q, k, v = _inputs(B, H, N, D, dtype, score)
+    fn = _step_fn(score, q, k, v, causal)
+    grad = torch.randn_like(fn())
+    ms = time_fwd_bwd(fn, grad, (q, k, v), iters)
+    flops = 3.5 * 4 * B * H * N * N * D / (2 if causal else 1)
+    return {"score": score, "B": B, "H": H, "N": N, "D": D, "dtype": str(dtype), "causal": causal,
+            "fwd_bwd_ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1)}
+
+
+def peak_memory(score, B, H, N, D, dtype):
+    q, k, v = _inputs(B, H, N, D, dtype, score)
+    fn = _step_fn(score, q, k, v, False)
+    out = fn()
+    grad = torch.randn_like(out)
+    del out
+    torch.autograd.grad(fn(), (q, k, v), grad)  # warm-up (JIT, allocator)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    grads = torch.autograd.grad(fn(), (q, k, v), grad)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    elem = q.element_size()
+    essential = (3 + 1 + 3) * B * H * N * D * elem + B * H * N * 4  # inputs, output, grads, LSE
+    del grads
+    return {"score": score, "N": N, "D": D, "peak_extra_mib": round(peak / 2**20, 1),
+            "inputs_out_grads_lse_mib": round(essential / 2**20, 1),
+            "ratio_total": round((peak + 3 * B * H * N * D * elem) / essential, 3)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--scores", nargs="+", default=["sdpa", "lorentz_dot", "euclidean", "distance"])
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--memory-n", type=int, default=0)
+    args = ap.parse_args()
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    print(json.dumps(meta))
+    for D in args.dims:
+        for score in args.scores:
+            row = run_case(score, args.batch, args.heads, args.n, D, torch.bfloat16, args.causal, args.iters)
+            print(json.dumps(row), flush=True)
+    if args.memory_n:
+        for score in ("sdpa", "lorentz_dot"):
+            print(json.dumps(peak_memory(score, args.batch, args.heads, args.memory_n, 64, torch.bfloat16)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
