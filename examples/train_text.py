@@ -53,7 +53,7 @@ CONFIG = dict(
     learn_curvature=False,
     # optimisation
     batch_size=32,  # global batch (split across torchrun processes)
-    max_iters=600,
+    max_iters=1500,
     lr=3e-3,
     min_lr=3e-4,
     warmup_iters=30,
@@ -61,7 +61,7 @@ CONFIG = dict(
     weight_decay=0.0,
     grad_clip=1.0,
     # eval / logging / checkpoints
-    eval_interval=100,
+    eval_interval=250,
     eval_iters=8,  # val batches per eval (each of batch_size sequences)
     ckpt_interval=0,  # 0 = only at eval points and at the end
     resume=False,
