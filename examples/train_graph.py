@@ -370,6 +370,8 @@ def setup_runtime(cfg: dict):
         device = torch.device("cpu")
     else:
         raise SystemExit(f"error: --device={want!r}: use auto, cpu, cuda or cuda:N")
+    if cfg["attn_backend"] == "cuda" and device.type != "cuda":
+        raise SystemExit("error: --attn_backend=cuda needs --device=cuda (on CPU use blockwise, reference or auto)")
     if cfg["batch_size"] % world:
         raise SystemExit(f"error: --batch_size={cfg['batch_size']} must be divisible by the {world} processes")
     if world > 1:
@@ -462,9 +464,11 @@ def save_plot(history: dict, path: str, title: str) -> None:
         ax_rank.set_yscale("log")
     ax_loss.set(xlabel="step", ylabel="loss", title=title)
     ax_map.set(xlabel="step", ylabel="MAP", title="reconstruction")
-    for ax in (ax_loss, ax_map):
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper left" if ax is ax_map else "upper right")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(loc="upper right")
+    ax_map.grid(alpha=0.3)
+    handles = [h for ax in fig.axes[1:] for h in ax.get_legend_handles_labels()[0]]
+    ax_map.legend(handles, [h.get_label() for h in handles], loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

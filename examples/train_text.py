@@ -316,6 +316,8 @@ def setup_runtime(cfg: dict):
         device = torch.device("cpu")
     else:
         raise SystemExit(f"error: --device={want!r}: use auto, cpu, cuda or cuda:N")
+    if cfg["attn_backend"] == "cuda" and device.type != "cuda":
+        raise SystemExit("error: --attn_backend=cuda needs --device=cuda (on CPU use blockwise, reference or auto)")
     if cfg["batch_size"] % world:
         raise SystemExit(f"error: --batch_size={cfg['batch_size']} must be divisible by the {world} processes")
     if world > 1:

@@ -286,3 +286,6 @@ def test_cuda_device_without_gpu_fails_clearly():
     text = _load(TEXT)
     with pytest.raises(SystemExit, match="no CUDA device"):
         text.setup_runtime(text.parse_config(["--device=cuda"]))
+    graph = _load(GRAPH)
+    with pytest.raises(SystemExit, match="--attn_backend=cuda needs --device=cuda"):
+        graph.setup_runtime(graph.parse_config(["--device=cpu", "--attn-backend=cuda"]))
