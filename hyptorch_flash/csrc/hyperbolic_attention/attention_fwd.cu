@@ -11,9 +11,11 @@ namespace {
 
 template <typename T>
 cudaError_t launch_typed(const FwdParams& p, cudaStream_t stream) {
-  constexpr int kWarpsPerBlock = 8;
-  const dim3 grid((p.n_keys_padded + kWarpsPerBlock - 1) / kWarpsPerBlock, p.batch * p.heads);
-  key_records_kernel<T><<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
+  // 8 (D = 64) or 16 (D = 128) lanes per key, 256 threads per block
+  const int keys_per_block = 256 / (p.head_dim / 8);
+  const dim3 grid((p.n_keys_padded + keys_per_block - 1) / keys_per_block, p.batch * p.heads);
+  if (p.head_dim == 64) key_records_kernel<T, 8><<<grid, 256, 0, stream>>>(p);
+  else key_records_kernel<T, 16><<<grid, 256, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const bool distance = p.score == SCORE_DISTANCE || p.score == SCORE_POINCARE;

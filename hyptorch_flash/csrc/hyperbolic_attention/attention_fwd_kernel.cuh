@@ -38,50 +38,47 @@ constexpr float kLn2 = 0.6931471805599453f;
 enum KeyRecordField : int { REC_A = 0, REC_B = 1, REC_V0 = 2, REC_VS = 3, REC_BIAS = 4 };
 
 // ---------------------------------------------------------------------------------------------
-// Prologue: one warp per (batch, query head, key j < Mpad) writes the key's record. Per query head
-// because the curvature is per query head (a GQA key/value head is shared by heads of different k).
+// Prologue: per (batch, query head, key j < Mpad) the key's record. Per query head because the
+// curvature is per query head (a GQA key/value head is shared by heads of different k).
+// kLanes = D/8 lanes per key, each loading one 16-byte chunk of k_j and of v_j.
 // ---------------------------------------------------------------------------------------------
-template <typename T>
+template <typename T, int kLanes>
 __global__ void __launch_bounds__(256) key_records_kernel(const FwdParams p) {
-  const int warps_per_block = blockDim.x / 32;
-  const int j = blockIdx.x * warps_per_block + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
+  constexpr int kKeysPerBlock = 256 / kLanes;
+  const int lane = threadIdx.x % kLanes;
+  const int j = blockIdx.x * kKeysPerBlock + threadIdx.x / kLanes;
   const int bh = blockIdx.y;
   const int b = bh / p.heads, h = bh % p.heads;
   const int hk = h / (p.heads / p.kv_heads);
-  if (j >= p.n_keys_padded) return;
-  float* rec = p.key_records + (size_t)bh * kKeyRecordFields * p.n_keys_padded + j;
-  const size_t stride = p.n_keys_padded;
-  if (j >= p.n_keys) {  // tile padding: never visible, finite everywhere
-    if (lane == 0) {
-      rec[REC_A * stride] = 0.f;
-      rec[REC_B * stride] = 1.f;
-      rec[REC_V0 * stride] = 0.f;
-      rec[REC_VS * stride] = 0.f;
-      rec[REC_BIAS * stride] = -CUDART_INF_F;
-    }
-    return;
-  }
-  const size_t row = ((size_t)b * p.kv_heads + hk) * p.n_keys + j;
-  const T* k = static_cast<const T*>(p.k) + row * p.head_dim;
-  const T* v = static_cast<const T*>(p.v) + row * p.head_dim;
+  const bool real = j < p.n_keys;
   float k_sq = 0.f, v_sq = 0.f;
-  for (int d = lane; d < p.head_dim; d += 32) {
-    const float kd = to_float(k[d]), vd = to_float(v[d]);
-    k_sq = fmaf(kd, kd, k_sq);
-    v_sq = fmaf(vd, vd, v_sq);
+  if (real) {
+    const size_t row = ((size_t)b * p.kv_heads + hk) * p.n_keys + j;
+    const uint4 kc = reinterpret_cast<const uint4*>(static_cast<const T*>(p.k) + row * p.head_dim)[lane];
+    const uint4 vc = reinterpret_cast<const uint4*>(static_cast<const T*>(p.v) + row * p.head_dim)[lane];
+    const uint32_t kw[4] = {kc.x, kc.y, kc.z, kc.w}, vw[4] = {vc.x, vc.y, vc.z, vc.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 kf = unpack2<T>(kw[e]), vf = unpack2<T>(vw[e]);
+      k_sq = fmaf(kf.x, kf.x, fmaf(kf.y, kf.y, k_sq));
+      v_sq = fmaf(vf.x, vf.x, fmaf(vf.y, vf.y, v_sq));
+    }
   }
-  for (int off = 16; off > 0; off /= 2) {
+#pragma unroll
+  for (int off = kLanes / 2; off > 0; off /= 2) {
     k_sq += __shfl_xor_sync(0xffffffffu, k_sq, off);
     v_sq += __shfl_xor_sync(0xffffffffu, v_sq, off);
   }
-  if (lane != 0) return;
+  if (lane != 0 || j >= p.n_keys_padded) return;
+  float* rec = p.key_records + (size_t)bh * kKeyRecordFields * p.n_keys_padded + j;
+  const size_t stride = p.n_keys_padded;
   const float kh = p.curvature[h];
-  float a = 0.f, bcoef = 1.f, v0 = 0.f, vscale = 1.f;
-  if (p.score == SCORE_LORENTZ_DOT || p.score == SCORE_DISTANCE) {
-    a = sqrtf(kh + k_sq);  // k0
+  // Tile padding (j ≥ M): never visible (bias −inf), finite everywhere, zero value weight.
+  float a = 0.f, bcoef = 1.f, v0 = 0.f, vscale = real ? 1.f : 0.f;
+  if (real && (p.score == SCORE_LORENTZ_DOT || p.score == SCORE_DISTANCE)) {
+    a = sqrtf(kh + k_sq);   // k0
     v0 = sqrtf(kh + v_sq);  // v0
-  } else if (p.score == SCORE_POINCARE) {
+  } else if (real && p.score == SCORE_POINCARE) {
     // Lift identity (DESIGN.md §2.3), c = 1/k, c|p|² clamped below 1 − margin
     const float c = 1.f / kh, top = 1.f - numerics::BALL_MARGIN_F32;
     a = k_sq;
@@ -91,7 +88,7 @@ __global__ void __launch_bounds__(256) key_records_kernel(const FwdParams p) {
     // stored as x0/vscale: the kernel weighs it with the same rounded P·vscale that multiplies p
     v0 = 0.5f * sqrtf(kh) * (1.f + av);
   }
-  const bool padded = p.key_padding != nullptr && p.key_padding[(size_t)b * p.n_keys + j] != 0;
+  const bool padded = !real || (p.key_padding != nullptr && p.key_padding[(size_t)b * p.n_keys + j] != 0);
   rec[REC_A * stride] = a;
   rec[REC_B * stride] = bcoef;
   rec[REC_V0 * stride] = v0;
@@ -368,10 +365,15 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int rt = r >> 1, e0 = 2 * (r & 1);
-      float mx = m_i[r];
+      // Tree reductions (here and below): short dependency chains, since only 2 warps share a scheduler.
+      float part[kScoreTiles];
 #pragma unroll
-      for (int n = 0; n < kScoreTiles; ++n) mx = fmaxf(mx, fmaxf(acc_s[rt][n][e0], acc_s[rt][n][e0 + 1]));
-      mx = quad_max(mx);
+      for (int n = 0; n < kScoreTiles; ++n) part[n] = fmaxf(acc_s[rt][n][e0], acc_s[rt][n][e0 + 1]);
+#pragma unroll
+      for (int width = kScoreTiles / 2; width > 0; width /= 2)
+#pragma unroll
+        for (int n = 0; n < width; ++n) part[n] = fmaxf(part[n], part[n + width]);
+      const float mx = quad_max(fmaxf(m_i[r], part[0]));
       const float m_use = mx == -CUDART_INF_F ? 0.f : mx;  // a row with no visible key yet: P = 0, no NaN
       const float alpha = fast_exp2(exp_scale * (m_i[r] - m_use));
       neg_m[r] = -exp_scale * m_use;
@@ -389,15 +391,21 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
       }
     }
 #pragma unroll
-    for (int n = 0; n < kScoreTiles; ++n) {
+    for (int r = 0; r < kRows; ++r) {
+      const int rt = r >> 1, e0 = 2 * (r & 1);
+      float part[kScoreTiles];
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const int rt = r >> 1, e0 = 2 * (r & 1);
+      for (int n = 0; n < kScoreTiles; ++n) {
         const float p0 = fast_exp2(fmaf(exp_scale, acc_s[rt][n][e0], neg_m[r]));
         const float p1 = fast_exp2(fmaf(exp_scale, acc_s[rt][n][e0 + 1], neg_m[r]));
         acc_s[rt][n][e0] = p0, acc_s[rt][n][e0 + 1] = p1;
-        l_i[r] += p0 + p1;
+        part[n] = p0 + p1;
       }
+#pragma unroll
+      for (int width = kScoreTiles / 2; width > 0; width /= 2)
+#pragma unroll
+        for (int n = 0; n < width; ++n) part[n] += part[n + width];
+      l_i[r] += part[0];
     }
 
     // O_i += P_ij V_j: the S fragment becomes the A operand (Poincaré: P scaled by the value lift 2/(1 − c|v|²)).
@@ -425,8 +433,8 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             const float2 pa = unpack2<T>(a[rt][half]), pb = unpack2<T>(a[rt][2 + half]);
-            float& o0 = o0_i[rt * 2 + half];
-            o0 = fmaf(pa.x, v0a.x, fmaf(pa.y, v0a.y, fmaf(pb.x, v0b.x, fmaf(pb.y, v0b.y, o0))));
+            const float ta = fmaf(pa.x, v0a.x, pa.y * v0a.y), tb = fmaf(pb.x, v0b.x, pb.y * v0b.y);
+            o0_i[rt * 2 + half] += ta + tb;
           }
         }
       }
