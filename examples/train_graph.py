@@ -79,7 +79,7 @@ CONFIG = dict(
 )
 PRESETS = {
     "tiny": {},
-    "gpu": dict(n_layer=2, n_head=4, mlp_ratio=4, batch_size=2048, neg_samples=100, max_iters=5000,
+    "gpu": dict(n_layer=2, n_head=2, mlp_ratio=4, batch_size=2048, neg_samples=100, max_iters=5000,
                 eval_interval=500, device="cuda"),
 }
 CHOICES = {
@@ -365,6 +365,8 @@ def setup_runtime(cfg: dict):
         if not torch.cuda.is_available():
             raise SystemExit(f"error: --device={cfg['device']} but no CUDA device is available (use --device=cpu)")
         device = torch.device(f"cuda:{local_rank}" if world > 1 else want)
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     elif want == "cpu":
         device = torch.device("cpu")
@@ -533,7 +535,8 @@ def main(argv: list[str]) -> dict:
             step += 1
             global_loss = all_reduce_mean(loss.detach(), world).item()
             if not math.isfinite(global_loss):
-                raise SystemExit(f"error: loss became {global_loss} at step {step}")
+                raise SystemExit(f"error: loss became {global_loss} at step {step} (try a lower --lr, or "
+                                 f"--dtype=fp32 if this is a bf16 run)")
             history["train"].append({"step": step, "loss": global_loss, "lr": lr})
             bar.update(1)
             bar.set_postfix(loss=f"{global_loss:.4f}")

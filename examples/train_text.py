@@ -311,6 +311,8 @@ def setup_runtime(cfg: dict):
         if not torch.cuda.is_available():
             raise SystemExit(f"error: --device={cfg['device']} but no CUDA device is available (use --device=cpu)")
         device = torch.device(f"cuda:{local_rank}" if world > 1 else want)
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     elif want == "cpu":
         device = torch.device("cpu")
@@ -512,7 +514,8 @@ def main(argv: list[str]) -> dict:
             step += 1
             global_loss = all_reduce_mean(loss.detach(), world).item()
             if not math.isfinite(global_loss):
-                raise SystemExit(f"error: loss became {global_loss} at step {step}")
+                raise SystemExit(f"error: loss became {global_loss} at step {step} (try a lower --lr, or "
+                                 f"--dtype=fp32 if this is a bf16 run)")
             history["train"].append({"step": step, "loss": global_loss, "lr": lr})
             bar.update(1)
             bar.set_postfix(loss=f"{global_loss:.4f}")
