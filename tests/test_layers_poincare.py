@@ -289,3 +289,14 @@ def test_errors():
         PoincareLayerNorm(D, curvature=0.0)
     with pytest.raises(ValueError, match=r"attn_mask must have shape \(L, S\) = \(3, 3\)"):
         PoincareMultiheadAttention(D, 2)(x, attn_mask=torch.zeros(3, 2, dtype=torch.bool))
+
+
+def test_layernorm_keeps_wide_points_off_the_boundary():
+    """exp_0 of a unit-gain LayerNorm output (norm sqrt(128)) would sit on the margin; the 1/sqrt(dim) gain
+    gives tangent norm ≈ 1, so c|p|² ≈ tanh²(√c) with c = 1/k."""
+    k = 0.5
+    for affine in (True, False):
+        y = PoincareLayerNorm(128, curvature=k, elementwise_affine=affine)(ball_points(4, 128, k=k, radius=0.9))
+        c_norm_sq = (y.double() ** 2).sum(-1) / k
+        expected = math.tanh(math.sqrt(1 / k)) ** 2  # 0.789; LayerNorm's eps lowers rows of tiny variance
+        assert ((c_norm_sq <= expected + 1e-3) & (c_norm_sq > expected - 0.1)).all(), c_norm_sq

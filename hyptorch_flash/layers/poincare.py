@@ -70,15 +70,24 @@ class PoincareLinear(_BallLayer):
 
 class PoincareLayerNorm(_BallLayer):
     r"""Möbius LayerNorm: exp_0(LN(log_0(p))) (the tangent-space construction of Ganea, Bécigneul,
-    Hofmann 2018, "Hyperbolic Neural Networks", NeurIPS, §3.2). Shape ``(..., dim)`` → same."""
+    Hofmann 2018, "Hyperbolic Neural Networks", NeurIPS, §3.2). Shape ``(..., dim)`` → same.
+
+    A plain LayerNorm output has norm ≈ sqrt(dim), and exp_0 would put every point at radius
+    tanh(sqrt(c·dim))/√c, i.e. on the boundary for dim ≳ 10 (in bf16 every point would round onto the
+    margin). So the LayerNorm gain starts at 1/sqrt(dim) (tangent norm ≈ 1, so c|p|² ≈ tanh²(√c));
+    without ``elementwise_affine`` the output is scaled by that constant.
+    """
 
     def __init__(self, dim: int, *, curvature: CurvatureArg = 1.0, learnable_curvature: bool = False,
                  eps: float = 1e-5, elementwise_affine: bool = True, check_inputs: bool = True):
         super().__init__(dim, curvature, learnable_curvature, check_inputs)
         self.norm = nn.LayerNorm(dim, eps=eps, elementwise_affine=elementwise_affine)
+        self.gain = 1.0 if elementwise_affine else dim ** -0.5
+        if elementwise_affine:
+            nn.init.constant_(self.norm.weight, dim ** -0.5)
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
-        return ball.mobius_map(self.norm, p, self._checked_k(p))
+        return ball.mobius_map(lambda v: self.gain * self.norm(v), p, self._checked_k(p))
 
 
 class PoincareActivation(_BallLayer):
