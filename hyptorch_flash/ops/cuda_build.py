@@ -35,6 +35,12 @@ def extension_sources() -> list[Path]:
     return [CSRC / "binding.cpp", *sorted(CSRC.glob("attention_fwd*.cu"))]
 
 
+def _nvcc_flags() -> list[str]:
+    # $HYPTORCH_FLASH_NVCC_EXTRA: extra nvcc flags for tuning experiments (e.g. -DHYPTORCH_FWD_BLOCK_N_D64=32);
+    # they are part of the cache key, so each setting gets its own build.
+    return NVCC_FLAGS + os.environ.get("HYPTORCH_FLASH_NVCC_EXTRA", "").split()
+
+
 def _fingerprint(arch: str) -> str:
     import torch
 
@@ -43,7 +49,7 @@ def _fingerprint(arch: str) -> str:
         if path.suffix in (".cpp", ".cu", ".cuh", ".h"):
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
-    digest.update(f"{torch.__version__}|{torch.version.cuda}|{arch}|{NVCC_FLAGS}".encode())
+    digest.update(f"{torch.__version__}|{torch.version.cuda}|{arch}|{_nvcc_flags()}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -74,7 +80,7 @@ def _jit_build():
                 name=EXTENSION_NAME,
                 sources=[str(p) for p in extension_sources()],
                 extra_cflags=CXX_FLAGS,
-                extra_cuda_cflags=NVCC_FLAGS,
+                extra_cuda_cflags=_nvcc_flags(),
                 extra_include_paths=[str(CSRC)],
                 build_directory=str(build_dir),
                 verbose=os.environ.get("HYPTORCH_FLASH_VERBOSE_BUILD") == "1",

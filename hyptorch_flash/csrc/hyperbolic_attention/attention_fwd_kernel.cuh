@@ -6,11 +6,13 @@
 // accumulator O_i and the log-sum-exp L_i. Scores are kept in the exp2 domain (S·log2 e), so each
 // probability costs one ex2.
 //
-// Layout: one CTA = 4 warps = one 128-row query tile of one (batch, head); each warp owns 32 rows,
-// two m16 tiles, so every K/V fragment read by ldmatrix feeds two mma (split-Q, no inter-warp
-// reduction). Key tiles are 64 keys for D = 64 and 32 for D = 128 (S and O share 255 registers). K_j/V_j are double-buffered in XOR-swizzled shared memory by
-// cp.async; fragments come from ldmatrix; S_ij = Q_i K_jᵀ and O_i += P_ij V_j run on
-// mma.sync.m16n8k16 with fp32 accumulation, and the S fragment is reused as the A operand of P·V.
+// Layout: one CTA = 4 warps = one query tile of one (batch, head); each warp owns 16·kRowTiles rows
+// (split-Q, no inter-warp reduction): 32 rows (two m16 tiles, so every K/V fragment read by ldmatrix
+// feeds two mma) except for arccosh scores at D = 64 (16 rows, more warps per SM). Key tiles are 64
+// keys for D = 64 and 32 for D = 128 (S and O share 255 registers); see FwdTile. K_j/V_j are
+// double-buffered in XOR-swizzled shared memory by cp.async; fragments come from ldmatrix;
+// S_ij = Q_i K_jᵀ and O_i += P_ij V_j run on mma.sync.m16n8k16 with fp32 accumulation, and the S
+// fragment is reused as the A operand of P·V.
 //
 // Hyperbolic parts (all float32): the time coordinates q0 = sqrt(k + |q|²), k0, v0 are recomputed
 // from the space coordinates (the key-side ones once per call by key_records_kernel); the rank-1
@@ -25,6 +27,22 @@
 #include "attention_fwd.h"
 #include "device_primitives.cuh"
 #include "numerics.cuh"
+
+#ifndef HYPTORCH_FWD_BLOCK_N_D64
+#define HYPTORCH_FWD_BLOCK_N_D64 64
+#endif
+#ifndef HYPTORCH_FWD_BLOCK_N_D128
+#define HYPTORCH_FWD_BLOCK_N_D128 32
+#endif
+#ifndef HYPTORCH_FWD_ROW_TILES_D64
+#define HYPTORCH_FWD_ROW_TILES_D64 2
+#endif
+#ifndef HYPTORCH_FWD_ROW_TILES_D64_DISTANCE
+#define HYPTORCH_FWD_ROW_TILES_D64_DISTANCE 1
+#endif
+#ifndef HYPTORCH_FWD_ROW_TILES_D128
+#define HYPTORCH_FWD_ROW_TILES_D128 2
+#endif
 
 namespace hyptorch_flash {
 
@@ -103,13 +121,24 @@ __global__ void __launch_bounds__(256) key_records_kernel(const FwdParams p) {
 //   (distance, poincare_distance). The rest (variant inside a family, output model, causal,
 //   squared) are run-time switches, uniform over the CTA.
 // ---------------------------------------------------------------------------------------------
-template <int kHeadDim>
+// Tile shapes, chosen by measurement on an H100 (bf16, B=2, H=16, N=4096; benchmarks/RESULTS.md) and
+// overridable with -D for tuning (hyptorch_flash/ops/cuda_build.py, $HYPTORCH_FLASH_NVCC_EXTRA):
+// dot scores run best with 32 rows per warp (every K/V fragment feeds 2 mma; 234-252 registers, 2 CTAs/SM);
+// arccosh scores at D = 64 are bound by the special-function unit (3 MUFU ops per score) and run best
+// with 16 rows per warp (128 registers, 4 CTAs/SM, more warps to hide latency).
+template <int kHeadDim, bool kDistance>
 struct FwdTile {
   static constexpr int kWarps = 4;
-  static constexpr int kRowTiles = 2;                // m16 tiles per warp: each K/V fragment feeds 2 mma
-  static constexpr int kBlockM = kWarps * kRowTiles * 16;  // 128 query rows per CTA
-  static constexpr int kBlockN = kHeadDim <= 64 ? 64 : 32;  // keys per tile (registers: S is 2·kBlockN/8·4 floats)
+  // m16 tiles per warp: each K/V fragment read from smem feeds kRowTiles mma
+  static constexpr int kRowTiles = kHeadDim > 64 ? HYPTORCH_FWD_ROW_TILES_D128
+                                   : kDistance   ? HYPTORCH_FWD_ROW_TILES_D64_DISTANCE
+                                                 : HYPTORCH_FWD_ROW_TILES_D64;
+  static constexpr int kBlockM = kWarps * kRowTiles * 16;  // query rows per CTA
+  // keys per tile (registers: S is 2·kBlockN/8·4 floats); overridable for tuning experiments
+  static constexpr int kBlockN = kHeadDim <= 64 ? HYPTORCH_FWD_BLOCK_N_D64 : HYPTORCH_FWD_BLOCK_N_D128;
   static constexpr int kThreads = kWarps * 32;
+  // CTAs per SM the register budget must allow (1: up to 255 registers; 3: up to 168)
+  static constexpr int kMinBlocks = kRowTiles == 1 ? 3 : 1;
   static constexpr int kChunks = kHeadDim / 8;       // 16-byte chunks per row
   static constexpr int kSteps = kHeadDim / 16;       // k-steps of Q Kᵀ
   static constexpr int kScoreTiles = kBlockN / 8;    // n8 tiles of S
@@ -144,23 +173,24 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* src, int row0,
   }
 }
 
-// A fragments of Q for k-step s, both m16 tiles of this warp.
-template <typename T, int kHeadDim>
-__device__ __forceinline__ void load_q_step(uint32_t (&qf)[2][4], const T* sQ, int warp_row, int s) {
+// A fragments of Q for k-step s, every m16 tile of this warp.
+template <typename T, int kHeadDim, int kRowTiles>
+__device__ __forceinline__ void load_q_step(uint32_t (&qf)[kRowTiles][4], const T* sQ, int warp_row, int s) {
   const int lane = threadIdx.x % 32, lrow = lane % 8, lmat = lane / 8;
 #pragma unroll
-  for (int rt = 0; rt < 2; ++rt) {
+  for (int rt = 0; rt < kRowTiles; ++rt) {
     const int row = warp_row + rt * 16 + ((lmat & 1) << 3) + lrow;
     ldmatrix_x4(qf[rt], smem_addr(sQ + swizzled<kHeadDim>(row, 2 * s + (lmat >> 1))));
   }
 }
 
 template <typename T, int kHeadDim, bool kDistance>
-__global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_kernel(const FwdParams p) {
-  using Tile = FwdTile<kHeadDim>;
+__global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTile<kHeadDim, kDistance>::kMinBlocks)
+    attention_fwd_kernel(const FwdParams p) {
+  using Tile = FwdTile<kHeadDim, kDistance>;
   constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kThreads = Tile::kThreads;
   constexpr int kSteps = Tile::kSteps, kScoreTiles = Tile::kScoreTiles, kOutTiles = Tile::kOutTiles;
-  constexpr int kRows = Tile::kRows;
+  constexpr int kRows = Tile::kRows, kRowTiles = Tile::kRowTiles;
   constexpr int kRecFloats = kKeyRecordFields * kBlockN;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -220,9 +250,9 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
   const float score_c = p.squared ? -coef * kh * kLn2 : -coef * sqrtf(kh);
   float row_a[kRows], row_b[kRows];  // per-row constants of this thread's rows
 
-  float acc_o[2][kOutTiles][4];
+  float acc_o[kRowTiles][kOutTiles][4];
 #pragma unroll
-  for (int rt = 0; rt < 2; ++rt)
+  for (int rt = 0; rt < kRowTiles; ++rt)
 #pragma unroll
     for (int n = 0; n < kOutTiles; ++n)
 #pragma unroll
@@ -276,9 +306,9 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
     const float* sRecs = sRec + stage * kRecFloats;
 
     // S_ij = Q_i K_jᵀ on tensor cores (fp32 accumulate); each K fragment feeds both m16 tiles.
-    float acc_s[2][kScoreTiles][4];
+    float acc_s[kRowTiles][kScoreTiles][4];
 #pragma unroll
-    for (int rt = 0; rt < 2; ++rt)
+    for (int rt = 0; rt < kRowTiles; ++rt)
 #pragma unroll
       for (int n = 0; n < kScoreTiles; ++n)
 #pragma unroll
@@ -286,15 +316,15 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
       // Q fragments are re-read from smem per k-step (FA2 does the same): the registers hold S and O.
-      uint32_t qf[2][4];
-      load_q_step<T, kHeadDim>(qf, sQ, warp_row, s);
+      uint32_t qf[kRowTiles][4];
+      load_q_step<T, kHeadDim, kRowTiles>(qf, sQ, warp_row, s);
 #pragma unroll
       for (int np = 0; np < kScoreTiles / 2; ++np) {
         uint32_t kf[4];
         const int key = np * 16 + ((lmat >> 1) << 3) + lrow;
         ldmatrix_x4(kf, smem_addr(sKs + swizzled<kHeadDim>(key, 2 * s + (lmat & 1))));
 #pragma unroll
-        for (int rt = 0; rt < 2; ++rt) {
+        for (int rt = 0; rt < kRowTiles; ++rt) {
           mma_16816<T>(acc_s[rt][2 * np], qf[rt], kf[0], kf[1]);
           mma_16816<T>(acc_s[rt][2 * np + 1], qf[rt], kf[2], kf[3]);
         }
@@ -313,7 +343,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
         float2 kb = make_float2(0.f, 0.f);
         if (kDistance && poincare) kb = *reinterpret_cast<const float2*>(sRecs + REC_B * kBlockN + col);
 #pragma unroll
-        for (int rt = 0; rt < 2; ++rt) {
+        for (int rt = 0; rt < kRowTiles; ++rt) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int r = rt * 2 + (e >> 1);
@@ -341,13 +371,13 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
         if (key_bias) {
           const float2 bias = *reinterpret_cast<const float2*>(sRecs + REC_BIAS * kBlockN + col);
 #pragma unroll
-          for (int rt = 0; rt < 2; ++rt) {
+          for (int rt = 0; rt < kRowTiles; ++rt) {
             acc_s[rt][n][0] += bias.x, acc_s[rt][n][1] += bias.y, acc_s[rt][n][2] += bias.x, acc_s[rt][n][3] += bias.y;
           }
         }
         if (causal_tile) {
 #pragma unroll
-          for (int rt = 0; rt < 2; ++rt)
+          for (int rt = 0; rt < kRowTiles; ++rt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int row = i0 + warp_row + rt * 16 + g + 8 * (e >> 1);
@@ -361,7 +391,6 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
 
     // Online softmax: m_i ← max(m_i, rowmax S_ij), P_ij = exp2(S_ij − m_i), rescale l_i, O_i by exp2(m_old − m_new).
     float neg_m[kRows], alphas[kRows];
-    static_assert(kRows == 4, "the rescale vote below lists the 4 rows of a thread");
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int rt = r >> 1, e0 = 2 * (r & 1);
@@ -382,7 +411,10 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
       alphas[r] = alpha;
     }
     // Rescale O_i only when some row max of the warp moved (rare after the first tiles).
-    if (__any_sync(0xffffffffu, alphas[0] != 1.f || alphas[1] != 1.f || alphas[2] != 1.f || alphas[3] != 1.f)) {
+    bool moved = false;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) moved |= alphas[r] != 1.f;
+    if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const int rt = r >> 1, e0 = 2 * (r & 1);
@@ -411,9 +443,9 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
     // O_i += P_ij V_j: the S fragment becomes the A operand (Poincaré: P scaled by the value lift 2/(1 − c|v|²)).
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[2][4];
+      uint32_t a[kRowTiles][4];
 #pragma unroll
-      for (int rt = 0; rt < 2; ++rt) {
+      for (int rt = 0; rt < kRowTiles; ++rt) {
         float w[8];
 #pragma unroll
         for (int e = 0; e < 4; ++e) w[e] = acc_s[rt][2 * kk][e], w[4 + e] = acc_s[rt][2 * kk + 1][e];
@@ -444,7 +476,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim>::kThreads) attention_fwd_ker
         const int key = kk * 16 + ((lmat & 1) << 3) + lrow;
         ldmatrix_x4_trans(vf, smem_addr(sVs + swizzled<kHeadDim>(key, 2 * np + (lmat >> 1))));
 #pragma unroll
-        for (int rt = 0; rt < 2; ++rt) {
+        for (int rt = 0; rt < kRowTiles; ++rt) {
           mma_16816<T>(acc_o[rt][2 * np], a[rt], vf[0], vf[1]);
           mma_16816<T>(acc_o[rt][2 * np + 1], a[rt], vf[2], vf[3]);
         }

@@ -8,7 +8,7 @@ namespace hyptorch_flash {
 
 template <typename T, int kHeadDim, bool kDistance>
 cudaError_t launch_fwd_main(const FwdParams& p, cudaStream_t stream) {
-  using Tile = FwdTile<kHeadDim>;
+  using Tile = FwdTile<kHeadDim, kDistance>;
   constexpr int smem = Tile::template smem_bytes<T>();
   auto kernel = attention_fwd_kernel<T, kHeadDim, kDistance>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
