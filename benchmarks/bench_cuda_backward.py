@@ -86,6 +86,7 @@ def main():
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--memory-n", type=int, default=0)
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one lorentz_dot fwd+bwd")
     args = ap.parse_args()
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
     print(json.dumps(meta))
@@ -93,6 +94,15 @@ def main():
         for score in args.scores:
             row = run_case(score, args.batch, args.heads, args.n, D, torch.bfloat16, args.causal, args.iters)
             print(json.dumps(row), flush=True)
+    if args.profile:
+        q, k, v = _inputs(args.batch, args.heads, args.n, args.dims[0], torch.bfloat16, "lorentz_dot")
+        fn = _step_fn("lorentz_dot", q, k, v, args.causal)
+        grad = torch.randn_like(fn())
+        time_fwd_bwd(fn, grad, (q, k, v), 1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            torch.autograd.grad(fn(), (q, k, v), grad)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     if args.memory_n:
         for score in ("sdpa", "lorentz_dot"):
             print(json.dumps(peak_memory(score, args.batch, args.heads, args.memory_n, 64, torch.bfloat16)), flush=True)

@@ -59,7 +59,7 @@ def call(q, k, v, curvature, coef, kw, backend):
 
 
 def forward_stats(q, k, v, curvature, coef, kw):
-    """(lse, o0) of the forward in float64: o0 = time coordinate of the normalised P·lift(v)."""
+    """(lse, O_s, O_0) of the forward in float64: O = the normalised P·lift(v) (O_0 = 0 for euclidean)."""
     coef_kw = {"scale": coef} if kw["score"] in ("lorentz_dot", "euclidean") else {"beta": coef}
     problem = build_problem(q, k, v, curvature=curvature, tau=None, attn_mask=None, full_lorentz=False,
                             check_inputs=True, acosh_eps=None, beta=coef_kw.get("beta"), scale=coef_kw.get("scale"),
@@ -67,8 +67,9 @@ def forward_stats(q, k, v, curvature, coef, kw):
     with torch.no_grad():
         p, lse, v_lifted = attention_probabilities(problem)
         o = p @ v_lifted
-    o0 = torch.zeros_like(lse) if kw["score"] == "euclidean" else o[..., 0]
-    return lse, o0, problem.acosh_margin()
+    if kw["score"] == "euclidean":
+        return lse, o, torch.zeros_like(lse), problem.acosh_margin()
+    return lse, o[..., 1:], o[..., 0], problem.acosh_margin()
 
 
 def grads_of(leaves, kw, dout, backend):
@@ -82,10 +83,10 @@ def test_pre_and_post_processing_reproduce_autograd_float64(score, output, mode)
     leaves, kw, dout = make_grad_case(score, output, mode=mode, squared=(mode == "causal"))
     out, truth = grads_of(leaves, kw, dout, "reference")
     q, k, v, curvature, coef = (x.detach() for x in leaves)
-    lse, o0, eps = forward_stats(q, k, v, curvature, coef, kw)
+    lse, o_s, o0, eps = forward_stats(q, k, v, curvature, coef, kw)
     sid, oid = SCORE_IDS[score], OUTPUT_IDS[output]
-    dout_hi, dout_lo, dout0, dkap = cb.prepare_backward(dout, out.detach(), o0, curvature, oid, torch.float64)
-    acc = cb.contractions_reference(q, k, v, dout_hi, dout_lo, lse, dout0, curvature, coef,
+    dout_hi, dout_lo, dout0, delta, dkap = cb.prepare_backward(dout, o_s, o0, curvature, oid, torch.float64)
+    acc = cb.contractions_reference(q, k, v, dout_hi, dout_lo, lse, delta, dout0, curvature, coef,
                                     kw["key_padding_mask"], sid, kw["causal"], kw["squared"], eps)
     got = cb.finish_gradients(*acc, q, k, v, curvature, coef, sid, kw["squared"], dkap)
     for name, g, t in zip(("dq", "dk", "dv", "dcurvature", "dcoef"), got, truth):
@@ -100,7 +101,7 @@ def test_delta_is_zero_without_rounding():
         leaves, kw, dout = make_grad_case("distance", output)
         q, k, v, curvature, coef = (x.detach() for x in leaves)
         out = call(q, k, v, curvature, coef, kw, "reference")
-        lse, o0, _ = forward_stats(q, k, v, curvature, coef, kw)
+        lse, _, o0, _ = forward_stats(q, k, v, curvature, coef, kw)
         do_s, do_0, o_s, _ = cb.epilogue_pullback(dout, out, o0, curvature, OUTPUT_IDS[output])
         dot = (do_s * o_s).sum(-1) + do_0 * o0
         assert dot.abs().max().item() < 1e-10 * do_s.abs().max().item(), output
@@ -117,10 +118,10 @@ def _cuda_inputs(score, output, dtype, **case):
     args = [x.to(dtype) for x in (q, k, v)]
     args64 = [x.double() for x in args]
     out64 = call(*args64, curvature, coef, kw, "reference")
-    lse, o0, _ = forward_stats(*args64, curvature, coef, kw)
+    lse, o_s, o0, _ = forward_stats(*args64, curvature, coef, kw)
     eps = hf.numerics.acosh_margin(torch.float32)
     fwd = (out64.to(dtype), lse.float(), o0.float())
-    return args, (curvature.float(), coef.float()), kw, dout.to(dtype), fwd, eps
+    return args, (curvature.float(), coef.float()), kw, dout.to(dtype), fwd, eps, o_s
 
 
 def _op(args, params, kw, dout, fwd, eps, deterministic):
@@ -134,14 +135,19 @@ def _op(args, params, kw, dout, fwd, eps, deterministic):
 @pytest.mark.parametrize("D", (64, 128))
 def test_kernel_contractions_match_dense_model(score, D):
     output = outputs_for(score)[0]
-    args, params, kw, dout, fwd, eps = _cuda_inputs(score, output, torch.bfloat16, N=77, M=130, D=D,
-                                                    mode="gqa_causal_padded")
+    args, params, kw, dout, fwd, eps, o_s64 = _cuda_inputs(score, output, torch.bfloat16, N=77, M=130, D=D,
+                                                           mode="gqa_causal_padded")
     q, k, v = args
-    dout_hi, dout_lo, dout0, _ = cb.prepare_backward(dout, fwd[0], fwd[2], params[0], OUTPUT_IDS[output], q.dtype)
     sq = lambda x: x.float().square().sum(-1).contiguous()  # noqa: E731
-    got = cb.load_extension().bwd(q, k, v, dout_hi, dout_lo, fwd[1], dout0, sq(q), sq(k), sq(v), *params,
-                                  kw["key_padding_mask"], SCORE_IDS[score], kw["causal"], False, eps, False)
-    want = cb.contractions_reference(q, k, v, dout_hi, dout_lo, fwd[1], dout0, *params, kw["key_padding_mask"],
+    common = (sq(q), sq(k), sq(v), *params, kw["key_padding_mask"], SCORE_IDS[score], kw["causal"], False, eps)
+    ext = cb.load_extension()
+    o_s, o_0 = ext.output(q, k, v, fwd[1], *common)
+    live = torch.isfinite(fwd[1])
+    assert (o_s - o_s64).abs().max().item() <= 1e-5 * max(o_s64.abs().max().item(), 1.0), "stage 0: O_s"
+    assert (o_0[live] - fwd[2][live]).abs().max().item() <= 1e-5 * max(fwd[2].abs().max().item(), 1.0), "stage 0: O_0"
+    dout_hi, dout_lo, dout0, delta, _ = cb.prepare_backward(dout, o_s, o_0, params[0], OUTPUT_IDS[output], q.dtype)
+    got = ext.bwd(q, k, v, dout_hi, dout_lo, fwd[1], delta, dout0, *common, False)
+    want = cb.contractions_reference(q, k, v, dout_hi, dout_lo, fwd[1], delta, dout0, *params, kw["key_padding_mask"],
                                      SCORE_IDS[score], kw["causal"], False, eps, dtype=torch.float64,
                                      rounding=torch.bfloat16)
     want = list(want)
@@ -167,7 +173,7 @@ CUDA_CASES = [
 @pytest.mark.parametrize("D,N,M", ((64, 200, 130), (128, 63, 257)))
 @pytest.mark.parametrize("score,output,mode", CUDA_CASES)
 def test_gradients_within_twice_reference_error(score, output, mode, D, N, M, dtype):
-    args, params, kw, dout, fwd, eps = _cuda_inputs(score, output, dtype, N=N, M=M, D=D, mode=mode)
+    args, params, kw, dout, fwd, eps, _ = _cuda_inputs(score, output, dtype, N=N, M=M, D=D, mode=mode)
     got = _op(args, params, kw, dout, fwd, eps, deterministic=False)
     # truth: float64 autograd of the reference on the same (rounded) inputs; ref: the reference in `dtype`
     leaves64 = [x.double().requires_grad_() for x in (*args, *params)]
@@ -182,7 +188,7 @@ def test_gradients_within_twice_reference_error(score, output, mode, D, N, M, dt
 @pytest.mark.cuda
 @pytest.mark.parametrize("score", ("lorentz_dot", "distance"))
 def test_deterministic_mode_is_bit_identical_and_agrees(score):
-    args, params, kw, dout, fwd, eps = _cuda_inputs(score, "lorentz", torch.bfloat16, N=300, M=260, D=64,
+    args, params, kw, dout, fwd, eps, _ = _cuda_inputs(score, "lorentz", torch.bfloat16, N=300, M=260, D=64,
                                                     mode="gqa_causal_padded")
     first = _op(args, params, kw, dout, fwd, eps, deterministic=True)
     second = _op(args, params, kw, dout, fwd, eps, deterministic=True)
@@ -212,7 +218,7 @@ def test_autograd_through_cuda_backend(score, output):
 
 @pytest.mark.cuda
 def test_opcheck_backward_op():
-    args, params, kw, dout, fwd, eps = _cuda_inputs("distance", "lorentz", torch.bfloat16, N=40, M=70, D=64,
+    args, params, kw, dout, fwd, eps, _ = _cuda_inputs("distance", "lorentz", torch.bfloat16, N=40, M=70, D=64,
                                                     mode="gqa_causal_padded")
     sample = (dout, *args, *fwd, *params, kw["key_padding_mask"], 2, 1, True, False, eps, True)
     torch.library.opcheck(torch.ops.hyptorch_flash.attention_bwd.default, sample,

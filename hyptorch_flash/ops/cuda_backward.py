@@ -2,15 +2,17 @@
 
 FlashAttention-2's backward (Dao 2023, Algorithm 2) for every score variant, in three steps:
 
+0. Stage-0 kernel: recompute the forward's normalised Lorentz average O_L = Σ_j P_ij·lift(v_j) in fp32
+   from the saved log-sum-exp (the stored output is rounded to the input dtype; the epilogue's Jacobian
+   at that rounded point costs several ulps in every gradient and more in dcurvature).
 1. :func:`prepare_backward` (PyTorch, O(N·D)): pull the upstream gradient back through the centroid
-   epilogue's per-row Jacobian, dO_L = Jᵀ·dout (closed forms below, evaluated at the forward's
-   normalised Lorentz average O_L rebuilt from ``(out, o0)``). Its space part goes to the kernels as two
-   terms in the input dtype (hi + lo ≈ 16 significant bits): at large norms dP_ij = dO_s·v_j + dO_0·v0_j
-   and dv_s + (v_s/v0)·dv0 cancel by orders of magnitude, and one rounding of dO_s would not survive that.
-2. The kernels (``csrc/hyperbolic_attention/bwd_kernel.cuh``, extension ``hyptorch_flash_cuda_bwd``):
-   D_i = Σ_j P_ij dP_ij from the same dP tiles as the main pass (rowsum(dO ∘ O) with the rounded output
-   would break the epilogue's cancellation: dO_L·O_L = 0 exactly, the epilogue being scale-invariant);
-   then recompute P from the saved log-sum-exp, form dX_ij = ∂L/∂X_ij for the variant's inner quantity X
+   epilogue's per-row Jacobian, dO_L = Jᵀ·dout (closed forms in :func:`epilogue_pullback`), and
+   D_i = rowsum(dO_L ∘ O_L), which is 0 for the hyperbolic outputs (the epilogue is scale-invariant).
+   dO_s goes to the kernels as two terms in the input dtype (hi + lo ≈ 16 significant bits): at large
+   norms dP_ij = dO_s·v_j + dO_0·v0_j and dv_s + (v_s/v0)·dv0 cancel by orders of magnitude, and one
+   rounding of dO_s would not survive that.
+2. Stage-1 kernels (``csrc/hyperbolic_attention/bwd_kernel.cuh``, extension ``hyptorch_flash_cuda_bwd``):
+   recompute P from the saved log-sum-exp, form dX_ij = ∂L/∂X_ij for the variant's inner quantity X
    and return the O(N·D) contractions G, Gk, dV_s, the row/column sums R, RX, C, CX, dv0 and the
    per-head scalars Σ dS·u, Σ dX·X (``bwd_params.cuh``). dQ uses fp32 atomics, or, in deterministic mode,
    a query-parallel kernel without atomics.
@@ -133,15 +135,32 @@ def epilogue_pullback(dout: torch.Tensor, out: torch.Tensor, o0: torch.Tensor, c
     return torch.where(valid, do_s, zero), torch.where(valid, do_0, zero).squeeze(-1), o_s, dkap
 
 
-def prepare_backward(dout, out, o0, curvature, output: int, dtype: torch.dtype):
-    """Kernel inputs of step 1: ``dout_hi`` and ``dout_lo`` (``dtype``; ``dout_lo`` is None for the
-    euclidean output, whose dO = dout is exact), ``dout0`` (``(B,H,N)``, float32; float64 when ``dtype``
-    is float64) and the epilogue's curvature gradient ``(H,)``."""
-    do_s, do_0, _, dkap = epilogue_pullback(dout, out, o0, curvature, output)
-    dout_hi = do_s.to(dtype)
-    dout_lo = None if output == OUTPUT_EUCLIDEAN else (do_s - dout_hi.to(do_s.dtype)).to(dtype)
+def prepare_backward(dout, o_s, o0, curvature, output: int, dtype: torch.dtype):
+    """Kernel inputs of step 1 from the upstream gradient and the fp32 average ``O = (o0, o_s)``.
+
+    ``o_s`` ``(B,H,N,D)``, ``o0`` ``(B,H,N)``: the forward's normalised Σ_j P_ij·lift(v_j) (recomputed
+    by the stage-0 kernel). Returns ``dout_hi``, ``dout_lo`` (``dtype``; ``dout_lo`` is None for the
+    euclidean output, whose dO = dout is exact), ``dout0``, ``delta`` (``(B,H,N)``, float32; float64
+    when ``dtype`` is float64) and the epilogue's curvature gradient ``(H,)``.
+    D_i = rowsum(dO_L ∘ O_L): for the hyperbolic outputs dO_L·O_L = 0 exactly (the epilogue is
+    scale-invariant), so only the residue of splitting dO_s into hi + lo is left.
+    """
     stats = torch.float64 if dtype == torch.float64 else torch.float32
-    return dout_hi, dout_lo, do_0.to(stats), dkap
+    o_s, o0 = o_s.to(stats), o0.to(stats)
+    if output == OUTPUT_EUCLIDEAN:
+        y = o_s
+    else:
+        from .. import geometry
+
+        y = geometry.centroid_epilogue(torch.cat([o0.unsqueeze(-1), o_s], -1), curvature.to(stats).view(1, -1, 1, 1),
+                                       {OUTPUT_LORENTZ: "lorentz", OUTPUT_KLEIN: "klein", OUTPUT_POINCARE: "poincare"}[output])
+    do_s, do_0, o_rebuilt, dkap = epilogue_pullback(dout.to(stats), y, o0, curvature, output)
+    dout_hi = do_s.to(dtype)
+    if output == OUTPUT_EUCLIDEAN:
+        return dout_hi, None, do_0.to(stats), (do_s * o_s).sum(-1), dkap
+    dout_lo = (do_s - dout_hi.to(stats)).to(dtype)
+    delta = ((dout_hi.to(stats) + dout_lo.to(stats) - do_s) * o_rebuilt).sum(-1)
+    return dout_hi, dout_lo, do_0.to(stats), delta, dkap
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,9 +188,10 @@ def _query_weight(q_sq, kap, score):
     return (kap + q_sq).sqrt()
 
 
-def contractions_reference(q, k, v, dout_hi, dout_lo, lse, dout0, curvature, coef, key_padding_mask, score: int,
-                           causal: bool, squared: bool, acosh_eps: float, *, dtype=torch.float64, rounding=None):
-    """What the kernels compute, with dense (B,H,N,M) PyTorch math in ``dtype``.
+def contractions_reference(q, k, v, dout_hi, dout_lo, lse, delta, dout0, curvature, coef, key_padding_mask,
+                           score: int, causal: bool, squared: bool, acosh_eps: float, *, dtype=torch.float64,
+                           rounding=None):
+    """What the stage-1 kernels compute, with dense (B,H,N,M) PyTorch math in ``dtype``.
 
     ``rounding`` (e.g. ``torch.bfloat16``) rounds dX and P where the kernel feeds them to the tensor
     cores. Returns ``(G, row, Gk, dVs, col, scalars)`` like the extension's ``bwd`` (scalars ``(B,H,1,2)``).
@@ -219,8 +239,7 @@ def contractions_reference(q, k, v, dout_hi, dout_lo, lse, dout0, curvature, coe
     d0 = dout0.to(dtype).unsqueeze(-1)
     dout_s = dout_hi.to(dtype) if dout_lo is None else dout_hi.to(dtype) + dout_lo.to(dtype)
     dP = lam * (dout_s @ vf.transpose(-1, -2)) + d0 * v0
-    delta = (P * dP).sum(-1, keepdim=True)  # D_i = Σ_j P_ij dP_ij
-    dS = P * (dP - delta)
+    dS = P * (dP - delta.to(dtype).unsqueeze(-1))
     dx_exact = dS * ds_dx
     dX = rnd(dx_exact)
     rnd_p = rnd if dout_lo is None else (lambda x: x)  # with dout_lo, the kernel also splits P in two terms
@@ -349,15 +368,17 @@ def attention_bwd(
     """
     dim = _padded_head_dim(q.shape[-1], v.shape[-1])
     qp, kp, vp = (_pad_to(x, dim) for x in (q, k, v))
-    dout_hi, dout_lo, dout0, dcurv_epilogue = prepare_backward(_pad_to(dout, dim), _pad_to(out, dim), o0,
-                                                               curvature, output, q.dtype)
     curv32, coef32 = curvature.float().contiguous(), coef.float().contiguous()
     sq = lambda x: x.float().square().sum(-1).contiguous()  # noqa: E731
-    acc = load_extension().bwd(
-        qp, kp, vp, dout_hi.contiguous(), None if dout_lo is None else dout_lo.contiguous(), lse.contiguous(),
-        dout0.contiguous(), sq(qp), sq(kp),
-        sq(vp), curv32, coef32, key_padding_mask, score, causal, squared, float(acosh_eps), deterministic,
-    )
+    ext = load_extension()
+    common = (sq(qp), sq(kp), sq(vp), curv32, coef32, key_padding_mask, score, causal, squared, float(acosh_eps))
+    lse = lse.contiguous()
+    # out and o0 (the forward's rounded output) are not used: the epilogue's Jacobian needs O in fp32
+    o_s, o_0 = ext.output(qp, kp, vp, lse, *common)
+    dout_hi, dout_lo, dout0, delta, dcurv_epilogue = prepare_backward(_pad_to(dout, dim), o_s, o_0, curv32, output,
+                                                                      q.dtype)
+    acc = ext.bwd(qp, kp, vp, dout_hi.contiguous(), None if dout_lo is None else dout_lo.contiguous(), lse,
+                  delta.contiguous(), dout0.contiguous(), *common, deterministic)
     dq, dk, dv, dcurv, dcoef = finish_gradients(*acc, qp, kp, vp, curv32, coef32, score, squared, dcurv_epilogue)
     return (dq[..., : q.shape[-1]].contiguous(), dk[..., : k.shape[-1]].contiguous(), dv[..., : v.shape[-1]].contiguous(),
             dcurv.to(curvature.dtype), dcoef.to(coef.dtype))

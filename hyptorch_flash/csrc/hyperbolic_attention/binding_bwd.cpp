@@ -24,81 +24,45 @@ void check_f32(const at::Tensor& x, const char* name, at::IntArrayRef shape) {
               ", got ", x.scalar_type(), " ", x.sizes());
 }
 
-// Returns (dq_acc, row_acc, dk_acc, dv_acc, col_acc, scalar_partials), all float32.
-std::vector<at::Tensor> bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout_s,
-                            const std::optional<at::Tensor>& dout_lo, const at::Tensor& lse, const at::Tensor& dout0,
-                            const at::Tensor& q_sq, const at::Tensor& k_sq, const at::Tensor& v_sq,
-                            const at::Tensor& curvature, const at::Tensor& coef,
-                            const std::optional<at::Tensor>& key_padding_mask, int64_t score, bool causal,
-                            bool squared, double acosh_eps, bool deterministic) {
+// Fills the fields shared by both stages; the caller sets the stage's own pointers.
+hyptorch_flash::BwdParams common_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& lse, const at::Tensor& q_sq, const at::Tensor& k_sq,
+                                        const at::Tensor& v_sq, const at::Tensor& curvature, const at::Tensor& coef,
+                                        const at::Tensor& padding, int64_t score, bool causal, bool squared,
+                                        double acosh_eps) {
   const int64_t D = q.size(-1);
   TORCH_CHECK(D == 64 || D == 128, "hyptorch_flash_cuda_bwd: head dim must be 64 or 128, got ", D);
   check_4d(q, "q", D);
   check_4d(k, "k", D);
   check_4d(v, "v", D);
-  check_4d(dout_s, "dout_s", D);
-  if (dout_lo.has_value()) {
-    check_4d(*dout_lo, "dout_lo", D);
-    TORCH_CHECK(dout_lo->scalar_type() == q.scalar_type() && dout_lo->sizes() == q.sizes(),
-                "hyptorch_flash_cuda_bwd: dout_lo must match q in dtype and shape");
-  }
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "hyptorch_flash_cuda_bwd: dtype must be bf16 or fp16");
-  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype && dout_s.scalar_type() == dtype,
-              "hyptorch_flash_cuda_bwd: q, k, v, dout_s must share one dtype");
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype, "hyptorch_flash_cuda_bwd: q, k, v must share one dtype");
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Hkv = k.size(1), M = k.size(2);
-  TORCH_CHECK(k.size(0) == B && v.sizes() == k.sizes() && dout_s.sizes() == q.sizes() && Hkv > 0 && H % Hkv == 0,
-              "hyptorch_flash_cuda_bwd: shapes q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), ", dout_s ",
-              dout_s.sizes(), " do not match");
+  TORCH_CHECK(k.size(0) == B && v.sizes() == k.sizes() && Hkv > 0 && H % Hkv == 0, "hyptorch_flash_cuda_bwd: shapes q ",
+              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " do not match");
   check_f32(lse, "lse", {B, H, N});
-  check_f32(dout0, "dout0", {B, H, N});
   check_f32(q_sq, "q_sq", {B, H, N});
   check_f32(k_sq, "k_sq", {B, Hkv, M});
   check_f32(v_sq, "v_sq", {B, Hkv, M});
   check_f32(curvature, "curvature", {H});
   check_f32(coef, "coef", {H});
   TORCH_CHECK(score >= 0 && score <= 3, "hyptorch_flash_cuda_bwd: score id must be 0..3, got ", score);
-  at::Tensor padding;
-  if (key_padding_mask.has_value()) {
-    padding = key_padding_mask->to(at::kByte).contiguous();
+  if (padding.defined()) {
     TORCH_CHECK(padding.is_cuda() && padding.sizes() == at::IntArrayRef({B, M}),
                 "hyptorch_flash_cuda_bwd: key_padding_mask must be (B, M) on the device");
   }
-
-  const c10::cuda::CUDAGuard guard(q.device());
-  const auto f32 = q.options().dtype(at::kFloat);
-  const bool atomic = !deterministic;
-  // The atomic path adds into dq_acc/row_acc; the deterministic one writes every row.
-  at::Tensor dq_acc = atomic ? at::zeros({B, H, N, D}, f32) : at::empty({B, H, N, D}, f32);
-  at::Tensor row_acc = atomic ? at::zeros({B, H, N, 2}, f32) : at::empty({B, H, N, 2}, f32);
-  at::Tensor delta = at::empty({B, H, N}, f32);
-  at::Tensor dk_acc = at::empty({B, H, M, D}, f32);
-  at::Tensor dv_acc = at::empty({B, H, M, D}, f32);
-  at::Tensor col_acc = at::empty({B, H, M, 3}, f32);
-  const int64_t key_blocks = (M + hyptorch_flash::kBwdBlockN - 1) / hyptorch_flash::kBwdBlockN;
-  at::Tensor scalars = at::empty({B, H, key_blocks, 2}, f32);
-
   hyptorch_flash::BwdParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.dout_s = dout_s.data_ptr();
-  p.dout_lo = dout_lo.has_value() ? dout_lo->data_ptr() : nullptr;
   p.lse = lse.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();  // written by the first kernel
-  p.dout0 = dout0.data_ptr<float>();
   p.q_sq = q_sq.data_ptr<float>();
   p.k_sq = k_sq.data_ptr<float>();
   p.v_sq = v_sq.data_ptr<float>();
   p.curvature = curvature.data_ptr<float>();
   p.coef = coef.data_ptr<float>();
   p.key_padding = padding.defined() ? padding.data_ptr<uint8_t>() : nullptr;
-  p.dq_acc = dq_acc.data_ptr<float>();
-  p.row_acc = row_acc.data_ptr<float>();
-  p.dk_acc = dk_acc.data_ptr<float>();
-  p.dv_acc = dv_acc.data_ptr<float>();
-  p.col_acc = col_acc.data_ptr<float>();
-  p.scalar_partials = scalars.data_ptr<float>();
   p.batch = (int)B;
   p.heads = (int)H;
   p.kv_heads = (int)Hkv;
@@ -107,16 +71,89 @@ std::vector<at::Tensor> bwd(const at::Tensor& q, const at::Tensor& k, const at::
   p.score = (int)score;
   p.causal = causal;
   p.squared = squared;
-  p.dq_atomic = atomic;
   p.acosh_eps = (float)acosh_eps;
-  const cudaError_t err = hyptorch_flash::launch_attention_bwd(p, (int)D, dtype == at::kBFloat16,
-                                                               at::cuda::getCurrentCUDAStream());
+  return p;
+}
+
+at::Tensor padding_bytes(const std::optional<at::Tensor>& key_padding_mask) {
+  return key_padding_mask.has_value() ? key_padding_mask->to(at::kByte).contiguous() : at::Tensor();
+}
+
+void launch(const hyptorch_flash::BwdParams& p, const at::Tensor& q, int stage) {
+  const cudaError_t err = hyptorch_flash::launch_attention_bwd(p, (int)q.size(-1), q.scalar_type() == at::kBFloat16,
+                                                               stage, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "hyptorch_flash_cuda_bwd: kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// Stage 0: the forward's normalised average recomputed in float32, (O_s (B,H,N,D), O_0 (B,H,N)).
+std::vector<at::Tensor> output(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+                               const at::Tensor& q_sq, const at::Tensor& k_sq, const at::Tensor& v_sq,
+                               const at::Tensor& curvature, const at::Tensor& coef,
+                               const std::optional<at::Tensor>& key_padding_mask, int64_t score, bool causal,
+                               bool squared, double acosh_eps) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor padding = padding_bytes(key_padding_mask);
+  hyptorch_flash::BwdParams p = common_params(q, k, v, lse, q_sq, k_sq, v_sq, curvature, coef, padding, score, causal,
+                                              squared, acosh_eps);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor o = at::empty(q.sizes(), f32);
+  at::Tensor o0 = at::empty(lse.sizes(), f32);
+  p.o_acc = o.data_ptr<float>();
+  p.o0_acc = o0.data_ptr<float>();
+  launch(p, q, 0);
+  return {o, o0};
+}
+
+// Stage 1: returns (dq_acc, row_acc, dk_acc, dv_acc, col_acc, scalar_partials), all float32.
+std::vector<at::Tensor> bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout_s,
+                            const std::optional<at::Tensor>& dout_lo, const at::Tensor& lse, const at::Tensor& delta,
+                            const at::Tensor& dout0, const at::Tensor& q_sq, const at::Tensor& k_sq,
+                            const at::Tensor& v_sq, const at::Tensor& curvature, const at::Tensor& coef,
+                            const std::optional<at::Tensor>& key_padding_mask, int64_t score, bool causal,
+                            bool squared, double acosh_eps, bool deterministic) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor padding = padding_bytes(key_padding_mask);
+  hyptorch_flash::BwdParams p = common_params(q, k, v, lse, q_sq, k_sq, v_sq, curvature, coef, padding, score, causal,
+                                              squared, acosh_eps);
+  const int64_t D = q.size(-1), B = q.size(0), H = q.size(1), N = q.size(2), M = k.size(2);
+  check_4d(dout_s, "dout_s", D);
+  TORCH_CHECK(dout_s.scalar_type() == q.scalar_type() && dout_s.sizes() == q.sizes(),
+              "hyptorch_flash_cuda_bwd: dout_s must match q in dtype and shape");
+  if (dout_lo.has_value()) {
+    check_4d(*dout_lo, "dout_lo", D);
+    TORCH_CHECK(dout_lo->scalar_type() == q.scalar_type() && dout_lo->sizes() == q.sizes(),
+                "hyptorch_flash_cuda_bwd: dout_lo must match q in dtype and shape");
+  }
+  check_f32(delta, "delta", {B, H, N});
+  check_f32(dout0, "dout0", {B, H, N});
+  const auto f32 = q.options().dtype(at::kFloat);
+  const bool atomic = !deterministic;
+  // The atomic path adds into dq_acc/row_acc; the deterministic one writes every row.
+  at::Tensor dq_acc = atomic ? at::zeros({B, H, N, D}, f32) : at::empty({B, H, N, D}, f32);
+  at::Tensor row_acc = atomic ? at::zeros({B, H, N, 2}, f32) : at::empty({B, H, N, 2}, f32);
+  at::Tensor dk_acc = at::empty({B, H, M, D}, f32);
+  at::Tensor dv_acc = at::empty({B, H, M, D}, f32);
+  at::Tensor col_acc = at::empty({B, H, M, 3}, f32);
+  const int64_t key_blocks = (M + hyptorch_flash::kBwdBlockN - 1) / hyptorch_flash::kBwdBlockN;
+  at::Tensor scalars = at::empty({B, H, key_blocks, 2}, f32);
+  p.dout_s = dout_s.data_ptr();
+  p.dout_lo = dout_lo.has_value() ? dout_lo->data_ptr() : nullptr;
+  p.delta = delta.data_ptr<float>();
+  p.dout0 = dout0.data_ptr<float>();
+  p.dq_acc = dq_acc.data_ptr<float>();
+  p.row_acc = row_acc.data_ptr<float>();
+  p.dk_acc = dk_acc.data_ptr<float>();
+  p.dv_acc = dv_acc.data_ptr<float>();
+  p.col_acc = col_acc.data_ptr<float>();
+  p.scalar_partials = scalars.data_ptr<float>();
+  p.dq_atomic = atomic;
+  launch(p, q, 1);
   return {dq_acc, row_acc, dk_acc, dv_acc, col_acc, scalars};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bwd", &bwd, "Fused hyperbolic attention backward: float32 contractions (see bwd_params.cuh)");
+  m.def("output", &output, "Backward stage 0: the forward's normalised average O in float32");
+  m.def("bwd", &bwd, "Backward stage 1: float32 gradient contractions (see bwd_params.cuh)");
 }

@@ -15,6 +15,7 @@
 // dP_ij = λ_j (dO_s,i·v_j) + dO0_i v0_j with the value lift (v0, λ); the lifted value time part gives
 // dv0_j = Σ_i P_ij dO0_i.
 //
+// Kernel 0 first recomputes the forward's fp32 average O (see there); the host derives dO_L and D_i.
 // Layout (kernel 1, key-parallel): one CTA = 4 warps = one K_j/V_j tile of 64 keys of one (batch,
 // query head); warp w owns keys 16w..16w+15 and computes S_ijᵀ = K_j Q_iᵀ and dP_ijᵀ = V_j dO_iᵀ for
 // all kBlockM queries (mma.sync.m16n8k16, fp32 accumulate), so Pᵀ and dXᵀ stay in registers as the A
@@ -61,8 +62,8 @@ struct Tile {
   static constexpr int kKeyFields = 5;  // w_j (k0 or b_j), |k_j|², v0_j, λ_j, visible
   template <typename T>
   static constexpr int smem_bytes() {
-    return (2 * kBlockN * kHeadDim + 3 * kBlockM * kHeadDim + kBlockN * kBlockM) * (int)sizeof(T) +
-           (kRowFields * kBlockM + kKeyFields * kBlockN + kWarps * kBlockM * 2 + kWarps * 2) * (int)sizeof(float);
+    return (2 * kBlockN * kHeadDim + 2 * 3 * kBlockM * kHeadDim + kBlockN * kBlockM) * (int)sizeof(T) +
+           (2 * kRowFields * kBlockM + kKeyFields * kBlockN + kWarps * kBlockM * 2 + kWarps * 2) * (int)sizeof(float);
   }
 };
 
@@ -194,17 +195,19 @@ struct Smem {
   float* key;  // [kKeyFields][kBlockN]
   float* row_part;  // [kWarps][kBlockM][2]: per-warp partial row sums (R_i, RX_i)
   float* scal;      // [kWarps][2]
-  __device__ explicit Smem(char* base) {
+  // buf selects one of the two Q_i/dO_i/row-field buffers (kernel 1 prefetches the next query tile
+  // into the other while it computes); K_j, V_j, dxt and the key fields are single.
+  __device__ explicit Smem(char* base, int buf = 0) {
     k = reinterpret_cast<T*>(base);
     v = k + Tl::kBlockN * kHeadDim;
-    q = v + Tl::kBlockN * kHeadDim;
+    dxt = v + Tl::kBlockN * kHeadDim;
+    q = dxt + Tl::kBlockN * Tl::kBlockM + buf * 3 * Tl::kBlockM * kHeadDim;
     dout = q + Tl::kBlockM * kHeadDim;
     dout_lo = dout + Tl::kBlockM * kHeadDim;
-    dxt = dout_lo + Tl::kBlockM * kHeadDim;
-    row = reinterpret_cast<float*>(dxt + Tl::kBlockN * Tl::kBlockM);
-    key = row + Tl::kRowFields * Tl::kBlockM;
+    key = reinterpret_cast<float*>(dxt + Tl::kBlockN * Tl::kBlockM + 2 * 3 * Tl::kBlockM * kHeadDim);
     row_part = key + Tl::kKeyFields * Tl::kBlockN;
     scal = row_part + Tl::kWarps * Tl::kBlockM * 2;
+    row = scal + Tl::kWarps * 2 + buf * Tl::kRowFields * Tl::kBlockM;
   }
 };
 
@@ -226,7 +229,7 @@ __device__ __forceinline__ HeadConst head_const(const BwdParams& p, int h) {
 
 // Row fields of Q_i (rows i0..i0+kBlockM-1 of head bh); rows ≥ N and rows that see no key get L = +inf,
 // so every P_ij of theirs is exp2(−inf) = 0.
-template <int kHeadDim, int kFamily>
+template <int kHeadDim, int kFamily, bool kReadDelta = true>
 __device__ __forceinline__ void load_row_fields(float* row, const BwdParams& p, const HeadConst& hc, size_t bh, int i0) {
   using Tl = Tile<kHeadDim, kFamily>;
   for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
@@ -236,8 +239,10 @@ __device__ __forceinline__ void load_row_fields(float* row, const BwdParams& p, 
       const size_t idx = bh * p.n_queries + i;
       const float l = p.lse[idx];
       lse = l == -CUDART_INF_F ? CUDART_INF_F : l;
-      delta = p.delta[idx];  // read by kernels 1 and 2 only (kernel 0 writes it)
-      do0 = p.dout0[idx];
+      if constexpr (kReadDelta) {  // kernel 0 runs before D_i and dO exist
+        delta = p.delta[idx];
+        do0 = p.dout0[idx];
+      }
       sq = p.q_sq[idx];
     }
     if constexpr (kFamily == FAMILY_POINCARE) {
@@ -292,7 +297,7 @@ struct KeySums {
 };
 
 // S_ijᵀ = K_j Q_iᵀ and dP_ijᵀ = V_j (dO_i + dO_lo,i)ᵀ for the warp's 16 keys (space parts, fp32 accumulate).
-template <typename T, int kHeadDim, int kFamily>
+template <typename T, int kHeadDim, int kFamily, bool kWithDp = true>
 __device__ __forceinline__ void score_mma(const Smem<T, kHeadDim, kFamily>& sm, bool has_lo,
                                           float (&sp)[Tile<kHeadDim, kFamily>::kQTiles][4],
                                           float (&dp)[Tile<kHeadDim, kFamily>::kQTiles][4]) {
@@ -308,20 +313,21 @@ __device__ __forceinline__ void score_mma(const Smem<T, kHeadDim, kFamily>& sm, 
   for (int kk = 0; kk < kHeadDim / 16; ++kk) {
     uint32_t ak[4], av[4];
     frag_a<kHeadDim>(ak, sm.k, key0, kk * 16, lane);
-    frag_a<kHeadDim>(av, sm.v, key0, kk * 16, lane);
+    if constexpr (kWithDp) frag_a<kHeadDim>(av, sm.v, key0, kk * 16, lane);
 #pragma unroll
     for (int n2 = 0; n2 < Tl::kQTiles / 2; ++n2) {
       uint32_t bq[4], bo[4];
       frag_b_nk<kHeadDim>(bq, sm.q, n2 * 16, kk * 16, lane);
-      frag_b_nk<kHeadDim>(bo, sm.dout, n2 * 16, kk * 16, lane);
       mma_16816<T>(sp[2 * n2], ak, bq[0], bq[1]);
       mma_16816<T>(sp[2 * n2 + 1], ak, bq[2], bq[3]);
-      mma_16816<T>(dp[2 * n2], av, bo[0], bo[1]);
-      mma_16816<T>(dp[2 * n2 + 1], av, bo[2], bo[3]);
+      if constexpr (kWithDp) {
+        frag_b_nk<kHeadDim>(bo, sm.dout, n2 * 16, kk * 16, lane);
+        mma_16816<T>(dp[2 * n2], av, bo[0], bo[1]);
+        mma_16816<T>(dp[2 * n2 + 1], av, bo[2], bo[3]);
+      }
     }
   }
-
-  if (has_lo) {
+  if (kWithDp && has_lo) {
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
       uint32_t av[4];
@@ -488,9 +494,11 @@ __device__ __forceinline__ void store_dxt(const Smem<T, kHeadDim, kFamily>& sm, 
   }
 }
 
-// acc (the warp's 16 query rows × kCols columns from col0) += dX_ij K_j, from dxt and K_j in shared memory.
+// acc (the warp's 16 query rows × kCols columns from col0) += A_ij B_j, with Aᵀ in the dxt tile and B_j
+// ([key][D]) in shared memory: dQ_i += dX_ij K_j (kernels 1, 2) and O_i += P_ij V_j (kernel 0).
 template <typename T, int kHeadDim, int kFamily, int kCols>
-__device__ __forceinline__ void dq_mma(const Smem<T, kHeadDim, kFamily>& sm, float (&acc)[kCols / 8][4], int col0) {
+__device__ __forceinline__ void rows_mma(const Smem<T, kHeadDim, kFamily>& sm, const T* b_tile,
+                                         float (&acc)[kCols / 8][4], int col0) {
   using Tl = Tile<kHeadDim, kFamily>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = 16 * (warp % Tl::kRowGroups);
@@ -501,9 +509,30 @@ __device__ __forceinline__ void dq_mma(const Smem<T, kHeadDim, kFamily>& sm, flo
 #pragma unroll
     for (int n2 = 0; n2 < kCols / 16; ++n2) {
       uint32_t b[4];
-      frag_b_kn<kHeadDim>(b, sm.k, kk * 16, col0 + n2 * 16, lane);
+      frag_b_kn<kHeadDim>(b, b_tile, kk * 16, col0 + n2 * 16, lane);
       mma_16816<T>(acc[2 * n2], a, b[0], b[1]);
       mma_16816<T>(acc[2 * n2 + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// The warp's rows_mma accumulators (16 query rows × kDqCols) → rows i0.. of a (N, D) float32 matrix.
+template <int kHeadDim, int kFamily>
+__device__ __forceinline__ void store_warp_rows(float* dst, const float (&acc)[Tile<kHeadDim, kFamily>::kDqCols / 8][4],
+                                                int i0, int N) {
+  using Tl = Tile<kHeadDim, kFamily>;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = 16 * (warp % Tl::kRowGroups), col0 = (warp / Tl::kRowGroups) * Tl::kDqCols;
+#pragma unroll
+  for (int n = 0; n < Tl::kDqCols / 8; ++n) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int i = i0 + row0 + g + 8 * hh;
+      if (i < N) {
+        *reinterpret_cast<float2*>(dst + (size_t)i * kHeadDim + col0 + n * 8 + 2 * t) =
+            make_float2(acc[n][2 * hh], acc[n][2 * hh + 1]);
+      }
     }
   }
 }
@@ -518,11 +547,14 @@ __device__ __forceinline__ void add_float2(float* dst, float x, float y) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kernel 0 (query-parallel): D_i = Σ_j P_ij dP_ij over the visible keys, grid (ceil(N / kBlockM), B·H).
-// Same tiles and the same dP_ij as the main kernels, so Σ_j dS_ij = 0 holds to fp32 rounding.
+// Kernel 0 (query-parallel): the forward's normalised average O_i = Σ_j P_ij·lift(v_j) in fp32, recomputed
+// from L_i: O_s,i = Σ_j (P_ij λ_j) v_j on tensor cores with P·λ in two terms (hi + lo ≈ 16 bits), and
+// O_0,i = Σ_j P_ij v0_j in fp32. The host pulls dO back through the epilogue at this O (the stored
+// output is rounded to the input dtype, too coarse for the epilogue's Jacobian at large norms) and
+// gets D_i = dO_i·O_i from it. Grid (ceil(N / kBlockM), B·H); no atomics.
 // ---------------------------------------------------------------------------------------------
 template <typename T, int kHeadDim, int kFamily>
-__global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attention_bwd_delta_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attention_bwd_output_kernel(const BwdParams p) {
   using Tl = Tile<kHeadDim, kFamily>;
   extern __shared__ __align__(16) char smem_raw[];
   const Smem<T, kHeadDim, kFamily> sm(smem_raw);
@@ -538,15 +570,17 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
   const T* v = static_cast<const T*>(p.v) + bhk * M * kHeadDim;
 
   load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.q, static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim, i0, N);
-  load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.dout, static_cast<const T*>(p.dout_s) + (size_t)bh * N * kHeadDim, i0, N);
-  const bool has_lo = p.dout_lo != nullptr;
-  if (has_lo) {
-    load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.dout_lo, static_cast<const T*>(p.dout_lo) + (size_t)bh * N * kHeadDim, i0, N);
-  }
   cp_async_commit();
-  load_row_fields<kHeadDim, kFamily>(sm.row, p, hc, bh, i0);
+  load_row_fields<kHeadDim, kFamily, false>(sm.row, p, hc, bh, i0);
   for (int r = threadIdx.x; r < Tl::kWarps * Tl::kBlockM; r += Tl::kThreads) sm.row_part[r] = 0.f;
 
+  float acc[Tl::kDqCols / 8][4];
+#pragma unroll
+  for (int n = 0; n < Tl::kDqCols / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  }
+  const int col0 = (warp / Tl::kRowGroups) * Tl::kDqCols;
   const int j_end = p.causal ? min(M, i0 + Tl::kBlockM) : M;
   for (int j0 = 0; j0 < j_end; j0 += Tl::kBlockN) {
     load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm.k, k, j0, M);
@@ -556,50 +590,52 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
     cp_async_wait<0>();
     __syncthreads();
 
-    float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
-    score_mma<T, kHeadDim, kFamily>(sm, has_lo, sp, dp);
+    float sp[Tl::kQTiles][4], unused[Tl::kQTiles][4];
+    score_mma<T, kHeadDim, kFamily, false>(sm, false, sp, unused);
     const int r_lo = warp * 16 + g;
-    float kw[2], ksq[2], v0[2], lam[2];
-    bool visible[2];
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int r = r_lo + 8 * hh;
-      kw[hh] = sm.key[KEY_W * Tl::kBlockN + r];
-      ksq[hh] = sm.key[KEY_SQ * Tl::kBlockN + r];
-      v0[hh] = sm.key[KEY_V0 * Tl::kBlockN + r];
-      lam[hh] = sm.key[KEY_LAMBDA * Tl::kBlockN + r];
-      visible[hh] = sm.key[KEY_VISIBLE * Tl::kBlockN + r] != 0.f;
-    }
 #pragma unroll
     for (int n = 0; n < Tl::kQTiles; ++n) {
-      float acc[2] = {0.f, 0.f};
+      float o0[2] = {0.f, 0.f};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int hh = e >> 1, c = e & 1;
         const int ii = n * 8 + 2 * t + c;
+        const int r = r_lo + 8 * hh;
         float X, u, ds_dX;
-        score_terms<kFamily>(sp[n][e], sm.row[ROW_W * Tl::kBlockM + ii], sm.row[ROW_SQ * Tl::kBlockM + ii], kw[hh],
-                             ksq[hh], hc, X, u, ds_dX);
-        const bool valid = visible[hh] && (!p.causal || j0 + r_lo + 8 * hh <= i0 + ii);
+        score_terms<kFamily>(sp[n][e], sm.row[ROW_W * Tl::kBlockM + ii], sm.row[ROW_SQ * Tl::kBlockM + ii],
+                             sm.key[KEY_W * Tl::kBlockN + r], sm.key[KEY_SQ * Tl::kBlockN + r], hc, X, u, ds_dX);
+        const bool valid = sm.key[KEY_VISIBLE * Tl::kBlockN + r] != 0.f && (!p.causal || j0 + r <= i0 + ii);
         const float P = valid ? fast_exp2((hc.coef * u - sm.row[ROW_LSE * Tl::kBlockM + ii]) * kLog2e) : 0.f;
-        const float dP = fmaf(lam[hh], dp[n][e], sm.row[ROW_DO0 * Tl::kBlockM + ii] * v0[hh]);
-        acc[c] = fmaf(P, dP, acc[c]);
+        o0[c] = fmaf(P, sm.key[KEY_V0 * Tl::kBlockN + r], o0[c]);
+        sp[n][e] = P * sm.key[KEY_LAMBDA * Tl::kBlockN + r];
       }
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
 #pragma unroll
-        for (int off = 4; off < 32; off <<= 1) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], off);
-        if (g == 0) sm.row_part[warp * Tl::kBlockM + n * 8 + 2 * t + c] += acc[c];
+        for (int off = 4; off < 32; off <<= 1) o0[c] += __shfl_xor_sync(0xffffffffu, o0[c], off);
+        if (g == 0) sm.row_part[warp * Tl::kBlockM + n * 8 + 2 * t + c] += o0[c];
       }
     }
+    // O_s,i += (Pλ)_ij V_j, (Pλ) = hi + lo
+    uint32_t a[Tl::kBlockM / 16][4];
+    to_a_operands<T, kHeadDim, kFamily>(sp, a);
+    store_dxt<T, kHeadDim, kFamily>(sm, a);
+    __syncthreads();
+    rows_mma<T, kHeadDim, kFamily, Tl::kDqCols>(sm, sm.v, acc, col0);
+    __syncthreads();
+    to_a_operands_lo<T, kHeadDim, kFamily>(sp, a);
+    store_dxt<T, kHeadDim, kFamily>(sm, a);
+    __syncthreads();
+    rows_mma<T, kHeadDim, kFamily, Tl::kDqCols>(sm, sm.v, acc, col0);
     __syncthreads();
   }
+  store_warp_rows<kHeadDim, kFamily>(p.o_acc + (size_t)bh * N * kHeadDim, acc, i0, N);
   for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
     if (i0 + r < N) {
-      float d = 0.f;
+      float o0 = 0.f;
 #pragma unroll
-      for (int w = 0; w < Tl::kWarps; ++w) d += sm.row_part[w * Tl::kBlockM + r];
-      p.delta[(size_t)bh * N + i0 + r] = d;
+      for (int w = 0; w < Tl::kWarps; ++w) o0 += sm.row_part[w * Tl::kBlockM + r];
+      p.o0_acc[(size_t)bh * N + i0 + r] = o0;
     }
   }
 }
@@ -611,7 +647,7 @@ template <typename T, int kHeadDim, int kFamily>
 __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attention_bwd_kv_kernel(const BwdParams p) {
   using Tl = Tile<kHeadDim, kFamily>;
   extern __shared__ __align__(16) char smem_raw[];
-  const Smem<T, kHeadDim, kFamily> sm(smem_raw);
+  const Smem<T, kHeadDim, kFamily> sm0(smem_raw, 0);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
@@ -620,16 +656,13 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
   const int j0 = blockIdx.x * Tl::kBlockN;
   const int N = p.n_queries, M = p.n_keys;
   const HeadConst hc = head_const<kFamily>(p, h);
-  const T* q = static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim;
-  const T* dout = static_cast<const T*>(p.dout_s) + (size_t)bh * N * kHeadDim;
   const bool has_lo = p.dout_lo != nullptr;
-  const T* dout_lo = has_lo ? static_cast<const T*>(p.dout_lo) + (size_t)bh * N * kHeadDim : nullptr;
 
   // Load K_j, V_j and the key fields once
-  load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm.k, static_cast<const T*>(p.k) + bhk * M * kHeadDim, j0, M);
-  load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm.v, static_cast<const T*>(p.v) + bhk * M * kHeadDim, j0, M);
+  load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm0.k, static_cast<const T*>(p.k) + bhk * M * kHeadDim, j0, M);
+  load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm0.v, static_cast<const T*>(p.v) + bhk * M * kHeadDim, j0, M);
   cp_async_commit();
-  load_key_fields<kHeadDim, kFamily>(sm.key, p, hc, b, bhk, j0);
+  load_key_fields<kHeadDim, kFamily>(sm0.key, p, hc, b, bhk, j0);
 
   float dk[Tl::kDTiles][4], dv[Tl::kDTiles][4];
 #pragma unroll
@@ -641,15 +674,26 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
 
   // Causal (top-left): query i sees key j iff j ≤ i, so query tiles ending before j0 are skipped.
   const int i_begin = p.causal ? (j0 / Tl::kBlockM) * Tl::kBlockM : 0;
-  for (int i0 = i_begin; i0 < N; i0 += Tl::kBlockM) {
-    // Load Q_i, dO_i and the row fields
-    load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.q, q, i0, N);
-    load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.dout, dout, i0, N);
-    if (has_lo) load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.dout_lo, dout_lo, i0, N);
+  // Q_i, dO_i and the row fields of query tile i0 → buffer buf (cp.async, in flight while the CTA computes)
+  auto prefetch = [&](int i0, int buf) {
+    const Smem<T, kHeadDim, kFamily> sb(smem_raw, buf);
+    const size_t offset = (size_t)bh * N * kHeadDim;
+    load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sb.q, static_cast<const T*>(p.q) + offset, i0, N);
+    load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sb.dout, static_cast<const T*>(p.dout_s) + offset, i0, N);
+    if (has_lo) load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sb.dout_lo, static_cast<const T*>(p.dout_lo) + offset, i0, N);
     cp_async_commit();
-    load_row_fields<kHeadDim, kFamily>(sm.row, p, hc, bh, i0);
+    load_row_fields<kHeadDim, kFamily>(sb.row, p, hc, bh, i0);
+  };
+  // At D = 128 the prefetch's extra registers would spill: load-then-compute there.
+  constexpr bool kPrefetch = kHeadDim == 64;
+  if (kPrefetch && i_begin < N) prefetch(i_begin, 0);
+  int buf = 0;
+  for (int i0 = i_begin; i0 < N; i0 += Tl::kBlockM, buf ^= (kPrefetch ? 1 : 0)) {
+    if (!kPrefetch) prefetch(i0, buf);
     cp_async_wait<0>();
-    __syncthreads();
+    __syncthreads();  // tile i0 has landed, and every warp is done with the previous step's buffers
+    if (kPrefetch && i0 + Tl::kBlockM < N) prefetch(i0 + Tl::kBlockM, buf ^ 1);
+    const Smem<T, kHeadDim, kFamily> sm(smem_raw, buf);
 
     float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
     tile_step<T, kHeadDim, kFamily, true, false>(sm, hc, i0, j0, p.causal, p.dq_atomic, has_lo, sp, dp, ks);
@@ -685,7 +729,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
         }
-        dq_mma<T, kHeadDim, kFamily, Tl::kDqChunk>(sm, acc, col0);
+        rows_mma<T, kHeadDim, kFamily, Tl::kDqChunk>(sm, sm.k, acc, col0);
 #pragma unroll
         for (int n = 0; n < Tl::kDqChunk / 8; ++n) {
 #pragma unroll
@@ -707,8 +751,9 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
         }
       }
     }
-    __syncthreads();  // the tiles are overwritten by the next step
+    if (!kPrefetch) __syncthreads();  // the next step reloads the same buffer
   }
+  cp_async_wait<0>();  // K_j/V_j copies are still in flight when no query tile was visited
 
   // Write dK_j, dV_j (fp32, this query head) and the key sums
 #pragma unroll
@@ -737,14 +782,14 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
     s2 += __shfl_xor_sync(0xffffffffu, s2, off);
   }
   if (lane == 0) {
-    sm.scal[warp * 2] = s1;
-    sm.scal[warp * 2 + 1] = s2;
+    sm0.scal[warp * 2] = s1;
+    sm0.scal[warp * 2 + 1] = s2;
   }
   __syncthreads();
   if (threadIdx.x < 2) {
     float s = 0.f;
 #pragma unroll
-    for (int w = 0; w < Tl::kWarps; ++w) s += sm.scal[w * 2 + threadIdx.x];
+    for (int w = 0; w < Tl::kWarps; ++w) s += sm0.scal[w * 2 + threadIdx.x];
     p.scalar_partials[((size_t)bh * gridDim.x + blockIdx.x) * 2 + threadIdx.x] = s;
   }
 }
@@ -757,8 +802,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
   using Tl = Tile<kHeadDim, kFamily>;
   extern __shared__ __align__(16) char smem_raw[];
   const Smem<T, kHeadDim, kFamily> sm(smem_raw);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
+  const int warp = threadIdx.x >> 5;
   const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int hk = h / (p.heads / p.kv_heads);
   const size_t bhk = (size_t)b * p.kv_heads + hk;
@@ -800,22 +844,11 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
     to_a_operands<T, kHeadDim, kFamily>(dp, ax);
     store_dxt<T, kHeadDim, kFamily>(sm, ax);
     __syncthreads();
-    dq_mma<T, kHeadDim, kFamily, Tl::kDqCols>(sm, acc, (warp / Tl::kRowGroups) * Tl::kDqCols);
+    rows_mma<T, kHeadDim, kFamily, Tl::kDqCols>(sm, sm.k, acc, (warp / Tl::kRowGroups) * Tl::kDqCols);
     __syncthreads();
   }
 
-  const int row0 = 16 * (warp % Tl::kRowGroups), col0 = (warp / Tl::kRowGroups) * Tl::kDqCols;
-#pragma unroll
-  for (int n = 0; n < Tl::kDqCols / 8; ++n) {
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int i = i0 + row0 + g + 8 * hh;
-      if (i < N) {
-        *reinterpret_cast<float2*>(p.dq_acc + ((size_t)bh * N + i) * kHeadDim + col0 + n * 8 + 2 * t) =
-            make_float2(acc[n][2 * hh], acc[n][2 * hh + 1]);
-      }
-    }
-  }
+  store_warp_rows<kHeadDim, kFamily>(p.dq_acc + (size_t)bh * N * kHeadDim, acc, i0, N);
   for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
     if (i0 + r < N) {
       float rw = 0.f, rx = 0.f;
@@ -830,16 +863,18 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
 }
 
 template <typename T, int kHeadDim, int kFamily>
-cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
+cudaError_t launch(const BwdParams& p, int stage, cudaStream_t stream) {
   using Tl = Tile<kHeadDim, kFamily>;
   constexpr int smem = Tl::template smem_bytes<T>();
   const dim3 grid_q((p.n_queries + Tl::kBlockM - 1) / Tl::kBlockM, p.batch * p.heads);
-  auto delta = attention_bwd_delta_kernel<T, kHeadDim, kFamily>;
-  cudaError_t err = cudaFuncSetAttribute(delta, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  delta<<<grid_q, Tl::kThreads, smem, stream>>>(p);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  cudaError_t err;
+  if (stage == 0) {
+    auto output = attention_bwd_output_kernel<T, kHeadDim, kFamily>;
+    err = cudaFuncSetAttribute(output, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    output<<<grid_q, Tl::kThreads, smem, stream>>>(p);
+    return cudaGetLastError();
+  }
   auto kv = attention_bwd_kv_kernel<T, kHeadDim, kFamily>;
   err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -856,15 +891,15 @@ cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
 
 // All three score families for one (dtype, head dim); instantiated by bwd_hd<D>_<dtype>.cu.
 template <typename T, int kHeadDim>
-cudaError_t launch_for_score(const BwdParams& p, cudaStream_t stream) {
+cudaError_t launch_for_score(const BwdParams& p, int stage, cudaStream_t stream) {
   switch (p.score) {
     case 0:
     case 1:
-      return launch<T, kHeadDim, FAMILY_DOT>(p, stream);
+      return launch<T, kHeadDim, FAMILY_DOT>(p, stage, stream);
     case 2:
-      return launch<T, kHeadDim, FAMILY_DISTANCE>(p, stream);
+      return launch<T, kHeadDim, FAMILY_DISTANCE>(p, stage, stream);
     case 3:
-      return launch<T, kHeadDim, FAMILY_POINCARE>(p, stream);
+      return launch<T, kHeadDim, FAMILY_POINCARE>(p, stage, stream);
     default:
       return cudaErrorInvalidValue;
   }

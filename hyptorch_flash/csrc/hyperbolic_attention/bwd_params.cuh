@@ -26,8 +26,10 @@ struct BwdParams {
   // dO_s − dout_s rounded to the same dtype (so dO_s ≈ dout_s + dout_lo to ~16 bits), or nullptr when
   // dout_s is exact (the euclidean output: dO = dout).
   const void* dout_lo;
-  // Per query row (B, H, N) float32: log-sum-exp (−inf = no visible key), dO_L0 (time part of dO_L), |q|².
+  // Per query row (B, H, N) float32: log-sum-exp (−inf = no visible key), D_i = rowsum(dO_L ∘ O_L),
+  // dO_L0 (time part of dO_L), |q|².
   const float* lse;
+  const float* delta;
   const float* dout0;
   const float* q_sq;
   // Per key (B, Hkv, M) float32: |k|², |v|².
@@ -39,10 +41,9 @@ struct BwdParams {
   // (B, M) uint8, nonzero = padded key; nullptr when there is no padding mask.
   const uint8_t* key_padding;
   // Outputs (float32), see the header comment. dq_acc and row_acc must be zeroed when dq_atomic.
-  // delta (B, H, N): D_i = Σ_j P_ij dP_ij, written by the first kernel (a query-parallel pass) from the
-  // same dP tiles the main kernel uses, so Σ_j dS_ij = 0 holds to rounding (rowsum(dO ∘ O) with the
-  // rounded output O would not: it breaks the cancellation of the centroid epilogue).
-  float* delta;
+  // Stage 0 outputs: the forward's normalised average recomputed in fp32, O_s (B, H, N, D) and O_0 (B, H, N).
+  float* o_acc;
+  float* o0_acc;
   float* dq_acc;           // (B, H, N, D)
   float* row_acc;          // (B, H, N, 2)
   float* dk_acc;           // (B, H, M, D)
@@ -62,7 +63,8 @@ struct BwdParams {
 // Key tile height of the key-parallel kernel (scalar_partials has one entry per key tile).
 constexpr int kBwdBlockN = 64;
 
-// Launches the backward kernels for q's dtype (bf16 if is_bf16, else fp16) and head dim on `stream`.
-cudaError_t launch_attention_bwd(const BwdParams& params, int head_dim, bool is_bf16, cudaStream_t stream);
+// Launches stage 0 (recompute O, fills o_acc/o0_acc) or stage 1 (the gradient contractions) for q's
+// dtype (bf16 if is_bf16, else fp16) and head dim on `stream`.
+cudaError_t launch_attention_bwd(const BwdParams& params, int head_dim, bool is_bf16, int stage, cudaStream_t stream);
 
 }  // namespace hyptorch_flash
