@@ -287,10 +287,11 @@ def finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, sc
     """
     dt = G.dtype
     B, H, N, D = G.shape
+    # G, Gk and dVs are overwritten (they are the kernels' scratch)
     Hkv = k.shape[1]
     group = H // Hkv
     qf = q.to(dt)
-    kf, vf = (x.to(dt).repeat_interleave(group, dim=1) for x in (k, v))
+    kf, vf = (x.to(dt) if group == 1 else x.to(dt).repeat_interleave(group, dim=1) for x in (k, v))
     kap = curvature.to(dt).view(1, H, 1, 1)
     cf = coef.to(dt).view(1, H)
     R, RX = row[..., :1], row[..., 1:]
@@ -304,9 +305,10 @@ def finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, sc
         dkap = torch.zeros(H, dtype=dt, device=G.device)
     elif score in (SCORE_LORENTZ_DOT, SCORE_DISTANCE):
         q0, k0, v0 = ((kap + x).sqrt() for x in (q_sq, k_sq, v_sq))
-        dq = G - qf * (R / q0)
-        dk = Gk - kf * (C / k0)
-        dv = dVs + vf * (dv0 / v0)
+        # in place: G, Gk, dVs are this call's own buffers (saves three float32 (B,H,N,D) temporaries)
+        dq = G.addcmul_(qf, R / q0, value=-1.0)
+        dk = Gk.addcmul_(kf, C / k0, value=-1.0)
+        dv = dVs.addcmul_(vf, dv0 / v0)
         dkap = heads_sum(-R / (2 * q0)) + heads_sum(-C / (2 * k0) + dv0 / (2 * v0))
         if score == SCORE_DISTANCE:
             dkap = dkap + (e * cf[0] * s1 - s2) / kap.view(H)
@@ -377,6 +379,7 @@ def attention_bwd(
     o_s, o_0 = ext.output(qp, kp, vp, lse, *common)
     dout_hi, dout_lo, dout0, delta, dcurv_epilogue = prepare_backward(_pad_to(dout, dim), o_s, o_0, curv32, output,
                                                                       q.dtype)
+    del o_s, o_0  # float32 (B,H,N,D): not needed by stage 1
     acc = ext.bwd(qp, kp, vp, dout_hi.contiguous(), None if dout_lo is None else dout_lo.contiguous(), lse,
                   delta.contiguous(), dout0.contiguous(), *common, deterministic)
     dq, dk, dv, dcurv, dcoef = finish_gradients(*acc, qp, kp, vp, curv32, coef32, score, squared, dcurv_epilogue)

@@ -478,9 +478,9 @@ __device__ __forceinline__ void acc_mma_kn(float (&acc)[Tile<kHeadDim, kFamily>:
   }
 }
 
-// dXᵀ as A operands (warp's 16 keys × kBlockM queries) → shared memory tile dxt [key][query].
+// A operands (warp's 16 keys × kBlockM queries, e.g. dXᵀ) → a shared memory tile [key][query] like dxt.
 template <typename T, int kHeadDim, int kFamily>
-__device__ __forceinline__ void store_dxt(const Smem<T, kHeadDim, kFamily>& sm, const uint32_t (&ax)[Tile<kHeadDim, kFamily>::kBlockM / 16][4]) {
+__device__ __forceinline__ void store_dxt(T* dst, const uint32_t (&ax)[Tile<kHeadDim, kFamily>::kBlockM / 16][4]) {
   using Tl = Tile<kHeadDim, kFamily>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -489,23 +489,22 @@ __device__ __forceinline__ void store_dxt(const Smem<T, kHeadDim, kFamily>& sm, 
 #pragma unroll
     for (int reg = 0; reg < 4; ++reg) {  // reg: bit 0 = row g / g+8, bit 1 = query columns +0 / +8
       const int r = warp * 16 + g + 8 * (reg & 1);
-      *reinterpret_cast<uint32_t*>(sm.dxt + swz<Tl::kBlockM>(r, kk * 16 + 8 * (reg >> 1) + 2 * t)) = ax[kk][reg];
+      *reinterpret_cast<uint32_t*>(dst + swz<Tl::kBlockM>(r, kk * 16 + 8 * (reg >> 1) + 2 * t)) = ax[kk][reg];
     }
   }
 }
 
-// acc (the warp's 16 query rows × kCols columns from col0) += A_ij B_j, with Aᵀ in the dxt tile and B_j
-// ([key][D]) in shared memory: dQ_i += dX_ij K_j (kernels 1, 2) and O_i += P_ij V_j (kernel 0).
+// acc (the warp's 16 query rows × kCols columns from col0) += A_ij B_j, with Aᵀ in a tile laid out like
+// dxt and B_j ([key][D]) in shared memory: dQ_i += dX_ij K_j (kernels 1, 2), O_i += P_ij V_j (kernel 0).
 template <typename T, int kHeadDim, int kFamily, int kCols>
-__device__ __forceinline__ void rows_mma(const Smem<T, kHeadDim, kFamily>& sm, const T* b_tile,
-                                         float (&acc)[kCols / 8][4], int col0) {
+__device__ __forceinline__ void rows_mma(const T* a_tile, const T* b_tile, float (&acc)[kCols / 8][4], int col0) {
   using Tl = Tile<kHeadDim, kFamily>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = 16 * (warp % Tl::kRowGroups);
 #pragma unroll
   for (int kk = 0; kk < Tl::kBlockN / 16; ++kk) {
     uint32_t a[4];
-    frag_a_trans<Tl::kBlockM>(a, sm.dxt, row0, kk * 16, lane);
+    frag_a_trans<Tl::kBlockM>(a, a_tile, row0, kk * 16, lane);
 #pragma unroll
     for (int n2 = 0; n2 < kCols / 16; ++n2) {
       uint32_t b[4];
@@ -616,17 +615,16 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
         if (g == 0) sm.row_part[warp * Tl::kBlockM + n * 8 + 2 * t + c] += o0[c];
       }
     }
-    // O_s,i += (Pλ)_ij V_j, (Pλ) = hi + lo
+    // O_s,i += (Pλ)_ij V_j, (Pλ) = hi + lo. dO_i is not loaded in stage 0: its tile holds the lo part.
+    static_assert(Tl::kBlockM * kHeadDim >= Tl::kBlockN * Tl::kBlockM, "the dO_i tile must fit a dxt tile");
     uint32_t a[Tl::kBlockM / 16][4];
     to_a_operands<T, kHeadDim, kFamily>(sp, a);
-    store_dxt<T, kHeadDim, kFamily>(sm, a);
-    __syncthreads();
-    rows_mma<T, kHeadDim, kFamily, Tl::kDqCols>(sm, sm.v, acc, col0);
-    __syncthreads();
+    store_dxt<T, kHeadDim, kFamily>(sm.dxt, a);
     to_a_operands_lo<T, kHeadDim, kFamily>(sp, a);
-    store_dxt<T, kHeadDim, kFamily>(sm, a);
+    store_dxt<T, kHeadDim, kFamily>(sm.dout, a);
     __syncthreads();
-    rows_mma<T, kHeadDim, kFamily, Tl::kDqCols>(sm, sm.v, acc, col0);
+    rows_mma<T, kHeadDim, kFamily, Tl::kDqCols>(sm.dxt, sm.v, acc, col0);
+    rows_mma<T, kHeadDim, kFamily, Tl::kDqCols>(sm.dout, sm.v, acc, col0);
     __syncthreads();
   }
   store_warp_rows<kHeadDim, kFamily>(p.o_acc + (size_t)bh * N * kHeadDim, acc, i0, N);
@@ -717,7 +715,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
 
     if (p.dq_atomic) {
       // dQ_i += dX_ij K_j (fp32 atomics), R_i and RX_i likewise
-      store_dxt<T, kHeadDim, kFamily>(sm, ax);
+      store_dxt<T, kHeadDim, kFamily>(sm.dxt, ax);
       __syncthreads();
       // in chunks of kDqChunk columns, so the chunk's accumulators fit next to dK_j, dV_j
       const int row0 = 16 * (warp % Tl::kRowGroups);
@@ -729,7 +727,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
         }
-        rows_mma<T, kHeadDim, kFamily, Tl::kDqChunk>(sm, sm.k, acc, col0);
+        rows_mma<T, kHeadDim, kFamily, Tl::kDqChunk>(sm.dxt, sm.k, acc, col0);
 #pragma unroll
         for (int n = 0; n < Tl::kDqChunk / 8; ++n) {
 #pragma unroll
@@ -842,9 +840,9 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
     tile_step<T, kHeadDim, kFamily, false, true>(sm, hc, i0, j0, p.causal, true, has_lo, sp, dp, unused);
     uint32_t ax[Tl::kBlockM / 16][4];
     to_a_operands<T, kHeadDim, kFamily>(dp, ax);
-    store_dxt<T, kHeadDim, kFamily>(sm, ax);
+    store_dxt<T, kHeadDim, kFamily>(sm.dxt, ax);
     __syncthreads();
-    rows_mma<T, kHeadDim, kFamily, Tl::kDqCols>(sm, sm.k, acc, (warp / Tl::kRowGroups) * Tl::kDqCols);
+    rows_mma<T, kHeadDim, kFamily, Tl::kDqCols>(sm.dxt, sm.k, acc, (warp / Tl::kRowGroups) * Tl::kDqCols);
     __syncthreads();
   }
 
