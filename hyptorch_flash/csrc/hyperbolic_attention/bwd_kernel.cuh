@@ -62,8 +62,8 @@ struct Tile {
   static constexpr int kKeyFields = 5;  // w_j (k0 or b_j), |k_j|², v0_j, λ_j, visible
   template <typename T>
   static constexpr int smem_bytes() {
-    return (2 * kBlockN * kHeadDim + 2 * 3 * kBlockM * kHeadDim + kBlockN * kBlockM) * (int)sizeof(T) +
-           (2 * kRowFields * kBlockM + kKeyFields * kBlockN + kWarps * kBlockM * 2 + kWarps * 2) * (int)sizeof(float);
+    return (2 * 2 * kBlockN * kHeadDim + 2 * 3 * kBlockM * kHeadDim + kBlockN * kBlockM) * (int)sizeof(T) +
+           (2 * kRowFields * kBlockM + 2 * kKeyFields * kBlockN + kWarps * kBlockM * 2 + kWarps * 2) * (int)sizeof(float);
   }
 };
 
@@ -195,17 +195,19 @@ struct Smem {
   float* key;  // [kKeyFields][kBlockN]
   float* row_part;  // [kWarps][kBlockM][2]: per-warp partial row sums (R_i, RX_i)
   float* scal;      // [kWarps][2]
-  // buf selects one of the two Q_i/dO_i/row-field buffers (kernel 1 prefetches the next query tile
-  // into the other while it computes); K_j, V_j, dxt and the key fields are single.
-  __device__ explicit Smem(char* base, int buf = 0) {
-    k = reinterpret_cast<T*>(base);
+  // buf selects one of the two Q_i/dO_i/row-field buffers (kernel 1 prefetches the next query tile into
+  // the other while it computes), kv_buf one of the two K_j/V_j/key-field buffers (kernel 0 likewise
+  // prefetches the next key tile); dxt is single.
+  __device__ explicit Smem(char* base, int buf = 0, int kv_buf = 0) {
+    k = reinterpret_cast<T*>(base) + kv_buf * 2 * Tl::kBlockN * kHeadDim;
     v = k + Tl::kBlockN * kHeadDim;
-    dxt = v + Tl::kBlockN * kHeadDim;
+    dxt = reinterpret_cast<T*>(base) + 2 * 2 * Tl::kBlockN * kHeadDim;
     q = dxt + Tl::kBlockN * Tl::kBlockM + buf * 3 * Tl::kBlockM * kHeadDim;
     dout = q + Tl::kBlockM * kHeadDim;
     dout_lo = dout + Tl::kBlockM * kHeadDim;
-    key = reinterpret_cast<float*>(dxt + Tl::kBlockN * Tl::kBlockM + 2 * 3 * Tl::kBlockM * kHeadDim);
-    row_part = key + Tl::kKeyFields * Tl::kBlockN;
+    float* floats = reinterpret_cast<float*>(dxt + Tl::kBlockN * Tl::kBlockM + 2 * 3 * Tl::kBlockM * kHeadDim);
+    key = floats + kv_buf * Tl::kKeyFields * Tl::kBlockN;
+    row_part = floats + 2 * Tl::kKeyFields * Tl::kBlockN;
     scal = row_part + Tl::kWarps * Tl::kBlockM * 2;
     row = scal + Tl::kWarps * 2 + buf * Tl::kRowFields * Tl::kBlockM;
   }
@@ -556,7 +558,7 @@ template <typename T, int kHeadDim, int kFamily>
 __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attention_bwd_output_kernel(const BwdParams p) {
   using Tl = Tile<kHeadDim, kFamily>;
   extern __shared__ __align__(16) char smem_raw[];
-  const Smem<T, kHeadDim, kFamily> sm(smem_raw);
+  const Smem<T, kHeadDim, kFamily> sm0(smem_raw);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
@@ -568,10 +570,10 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
   const T* k = static_cast<const T*>(p.k) + bhk * M * kHeadDim;
   const T* v = static_cast<const T*>(p.v) + bhk * M * kHeadDim;
 
-  load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.q, static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim, i0, N);
+  load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm0.q, static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim, i0, N);
   cp_async_commit();
-  load_row_fields<kHeadDim, kFamily, false>(sm.row, p, hc, bh, i0);
-  for (int r = threadIdx.x; r < Tl::kWarps * Tl::kBlockM; r += Tl::kThreads) sm.row_part[r] = 0.f;
+  load_row_fields<kHeadDim, kFamily, false>(sm0.row, p, hc, bh, i0);
+  for (int r = threadIdx.x; r < Tl::kWarps * Tl::kBlockM; r += Tl::kThreads) sm0.row_part[r] = 0.f;
 
   float acc[Tl::kDqCols / 8][4];
 #pragma unroll
@@ -581,13 +583,21 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
   }
   const int col0 = (warp / Tl::kRowGroups) * Tl::kDqCols;
   const int j_end = p.causal ? min(M, i0 + Tl::kBlockM) : M;
-  for (int j0 = 0; j0 < j_end; j0 += Tl::kBlockN) {
-    load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm.k, k, j0, M);
-    load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm.v, v, j0, M);
+  // K_j, V_j and key fields of tile j0 → buffer kv_buf (in flight while the CTA computes the current tile)
+  auto prefetch = [&](int j0, int kv_buf) {
+    const Smem<T, kHeadDim, kFamily> sb(smem_raw, 0, kv_buf);
+    load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sb.k, k, j0, M);
+    load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sb.v, v, j0, M);
     cp_async_commit();
-    load_key_fields<kHeadDim, kFamily>(sm.key, p, hc, b, bhk, j0);
+    load_key_fields<kHeadDim, kFamily>(sb.key, p, hc, b, bhk, j0);
+  };
+  prefetch(0, 0);
+  int kv_buf = 0;
+  for (int j0 = 0; j0 < j_end; j0 += Tl::kBlockN, kv_buf ^= 1) {
     cp_async_wait<0>();
-    __syncthreads();
+    __syncthreads();  // tile j0 has landed, and every warp is done with the previous step's buffers
+    if (j0 + Tl::kBlockN < j_end) prefetch(j0 + Tl::kBlockN, kv_buf ^ 1);
+    const Smem<T, kHeadDim, kFamily> sm(smem_raw, 0, kv_buf);
 
     float sp[Tl::kQTiles][4], unused[Tl::kQTiles][4];
     score_mma<T, kHeadDim, kFamily, false>(sm, false, sp, unused);
@@ -625,14 +635,14 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
     __syncthreads();
     rows_mma<T, kHeadDim, kFamily, Tl::kDqCols>(sm.dxt, sm.v, acc, col0);
     rows_mma<T, kHeadDim, kFamily, Tl::kDqCols>(sm.dout, sm.v, acc, col0);
-    __syncthreads();
   }
+  __syncthreads();  // row_part is read below
   store_warp_rows<kHeadDim, kFamily>(p.o_acc + (size_t)bh * N * kHeadDim, acc, i0, N);
   for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
     if (i0 + r < N) {
       float o0 = 0.f;
 #pragma unroll
-      for (int w = 0; w < Tl::kWarps; ++w) o0 += sm.row_part[w * Tl::kBlockM + r];
+      for (int w = 0; w < Tl::kWarps; ++w) o0 += sm0.row_part[w * Tl::kBlockM + r];
       p.o0_acc[(size_t)bh * N + i0 + r] = o0;
     }
   }
