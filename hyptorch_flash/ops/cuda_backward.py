@@ -1,10 +1,11 @@
 """The fused backward of the ``cuda`` backend: custom op ``hyptorch_flash::attention_bwd``.
 
-FlashAttention-2's backward (Dao 2023, Algorithm 2) for every score variant, in three steps:
+FlashAttention-2's backward (Dao 2023, Algorithm 2) for every score variant, in four steps:
 
 0. Stage-0 kernel: recompute the forward's normalised Lorentz average O_L = Σ_j P_ij·lift(v_j) in fp32
    from the saved log-sum-exp (the stored output is rounded to the input dtype; the epilogue's Jacobian
-   at that rounded point costs several ulps in every gradient and more in dcurvature).
+   at that rounded point costs several ulps in every gradient and more in dcurvature). The op still
+   takes the forward's ``out`` and ``o0`` (its contract with ``attention_fwd``) but does not read them.
 1. :func:`prepare_backward` (PyTorch, O(N·D)): pull the upstream gradient back through the centroid
    epilogue's per-row Jacobian, dO_L = Jᵀ·dout (closed forms in :func:`epilogue_pullback`), and
    D_i = rowsum(dO_L ∘ O_L), which is 0 for the hyperbolic outputs (the epilogue is scale-invariant).
@@ -33,7 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import numerics
+from .. import geometry, numerics
 from . import cuda_build
 
 EXTENSION_NAME = "hyptorch_flash_cuda_bwd"
@@ -150,8 +151,6 @@ def prepare_backward(dout, o_s, o0, curvature, output: int, dtype: torch.dtype):
     if output == OUTPUT_EUCLIDEAN:
         y = o_s
     else:
-        from .. import geometry
-
         y = geometry.centroid_epilogue(torch.cat([o0.unsqueeze(-1), o_s], -1), curvature.to(stats).view(1, -1, 1, 1),
                                        {OUTPUT_LORENTZ: "lorentz", OUTPUT_KLEIN: "klein", OUTPUT_POINCARE: "poincare"}[output])
     do_s, do_0, o_rebuilt, dkap = epilogue_pullback(dout.to(stats), y, o0, curvature, output)

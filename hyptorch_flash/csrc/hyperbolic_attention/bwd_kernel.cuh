@@ -13,9 +13,12 @@
 // so the chain rule needs dX_ij = dS_ij·∂s/∂X (fp32, rounded once to the input dtype and used
 // consistently by every contraction below). The time coordinates enter through the rank-1 fp32 terms:
 // dP_ij = λ_j (dO_s,i·v_j) + dO0_i v0_j with the value lift (v0, λ); the lifted value time part gives
-// dv0_j = Σ_i P_ij dO0_i.
+// dv0_j = Σ_i P_ij dO0_i. dO_s and, in dV_j += P_ijᵀ dO_i, P are fed to the tensor cores as hi + lo
+// pairs of the input dtype: at large norms (and near the Poincaré boundary) the space and time parts of
+// dP_ij and of the value lift's pull-back cancel by orders of magnitude.
 //
-// Kernel 0 first recomputes the forward's fp32 average O (see there); the host derives dO_L and D_i.
+// Stage 0 = kernel 0 (query-parallel) recomputes the forward's fp32 average O; the host derives dO_L
+// and D_i from it. Stage 1:
 // Layout (kernel 1, key-parallel): one CTA = 4 warps = one K_j/V_j tile of 64 keys of one (batch,
 // query head); warp w owns keys 16w..16w+15 and computes S_ijᵀ = K_j Q_iᵀ and dP_ijᵀ = V_j dO_iᵀ for
 // all kBlockM queries (mma.sync.m16n8k16, fp32 accumulate), so Pᵀ and dXᵀ stay in registers as the A
