@@ -271,7 +271,7 @@ def contractions_reference(q, k, v, dout_hi, dout_lo, lse, delta, dout0, curvatu
 # --------------------------------------------------------------------------------------------------
 
 def finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, score: int, squared: bool,
-                     dcurvature_epilogue=None):
+                     dcurvature_epilogue=None, squares=None):
     """Gradients ``(dq, dk, dv, dcurvature, dcoef)`` from the kernels' contractions (shapes in bwd_params.cuh).
 
     dq/dk/dv come back in the dtype of q/k/v, dcurvature/dcoef in that of curvature/coef.
@@ -283,6 +283,9 @@ def finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, sc
       dv through the value lift x = (√κ(1 + a_v), 2v)/(1 − a_v), dκ = −c²·s2 + e·coef·s1/κ + (value lift),
       where the kernel's s2 = ∂L/∂c at fixed p, q = Σ dX·X·(1/c + |p|²a + |q|²b);
     - dcoef = s1 for every score; ``dcurvature_epilogue`` (from :func:`prepare_backward`) is added to dκ.
+
+    ``squares``: optional (|q|², |k|², |v|²) of shapes (B,H,N), (B,Hkv,M), (B,Hkv,M) in G's dtype, when the
+    caller already has them (the kernels' inputs).
     """
     dt = G.dtype
     B, H, N, D = G.shape
@@ -297,7 +300,10 @@ def finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, sc
     C, CX, dv0 = col[..., :1], col[..., 1:2], col[..., 2:]
     s1, s2 = scalars.to(dt).sum((0, 2)).unbind(-1)  # (H,) in a fixed order
     heads_sum = lambda x: x.sum((0, 2, 3))  # noqa: E731 - (B,H,n,1) → (H,)
-    q_sq, k_sq, v_sq = ((x * x).sum(-1, keepdim=True) for x in (qf, kf, vf))
+    if squares is None:
+        squares = tuple(x.to(dt).square().sum(-1) for x in (q, k, v))
+    q_sq = squares[0].to(dt).unsqueeze(-1)
+    k_sq, v_sq = (x.to(dt).repeat_interleave(group, dim=1).unsqueeze(-1) for x in squares[1:])
     e = 1.0 if squared else 0.5
     if score == SCORE_EUCLIDEAN:
         dq, dk, dv = G, Gk, dVs
@@ -381,7 +387,8 @@ def attention_bwd(
     del o_s, o_0  # float32 (B,H,N,D): not needed by stage 1
     acc = ext.bwd(qp, kp, vp, dout_hi.contiguous(), None if dout_lo is None else dout_lo.contiguous(), lse,
                   delta.contiguous(), dout0.contiguous(), *common, deterministic)
-    dq, dk, dv, dcurv, dcoef = finish_gradients(*acc, qp, kp, vp, curv32, coef32, score, squared, dcurv_epilogue)
+    dq, dk, dv, dcurv, dcoef = finish_gradients(*acc, qp, kp, vp, curv32, coef32, score, squared, dcurv_epilogue,
+                                                squares=common[:3])
     return (dq[..., : q.shape[-1]].contiguous(), dk[..., : k.shape[-1]].contiguous(), dv[..., : v.shape[-1]].contiguous(),
             dcurv.to(curvature.dtype), dcoef.to(coef.dtype))
 
