@@ -51,6 +51,7 @@ CONFIG = dict(
     dropout=0.0,
     curvature=1.0,  # k of H^n_k (sectional curvature -1/k)
     learn_curvature=False,
+    residual_weight=0.2,  # Lorentz: initial weight of each sublayer's output in the LResNet residual
     # optimisation
     batch_size=32,  # global batch (split across torchrun processes)
     max_iters=1500,
@@ -81,7 +82,7 @@ PRESETS = {
     "tiny": {},
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, max_iters=5000, lr=1e-3,
                 min_lr=1e-4, warmup_iters=200, dropout=0.1, eval_interval=250, eval_iters=40, device="cuda",
-                dtype="bf16", sample_tokens=500),
+                dtype="fp32", sample_tokens=500),  # bf16 autocast: the Lorentz LM turns NaN near step 150
 }
 CHOICES = {
     "config": tuple(PRESETS),
@@ -278,6 +279,13 @@ class LorentzLM(nn.Module):
                                                  curvature=self.k, dropout=cfg["dropout"], cross_attention=False,
                                                  check_inputs=False)
         self.head = LorentzMLR(d, 256, curvature=self.k, check_inputs=False)
+        # LResNet is a weighted centroid, not a sum: with weight 1 every layer halves the share of the
+        # residual stream, so deep stacks start by washing out the token identity. A smaller initial
+        # weight keeps the stream dominant, as the identity path of a Euclidean pre-norm block does.
+        with torch.no_grad():
+            for module in self.decoder.modules():
+                if isinstance(module, LorentzResidual):
+                    module.log_weight.fill_(math.log(cfg["residual_weight"]))
 
     def new_cache(self) -> list:
         return self.decoder.new_cache()
