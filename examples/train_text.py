@@ -2,7 +2,7 @@
 
     python examples/train_text.py                         # tiny CPU config, a few minutes on 2 cores
     python examples/train_text.py --model=euclidean       # same-size Euclidean transformer, same data
-    python examples/train_text.py --config=gpu            # bigger GPU config (bf16 autocast)
+    python examples/train_text.py --config=gpu            # bigger GPU config (6 layers × 384, fp32)
     torchrun --nproc_per_node=2 examples/train_text.py    # data-parallel (gloo on CPU, NCCL on GPU)
     python examples/train_text.py --resume                # continue from <out_dir>/ckpt.pt exactly
 
@@ -11,7 +11,8 @@ Every key of CONFIG below can be overridden with ``--key=value`` (``--attn-backe
 deterministically by book (every BOOK_STRIDE-th book is validation). Tokens are UTF-8 bytes, so
 bits per byte = val loss / ln 2.
 
-The Lorentz model: LorentzEmbedding tokens + Lorentz positional encoding on H^n_k, a causal
+The Lorentz model: LorentzEmbedding tokens and learned LorentzEmbedding positions on H^n_k, merged
+by an LResNet residual (He et al. 2025, "Lorentzian Residual Neural Networks"), a causal
 LorentzTransformerDecoder (HyperbolicMultiheadAttention, LResNet residuals, Lorentz feed-forward),
 and a LorentzMLR head (Bdeir et al., "Fully Hyperbolic CNNs", 2024; Chen et al., HyboNet, ACL 2022).
 The Euclidean baseline is a pre-norm GPT with the same depth, width, heads and MLP ratio.
