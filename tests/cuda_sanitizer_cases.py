@@ -26,12 +26,13 @@ def main():
                     k = random_points((B, Hkv, M, D), score, generator=gen, curvature=curvature).to(dtype).cuda()
                     v = random_points((B, Hkv, M, D), score, generator=gen, curvature=curvature).to(dtype).cuda()
                     pad = (torch.rand(B, M, generator=gen) < 0.3).cuda()
-                    out = hf.hyperbolic_attention(q, k, v, score=score, output=output, causal=True,
-                                                  key_padding_mask=pad, backend="cuda",
-                                                  curvature=curvature.cuda(),
-                                                  **coefficient_kw(score, 1.3))
-                    torch.cuda.synchronize()
-                    assert torch.isfinite(out).all(), (D, dtype, score, output)
+                    # (1.0, k = 1): the reciprocal path of the distance scores (β·sqrt(k) = 1)
+                    for coef, curv in ((1.3, curvature), (1.0, torch.ones(H, dtype=torch.float64))):
+                        out = hf.hyperbolic_attention(q, k, v, score=score, output=output, causal=True,
+                                                      key_padding_mask=pad, backend="cuda",
+                                                      curvature=curv.cuda(), **coefficient_kw(score, coef))
+                        torch.cuda.synchronize()
+                        assert torch.isfinite(out).all(), (D, dtype, score, output)
                     print(f"ok D={D} {dtype} {score}/{output}")
 
 

@@ -93,10 +93,55 @@ def test_full_lorentz_output(score):
     assert (got.double() - truth).abs().max() < 0.05 * truth.abs().max()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ("plain", "gqa_causal_padded"))
+@pytest.mark.parametrize("score", ("distance", "poincare_distance"))
+def test_reciprocal_distance_path(score, mode, dtype):
+    """Heads with β·sqrt(k) = 1 (the default β = 1, k = 1, where exp(S) = 1/(z + sqrt(z² − 1))) next to one
+    without, per-head curvature from 0.25 to 4."""
+    gen = torch.Generator().manual_seed(21)
+    curvature = torch.tensor([1.0, 4.0, 0.25, 2.0], dtype=torch.float64)
+    beta = torch.tensor([1.0, 0.5, 2.0, 0.9], dtype=torch.float64)  # β·sqrt(k) = 1, 1, 1, 1.27
+    B, H, N, M, D = 2, 4, 150, 97, 64
+    hkv = 2 if "gqa" in mode else H
+    pts = dict(score=score, generator=gen, norm_scale=0.25, curvature=curvature)
+    q, k, v = (random_points(shape, **pts).cuda() for shape in ((B, H, N, D), (B, hkv, M, D), (B, hkv, M, D)))
+    kw = dict(score=score, curvature=curvature.cuda(), beta=beta.cuda(), causal="causal" in mode)
+    if "padded" in mode:
+        pad = torch.rand(B, M, generator=gen) < 0.3
+        pad[-1] = True
+        kw["key_padding_mask"] = pad.cuda()
+    check_against_truth(q, k, v, kw, dtype, f"reciprocal {score}/{mode}")
+
+
+@pytest.mark.parametrize("score", ("lorentz_dot", "euclidean"))
+def test_per_head_scale_of_both_signs(score):
+    """A negative scale flips the row max into a row min; the kernel folds the sign into the score FFMA."""
+    q, k, v, kw = make_case(score, N=150, M=130, mode="causal", seed=12)
+    del kw["tau"]
+    kw["scale"] = torch.tensor([0.3, -0.25, 0.2, -0.35], dtype=torch.float64, device="cuda")
+    check_against_truth(q, k, v, kw, torch.bfloat16, f"{score} with scales of both signs")
+
+
 @pytest.mark.parametrize("D,Dv", ((32, 32), (48, 80), (100, 128)))
 def test_head_dims_are_padded(D, Dv):
     q, k, v, kw = make_case("lorentz_dot", N=70, M=65, D=D, Dv=Dv, seed=D)
     check_against_truth(q, k, v, kw, torch.bfloat16, f"padded head dims {D}/{Dv}")
+
+
+@pytest.mark.parametrize("layout", ("transposed", "unaligned"))
+def test_strided_inputs(layout):
+    """(B, N, H, D) projections viewed as (B, H, N, D), and rows that are not 16-byte aligned (stride 65),
+    give exactly the result of contiguous inputs."""
+    q, k, v, kw = make_case("lorentz_dot", N=100, M=80, mode="gqa_causal_padded", seed=9)
+    args = [x.bfloat16() for x in (q, k, v)]
+    if layout == "transposed":
+        strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in args]
+    else:
+        strided = [torch.nn.functional.pad(x, (0, 1))[..., :-1] for x in args]
+    assert not strided[0].is_contiguous()
+    expected = hf.hyperbolic_attention(*args, backend="cuda", **kw)
+    assert torch.equal(hf.hyperbolic_attention(*strided, backend="cuda", **kw), expected)
 
 
 @pytest.mark.parametrize("score", SCORES)
