@@ -12,8 +12,9 @@ denominator, so the maps between the three charts of one space live here.
 """
 from __future__ import annotations
 
+import functools
 from numbers import Real
-from typing import Union
+from typing import Optional, Union
 
 import geoopt
 import torch
@@ -22,6 +23,22 @@ from geoopt.manifolds.lorentz import math as lorentz_math
 from . import numerics
 
 CurvatureLike = Union[float, int, torch.Tensor, geoopt.Lorentz, geoopt.Stereographic]
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_scalar(value: float, device: Optional[torch.device]) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float64, device=device)
+
+
+def scalar_tensor(value: float, device=None) -> torch.Tensor:
+    """A 0-d float64 tensor holding ``value`` exactly (cast at use), cached per (value, device).
+
+    A Python float turned into a CUDA tensor on every call is a host-to-device copy that waits for
+    the GPU; the cache makes repeated calls with the same constant free. Never modify the result in place.
+    """
+    if torch.compiler.is_compiling():  # inside a compiled graph the constant is baked in anyway
+        return torch.tensor(float(value), dtype=torch.float64, device=device)
+    return _cached_scalar(float(value), None if device is None else torch.device(device))
 
 
 def resolve_curvature(
@@ -51,7 +68,7 @@ def resolve_curvature(
             )
         k = 1.0 / c
     elif isinstance(curvature, Real) and not isinstance(curvature, bool):
-        k = torch.tensor(float(curvature), dtype=torch.float64, device=device)  # exact; cast at use
+        k = scalar_tensor(curvature, device)
     elif isinstance(curvature, torch.Tensor):
         k = curvature
     else:

@@ -144,7 +144,7 @@ def _resolve_coefficient(variant: ScoreVariant, head_dim: int, tau, scale, beta,
         return value.to(device)
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _err(f"{variant.coefficient} must be a finite number or a tensor, got {value!r}")
-    return torch.tensor(float(value), dtype=torch.float64, device=device)  # exact; cast at use
+    return geometry.scalar_tensor(value, device)
 
 
 def _normalise_attn_mask(attn_mask, B, H, N, M, device) -> torch.Tensor:
