@@ -4,7 +4,7 @@ import torch
 
 import hyptorch_flash as hf
 
-from attention_cases import SCORES, coefficient_kw, outputs_for, random_points
+from attention_cases import SCORES, coefficient_kw, outputs_for
 
 
 def _points(shape, score, norm, g, dtype):

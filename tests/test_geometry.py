@@ -3,7 +3,7 @@ import geoopt
 import pytest
 import torch
 
-from hyptorch_flash import geometry, numerics
+from hyptorch_flash import geometry
 
 torch.manual_seed(0)
 

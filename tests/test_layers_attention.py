@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hyptorch_flash
-from hyptorch_flash.layers import Curvature, HyperbolicMultiheadAttention, KVCache, lorentz_point
+from hyptorch_flash.layers import Curvature, HyperbolicMultiheadAttention, KVCache
 from hyptorch_flash.ops import backends
 from hyptorch_flash.ops.reference import reference_attention
 from hyptorch_flash.layers.testing import random_lorentz_points
@@ -25,7 +25,7 @@ def manual_attention(mha, x, kv=None, allowed=None):
     ``allowed``: bool broadcastable to (B, H, N, M), True = may attend.
     """
     kv = x if kv is None else kv
-    B, N, M, dh, hkv = x.shape[0], x.shape[1], kv.shape[1], mha.head_dim, mha.num_kv_heads
+    B, N, dh, hkv = x.shape[0], x.shape[1], mha.head_dim, mha.num_kv_heads
     k_model = mha.curvature().double()
     k_head = mha.head_curvature().double().reshape(-1, 1, 1) if mha.head_curvature().dim() else mha.curvature().double()
 

@@ -1,7 +1,6 @@
 """Poincaré-ball building blocks: linear (HNN++), Möbius norm/activation/dropout, residual, embedding."""
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import geoopt

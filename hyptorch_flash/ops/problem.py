@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 from .. import geometry, numerics
 from .masks import MaskSpec
 from .scores import ScoreVariant, get_variant
-
-Coefficient = Union[None, float, torch.Tensor]
 
 
 def _err(msg: str) -> ValueError:
