@@ -223,3 +223,21 @@ def test_opcheck_backward_op():
     sample = (dout, *args, *fwd, *params, kw["key_padding_mask"], 2, 1, True, False, eps, True)
     torch.library.opcheck(torch.ops.hyptorch_flash.attention_bwd.default, sample,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.cuda
+def test_lse_gradient_is_never_dropped_silently():
+    """return_lse=True with grad: the cuda backend declines (auto → blockwise, which differentiates the LSE),
+    and a gradient reaching the op's lse output raises instead of being dropped."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 40, 64, generator=gen).bfloat16().cuda().requires_grad_() for _ in range(3))
+    with pytest.raises(RuntimeError, match="return_lse=True with inputs that require grad"):
+        hf.hyperbolic_attention(q, k, v, backend="cuda", return_lse=True)
+    out, lse = hf.hyperbolic_attention(q, k, v, backend="auto", return_lse=True)
+    grads = torch.autograd.grad(out.float().sum() + lse.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+    curvature, coef = torch.ones(2, device="cuda"), torch.full((2,), 0.25, device="cuda")
+    out, lse, _ = torch.ops.hyptorch_flash.attention_fwd(q, k, v, curvature, coef, None, 1, 1, False, False, 1e-6)
+    torch.autograd.grad(out.float().sum(), (q,), retain_graph=True)  # the output alone is fine
+    with pytest.raises(NotImplementedError, match="gradients through the log-sum-exp"):
+        torch.autograd.grad(lse.sum(), (q,))

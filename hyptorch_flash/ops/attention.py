@@ -79,7 +79,7 @@ def hyperbolic_attention(
     problem = build_problem(
         q, k, v, score=score, output=output, curvature=curvature, tau=tau, scale=scale, beta=beta,
         squared=squared, causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
-        full_lorentz=full_lorentz, check_inputs=check_inputs, acosh_eps=acosh_eps,
+        full_lorentz=full_lorentz, check_inputs=check_inputs, acosh_eps=acosh_eps, return_lse=return_lse,
     )
     out, lse = backends.select_backend(problem, backend).run(problem)
     return (out, lse) if return_lse else out

@@ -5,8 +5,9 @@ it); the forward saves q, k, v, out, lse and o0 — O(N·D) — and the backward
 ``torch.use_deterministic_algorithms(True)`` selects the backward's atomic-free mode.
 
 Imported by :mod:`.cuda_backend`, which then lets the ``cuda`` backend run inputs that require grad.
-Gradients reaching the op's ``lse`` or ``o0`` outputs are not propagated (the backend returns lse for
-inspection; train through ``out``).
+Gradients reaching the op's ``lse`` or ``o0`` outputs are not implemented: the backward raises
+``NotImplementedError`` instead of dropping them (the ``cuda`` backend already declines
+``return_lse=True`` with grad, so ``auto`` uses blockwise there).
 """
 from __future__ import annotations
 
@@ -22,11 +23,17 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, o0, curvature, coef)
     ctx.key_padding_mask = key_padding_mask
     ctx.flags = (score, out_id, causal, squared, acosh_eps)
+    ctx.set_materialize_grads(False)  # unused outputs give None, so a real lse/o0 gradient is detectable
 
 
 def _backward(ctx, dout, _dlse, _do0):
     q, k, v, out, lse, o0, curvature, coef = ctx.saved_tensors
     score, out_id, causal, squared, acosh_eps = ctx.flags
+    if _dlse is not None or _do0 is not None:
+        raise NotImplementedError(
+            "hyptorch_flash cuda backend: gradients through the log-sum-exp or o0 outputs of "
+            "hyptorch_flash::attention_fwd are not implemented; use backend='blockwise' to differentiate the LSE"
+        )
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv, dcurv, dcoef = torch.ops.hyptorch_flash.attention_bwd(

@@ -116,6 +116,9 @@ def unsupported(problem: AttentionProblem) -> Optional[str]:
         return "a GPU older than sm_80 (mma.sync bf16 needs Ampere or newer)"
     if _needs_grad(problem) and not BACKWARD_REGISTERED:
         return "inputs require grad and the CUDA backward kernel is not registered"
+    if _needs_grad(problem) and problem.return_lse:
+        return ("return_lse=True with inputs that require grad (the fused backward differentiates the "
+                "output only; blockwise and reference also propagate gradients through the LSE)")
     return cuda_build.build_error()
 
 

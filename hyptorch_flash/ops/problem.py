@@ -38,6 +38,7 @@ class AttentionProblem:
     acosh_eps: Optional[float]
     mask: MaskSpec
     full_output: bool = False
+    return_lse: bool = False  # the caller receives the LSE (and may differentiate through it)
 
     @property
     def num_heads(self) -> int:
@@ -167,7 +168,7 @@ def _normalise_attn_mask(attn_mask, B, H, N, M, device) -> torch.Tensor:
 
 def build_problem(
     q, k, v, *, score, output, curvature, tau, scale, beta, squared, causal, attn_mask,
-    key_padding_mask, full_lorentz, check_inputs, acosh_eps,
+    key_padding_mask, full_lorentz, check_inputs, acosh_eps, return_lse=False,
 ) -> AttentionProblem:
     """Validate the arguments of :func:`hyperbolic_attention` and return the problem description."""
     variant = get_variant(score)
@@ -237,5 +238,5 @@ def build_problem(
         q=q, k=k, v=v, variant=variant, output=output, curvature=curv, coef=coef,
         squared=bool(squared), acosh_eps=acosh_eps,
         mask=MaskSpec(causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask),
-        full_output=bool(full_lorentz) and output == "lorentz",
+        full_output=bool(full_lorentz) and output == "lorentz", return_lse=bool(return_lse),
     )
