@@ -26,9 +26,6 @@ on the CPU against autograd of the reference backend.
 """
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import os
 from typing import Optional
 
 import torch
@@ -55,31 +52,12 @@ def _sources():
 def load_extension():
     """The backward extension (JIT-built on first use with ninja, cached, under a file lock)."""
     global _module
-    if _module is not None:
-        return _module
-    from torch.utils import cpp_extension
-
-    major, minor = torch.cuda.get_device_capability()
-    arch = f"{major}.{minor}"
-    digest = hashlib.sha256()
-    for path in sorted(cuda_build.CSRC.iterdir()):
-        if path.name.startswith(("bwd_", "binding_bwd")) or path.name in ("device_primitives.cuh", "numerics.cuh"):
-            digest.update(path.name.encode() + path.read_bytes())
-    digest.update(f"{torch.__version__}|{torch.version.cuda}|{arch}|{cuda_build.NVCC_FLAGS}".encode())
-    build_dir = cuda_build._cache_root() / f"{EXTENSION_NAME}_{digest.hexdigest()[:16]}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
-    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
-    with open(build_dir / "build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            _module = cpp_extension.load(
-                name=EXTENSION_NAME, sources=[str(p) for p in _sources()], extra_cflags=cuda_build.CXX_FLAGS,
-                extra_cuda_cflags=cuda_build.NVCC_FLAGS, extra_include_paths=[str(cuda_build.CSRC)],
-                build_directory=str(build_dir), verbose=os.environ.get("HYPTORCH_FLASH_VERBOSE_BUILD") == "1",
-            )
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    if _module is None:
+        hashed = [
+            p for p in sorted(cuda_build.CSRC.iterdir())
+            if p.name.startswith(("bwd_", "binding_bwd")) or p.name in ("device_primitives.cuh", "numerics.cuh")
+        ]
+        _module = cuda_build.jit_build(EXTENSION_NAME, _sources(), hashed, cuda_build.NVCC_FLAGS)
     return _module
 
 

@@ -41,15 +41,14 @@ def _nvcc_flags() -> list[str]:
     return NVCC_FLAGS + os.environ.get("HYPTORCH_FLASH_NVCC_EXTRA", "").split()
 
 
-def _fingerprint(arch: str) -> str:
+def _fingerprint(hashed_files: list[Path], arch: str, nvcc_flags: list[str]) -> str:
     import torch
 
     digest = hashlib.sha256()
-    for path in sorted(CSRC.iterdir()):
-        if path.suffix in (".cpp", ".cu", ".cuh", ".h"):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
-    digest.update(f"{torch.__version__}|{torch.version.cuda}|{arch}|{_nvcc_flags()}".encode())
+    for path in hashed_files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    digest.update(f"{torch.__version__}|{torch.version.cuda}|{arch}|{nvcc_flags}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -64,11 +63,16 @@ def _arch_of_current_device() -> str:
     return f"{major}.{minor}"
 
 
-def _jit_build():
+def jit_build(name: str, sources: list[Path], hashed_files: list[Path], nvcc_flags: list[str]):
+    """Build (or load from the cache) extension ``name`` for the current GPU's architecture.
+
+    The cache folder is keyed by a hash of ``hashed_files``, the torch/CUDA versions, the architecture
+    and ``nvcc_flags``; a file lock in it serialises concurrent builds.
+    """
     from torch.utils import cpp_extension
 
     arch = _arch_of_current_device()
-    build_dir = _cache_root() / f"{EXTENSION_NAME}_{_fingerprint(arch)}"
+    build_dir = _cache_root() / f"{name}_{_fingerprint(hashed_files, arch, nvcc_flags)}"
     build_dir.mkdir(parents=True, exist_ok=True)
     # Only the GPU in use: a cold build stays around a minute.
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch
@@ -77,16 +81,21 @@ def _jit_build():
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             return cpp_extension.load(
-                name=EXTENSION_NAME,
-                sources=[str(p) for p in extension_sources()],
+                name=name,
+                sources=[str(p) for p in sources],
                 extra_cflags=CXX_FLAGS,
-                extra_cuda_cflags=_nvcc_flags(),
+                extra_cuda_cflags=nvcc_flags,
                 extra_include_paths=[str(CSRC)],
                 build_directory=str(build_dir),
                 verbose=os.environ.get("HYPTORCH_FLASH_VERBOSE_BUILD") == "1",
             )
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _jit_build():
+    hashed = [p for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".cu", ".cuh", ".h")]
+    return jit_build(EXTENSION_NAME, extension_sources(), hashed, _nvcc_flags())
 
 
 def load():
