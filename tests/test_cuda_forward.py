@@ -69,6 +69,16 @@ def test_forward_matches_float64(score, output, dtype, mode, N, M, D):
     check_against_truth(q, k, v, dict(kw, output=output), dtype, f"{score}/{output}/{mode}/N={N},M={M},D={D}")
 
 
+@pytest.mark.parametrize("D", (64, 128))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("score,output", VARIANTS)
+def test_forward_matches_float64_long(score, output, dtype, mode, D):
+    """N = M = 4096 (many key tiles, every causal tile shape), one batch element × two heads."""
+    q, k, v, kw = make_case(score, B=2 if "padded" in mode else 1, H=2, N=4096, M=4096, D=D, mode=mode, seed=D)
+    check_against_truth(q, k, v, dict(kw, output=output), dtype, f"{score}/{output}/{mode}/N=4096,D={D}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ("plain", "causal"))
 def test_squared_distance(dtype, mode):

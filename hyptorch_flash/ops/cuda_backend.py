@@ -54,7 +54,7 @@ def _fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dv = v.shape[-1]
     dim = _padded_head_dim(q.shape[-1], dv)
-    q, k, v = (_pad_to(x, dim).contiguous() for x in (q, k, v))
+    q, k, v = (_pad_to(x, dim) for x in (q, k, v))  # strided views are read in place (binding.cpp)
     out, lse, o0 = cuda_build.load().fwd(
         q, k, v, curvature.contiguous(), coef.contiguous(), key_padding_mask, score, output, causal, squared,
         float(acosh_eps),

@@ -14,12 +14,20 @@ enum OutputId : int { OUTPUT_EUCLIDEAN = 0, OUTPUT_LORENTZ = 1, OUTPUT_KLEIN = 2
 // Number of per-key records the prologue kernel writes per (batch, query head): see KeyRecord.
 constexpr int kKeyRecordFields = 5;
 
+// Element strides of a (batch, heads, rows, D) tensor whose last dim is contiguous; every stride is a
+// multiple of 8 elements (16 bytes) so rows can be copied by 16-byte cp.async.
+struct Strides4 {
+  int64_t batch, head, row;
+};
+
 struct FwdParams {
-  // Space coordinates, contiguous: q (B, H, N, D), k and v (B, Hkv, M, D), D = head_dim (64 or 128).
+  // Space coordinates: q (B, H, N, D), k and v (B, Hkv, M, D), D = head_dim (64 or 128); any strides
+  // with a contiguous last dim (e.g. a transposed (B, N, H, D) projection).
   const void* q;
   const void* k;
   const void* v;
-  // Outputs: out (B, H, N, D) in the input dtype, lse and o0 (B, H, N) float32.
+  Strides4 q_stride, k_stride, v_stride;
+  // Outputs, contiguous: out (B, H, N, D) in the input dtype, lse and o0 (B, H, N) float32.
   void* out;
   float* lse;
   float* o0;

@@ -71,9 +71,10 @@ __global__ void __launch_bounds__(256) key_records_kernel(const FwdParams p) {
   const bool real = j < p.n_keys;
   float k_sq = 0.f, v_sq = 0.f;
   if (real) {
-    const size_t row = ((size_t)b * p.kv_heads + hk) * p.n_keys + j;
-    const uint4 kc = reinterpret_cast<const uint4*>(static_cast<const T*>(p.k) + row * p.head_dim)[lane];
-    const uint4 vc = reinterpret_cast<const uint4*>(static_cast<const T*>(p.v) + row * p.head_dim)[lane];
+    const T* k_row = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head + j * p.k_stride.row;
+    const T* v_row = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head + j * p.v_stride.row;
+    const uint4 kc = reinterpret_cast<const uint4*>(k_row)[lane];
+    const uint4 vc = reinterpret_cast<const uint4*>(v_row)[lane];
     const uint32_t kw[4] = {kc.x, kc.y, kc.z, kc.w}, vw[4] = {vc.x, vc.y, vc.z, vc.w};
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
@@ -157,10 +158,10 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
   return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
 }
 
-// Copy rows [row0, row0 + kRows) of a (rows, kHeadDim) matrix into a swizzled tile; rows past
-// `n_rows` are zero-filled.
+// Copy rows [row0, row0 + kRows) of a (rows, kHeadDim) matrix with row stride `row_stride` (elements)
+// into a swizzled tile; rows past `n_rows` are zero-filled.
 template <typename T, int kHeadDim, int kRows, int kThreads>
-__device__ __forceinline__ void load_tile_async(T* tile, const T* src, int row0, int n_rows) {
+__device__ __forceinline__ void load_tile_async(T* tile, const T* src, int64_t row_stride, int row0, int n_rows) {
   constexpr int kChunks = kHeadDim / 8;
   constexpr int kIters = kRows * kChunks / kThreads;
 #pragma unroll
@@ -168,7 +169,7 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* src, int row0,
     const int idx = it * kThreads + threadIdx.x;
     const int r = idx / kChunks, c = idx % kChunks;
     const bool valid = row0 + r < n_rows;
-    const T* g = src + (size_t)(valid ? row0 + r : 0) * kHeadDim + c * 8;
+    const T* g = src + (valid ? row0 + r : 0) * row_stride + c * 8;
     cp_async_16(smem_addr(tile + swizzled<kHeadDim>(r, c)), g, valid);
   }
 }
@@ -211,9 +212,9 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
   const int N = p.n_queries, M = p.n_keys;
   const int warp_row = warp * 16 * Tile::kRowTiles;  // first row of this warp inside the tile
 
-  const T* q_ptr = static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim;
-  const T* k_ptr = static_cast<const T*>(p.k) + ((size_t)b * p.kv_heads + hk) * M * kHeadDim;
-  const T* v_ptr = static_cast<const T*>(p.v) + ((size_t)b * p.kv_heads + hk) * M * kHeadDim;
+  const T* q_ptr = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
+  const T* k_ptr = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
+  const T* v_ptr = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
   const float* rec_ptr = p.key_records + (size_t)bh * kKeyRecordFields * p.n_keys_padded;
 
   // Causal (top-left aligned): rows < i0 + kBlockM see keys < i0 + kBlockM only; skip later tiles.
@@ -221,8 +222,8 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
   const int n_tiles = (kv_end + kBlockN - 1) / kBlockN;
 
   auto load_kv = [&](int j, int stage) {
-    load_tile_async<T, kHeadDim, kBlockN, kThreads>(sK + stage * kBlockN * kHeadDim, k_ptr, j * kBlockN, M);
-    load_tile_async<T, kHeadDim, kBlockN, kThreads>(sV + stage * kBlockN * kHeadDim, v_ptr, j * kBlockN, M);
+    load_tile_async<T, kHeadDim, kBlockN, kThreads>(sK + stage * kBlockN * kHeadDim, k_ptr, p.k_stride.row, j * kBlockN, M);
+    load_tile_async<T, kHeadDim, kBlockN, kThreads>(sV + stage * kBlockN * kHeadDim, v_ptr, p.v_stride.row, j * kBlockN, M);
     constexpr int kRecChunks = kRecFloats / 4;
     if (threadIdx.x < kRecChunks) {
       const int field = threadIdx.x / (kBlockN / 4), c = threadIdx.x % (kBlockN / 4);
@@ -232,7 +233,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
   };
 
   // Load Q_i and K_0, V_0 (one cp.async group).
-  load_tile_async<T, kHeadDim, kBlockM, kThreads>(sQ, q_ptr, i0, N);
+  load_tile_async<T, kHeadDim, kBlockM, kThreads>(sQ, q_ptr, p.q_stride.row, i0, N);
   load_kv(0, 0);
   cp_async_commit();
 
@@ -248,6 +249,8 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
   // arccosh scores: S·log2e = score_c·lg2(w) (or ·lg2(w)²), w = z + sqrt(z² − 1) = exp(arccosh z);
   // d = sqrt(k)·arccosh z:  −β·d·log2e = −β·sqrt(k)·lg2 w;   −β·d²·log2e = −β·k·ln2·(lg2 w)²
   const float score_c = p.squared ? -coef * kh * kLn2 : -coef * sqrtf(kh);
+  // β·sqrt(k) = 1 (the default β = 1, k = 1): exp(S) = 1/(z + sqrt(z² − 1)), sqrt + rcp instead of sqrt + lg2 + ex2
+  const bool reciprocal = kDistance && !p.squared && score_c == -1.f;
   float row_a[kRows], row_b[kRows];  // per-row constants of this thread's rows
 
   float acc_o[kRowTiles][kOutTiles][4];
@@ -335,7 +338,9 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
     const int j0 = j * kBlockN;
     const bool key_bias = p.key_padding != nullptr || j0 + kBlockN > M;
     const bool causal_tile = p.causal && j0 + kBlockN - 1 > i0 + warp_row;
-    auto score_tile = [&](auto negate) {
+    // `recip` (arccosh scores with β·sqrt(k) = 1, not squared): the tile keeps w = exp(arccosh z)
+    // itself, since exp(S) = 1/w needs no lg2/ex2 (masked: w = +inf).
+    auto score_tile = [&](auto negate, auto recip) {
 #pragma unroll
       for (int n = 0; n < kScoreTiles; ++n) {
         const int col = n * 8 + 2 * t;
@@ -362,17 +367,24 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
               }
               z = fmaxf(z, 1.f + p.acosh_eps);
               // arccosh z = ln(z + sqrt(z² − 1)); z² − 1 by one fma (no cancellation for z → 1)
-              const float lg = fast_log2(z + fast_sqrt(fmaf(z, z, -1.f)));
-              x = p.squared ? score_c * lg * lg : score_c * lg;
+              const float w = z + fast_sqrt(fmaf(z, z, -1.f));
+              if constexpr (decltype(recip)::value) {
+                x = w;
+              } else {
+                const float lg = fast_log2(w);
+                x = p.squared ? score_c * lg * lg : score_c * lg;
+              }
             }
             acc_s[rt][n][e] = x;
           }
         }
         if (key_bias) {
           const float2 bias = *reinterpret_cast<const float2*>(sRecs + REC_BIAS * kBlockN + col);
+          const float sign = decltype(recip)::value ? -1.f : 1.f;  // w − (−inf) = +inf
 #pragma unroll
           for (int rt = 0; rt < kRowTiles; ++rt) {
-            acc_s[rt][n][0] += bias.x, acc_s[rt][n][1] += bias.y, acc_s[rt][n][2] += bias.x, acc_s[rt][n][3] += bias.y;
+            acc_s[rt][n][0] += sign * bias.x, acc_s[rt][n][1] += sign * bias.y;
+            acc_s[rt][n][2] += sign * bias.x, acc_s[rt][n][3] += sign * bias.y;
           }
         }
         if (causal_tile) {
@@ -381,34 +393,56 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int row = i0 + warp_row + rt * 16 + g + 8 * (e >> 1);
-              if (j0 + col + (e & 1) > row) acc_s[rt][n][e] = -CUDART_INF_F;
+              if (j0 + col + (e & 1) > row) acc_s[rt][n][e] = decltype(recip)::value ? CUDART_INF_F : -CUDART_INF_F;
             }
         }
       }
     };
-    if (negate_acc) score_tile(std::true_type{});
-    else score_tile(std::false_type{});
-
     // Online softmax: m_i ← max(m_i, rowmax S_ij), P_ij = exp2(S_ij − m_i), rescale l_i, O_i by exp2(m_old − m_new).
+    // Tree reductions (here and below): short dependency chains, since only 2 warps share a scheduler.
     float neg_m[kRows], alphas[kRows];
+    auto softmax_tile = [&](auto recip) {
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int rt = r >> 1, e0 = 2 * (r & 1);
-      // Tree reductions (here and below): short dependency chains, since only 2 warps share a scheduler.
-      float part[kScoreTiles];
+      for (int r = 0; r < kRows; ++r) {
+        const int rt = r >> 1, e0 = 2 * (r & 1);
+        float part[kScoreTiles];
+        float tile_max;
+        if constexpr (decltype(recip)::value) {
+          // max_j S_ij·log2e = −lg2(min_j w_ij): one lg2 per row instead of one per score
 #pragma unroll
-      for (int n = 0; n < kScoreTiles; ++n) part[n] = fmaxf(acc_s[rt][n][e0], acc_s[rt][n][e0 + 1]);
+          for (int n = 0; n < kScoreTiles; ++n) part[n] = fminf(acc_s[rt][n][e0], acc_s[rt][n][e0 + 1]);
 #pragma unroll
-      for (int width = kScoreTiles / 2; width > 0; width /= 2)
+          for (int width = kScoreTiles / 2; width > 0; width /= 2)
 #pragma unroll
-        for (int n = 0; n < width; ++n) part[n] = fmaxf(part[n], part[n + width]);
-      const float mx = quad_max(fmaxf(m_i[r], part[0]));
-      const float m_use = mx == -CUDART_INF_F ? 0.f : mx;  // a row with no visible key yet: P = 0, no NaN
-      const float alpha = fast_exp2(exp_scale * (m_i[r] - m_use));
-      neg_m[r] = -exp_scale * m_use;
-      m_i[r] = mx;
-      l_i[r] *= alpha, o0_i[r] *= alpha;
-      alphas[r] = alpha;
+            for (int n = 0; n < width; ++n) part[n] = fminf(part[n], part[n + width]);
+          const float w_min = quad_min(part[0]);
+          tile_max = w_min == CUDART_INF_F ? -CUDART_INF_F : -fast_log2(w_min);
+        } else {
+#pragma unroll
+          for (int n = 0; n < kScoreTiles; ++n) part[n] = fmaxf(acc_s[rt][n][e0], acc_s[rt][n][e0 + 1]);
+#pragma unroll
+          for (int width = kScoreTiles / 2; width > 0; width /= 2)
+#pragma unroll
+            for (int n = 0; n < width; ++n) part[n] = fmaxf(part[n], part[n + width]);
+          tile_max = quad_max(part[0]);
+        }
+        const float mx = fmaxf(m_i[r], tile_max);
+        const float m_use = mx == -CUDART_INF_F ? 0.f : mx;  // a row with no visible key yet: P = 0, no NaN
+        const float alpha = fast_exp2(exp_scale * (m_i[r] - m_use));
+        // recip: P = exp2(−lg2 w − m) = exp2(−m)·(1/w), so neg_m holds the row factor exp2(−m)
+        neg_m[r] = decltype(recip)::value ? fast_exp2(-m_use) : -exp_scale * m_use;
+        m_i[r] = mx;
+        l_i[r] *= alpha, o0_i[r] *= alpha;
+        alphas[r] = alpha;
+      }
+    };
+    if (reciprocal) {
+      score_tile(std::false_type{}, std::true_type{});
+      softmax_tile(std::true_type{});
+    } else {
+      if (negate_acc) score_tile(std::true_type{}, std::false_type{});
+      else score_tile(std::false_type{}, std::false_type{});
+      softmax_tile(std::false_type{});
     }
     // Rescale O_i only when some row max of the warp moved (rare after the first tiles).
     bool moved = false;
@@ -428,8 +462,13 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
       float part[kScoreTiles];
 #pragma unroll
       for (int n = 0; n < kScoreTiles; ++n) {
-        const float p0 = fast_exp2(fmaf(exp_scale, acc_s[rt][n][e0], neg_m[r]));
-        const float p1 = fast_exp2(fmaf(exp_scale, acc_s[rt][n][e0 + 1], neg_m[r]));
+        float p0, p1;
+        if (reciprocal) {
+          p0 = neg_m[r] * fast_rcp(acc_s[rt][n][e0]), p1 = neg_m[r] * fast_rcp(acc_s[rt][n][e0 + 1]);
+        } else {
+          p0 = fast_exp2(fmaf(exp_scale, acc_s[rt][n][e0], neg_m[r]));
+          p1 = fast_exp2(fmaf(exp_scale, acc_s[rt][n][e0 + 1], neg_m[r]));
+        }
         acc_s[rt][n][e0] = p0, acc_s[rt][n][e0 + 1] = p1;
         part[n] = p0 + p1;
       }

@@ -15,20 +15,29 @@ namespace {
 void check_input(const at::Tensor& x, const char* name, int64_t head_dim) {
   TORCH_CHECK(x.is_cuda(), "hyptorch_flash_cuda.fwd: ", name, " must be a CUDA tensor");
   TORCH_CHECK(x.dim() == 4, "hyptorch_flash_cuda.fwd: ", name, " must be 4-D (B, H, seq, D), got ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), "hyptorch_flash_cuda.fwd: ", name, " must be contiguous");
   TORCH_CHECK(x.size(3) == head_dim, "hyptorch_flash_cuda.fwd: ", name, " has head dim ", x.size(3),
               ", expected ", head_dim);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+// The kernel reads 16-byte row chunks: last dim contiguous, other strides and the base 16-byte aligned.
+at::Tensor with_kernel_strides(const at::Tensor& x) {
+  const bool ok = x.stride(3) == 1 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  return ok ? x : x.contiguous();
+}
+
+hyptorch_flash::Strides4 strides_of(const at::Tensor& x) { return {x.stride(0), x.stride(1), x.stride(2)}; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                                    const at::Tensor& curvature, const at::Tensor& coef,
                                                    const std::optional<at::Tensor>& key_padding_mask, int64_t score,
                                                    int64_t output, bool causal, bool squared, double acosh_eps) {
-  const int64_t D = q.size(-1);
+  const int64_t D = q_in.size(-1);
   TORCH_CHECK(D == 64 || D == 128, "hyptorch_flash_cuda.fwd: head dim must be 64 or 128 (pad first), got ", D);
-  check_input(q, "q", D);
-  check_input(k, "k", D);
-  check_input(v, "v", D);
+  check_input(q_in, "q", D);
+  check_input(k_in, "k", D);
+  check_input(v_in, "v", D);
+  const at::Tensor q = with_kernel_strides(q_in), k = with_kernel_strides(k_in), v = with_kernel_strides(v_in);
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
               "hyptorch_flash_cuda.fwd: dtype must be bfloat16 or float16, got ", q.scalar_type());
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
@@ -56,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at
 
   const c10::cuda::CUDAGuard guard(q.device());
   auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({B, H, N}, f32);
   at::Tensor o0 = at::empty({B, H, N}, f32);
   const int64_t m_padded = (M + hyptorch_flash::kKeyRecordPad - 1) / hyptorch_flash::kKeyRecordPad * hyptorch_flash::kKeyRecordPad;
@@ -66,6 +75,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
+  p.q_stride = strides_of(q);
+  p.k_stride = strides_of(k);
+  p.v_stride = strides_of(v);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.o0 = o0.data_ptr<float>();

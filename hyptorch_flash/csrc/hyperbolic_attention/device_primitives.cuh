@@ -119,10 +119,22 @@ __device__ __forceinline__ float fast_sqrt(float x) {
   return y;
 }
 
+__device__ __forceinline__ float fast_rcp(float x) {  // rcp(+inf) = 0
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Sum over the 4 lanes of an mma quad (lanes that share a fragment row).
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
+
+__device__ __forceinline__ float quad_min(float x) {
+  x = fminf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = fminf(x, __shfl_xor_sync(0xffffffffu, x, 2));
   return x;
 }
 
