@@ -110,7 +110,7 @@ def test_masks():
 
 def test_score_and_output_names():
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match=r"unknown score 'cosine'; valid scores are \['distance', 'euclidean', 'lorentz_dot', 'poincare_distance'\]"):
+    with pytest.raises(ValueError, match=r"unknown score 'cosine'; valid scores are \['distance', 'euclidean', 'linear', 'lorentz_dot', 'poincare_distance'\]"):
         hf.hyperbolic_attention(q, k, v, score="cosine")
     with pytest.raises(ValueError, match=r"output='euclidean' is not available for score='distance'"):
         hf.hyperbolic_attention(q, k, v, score="distance", output="euclidean")

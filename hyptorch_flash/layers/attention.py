@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import geometry
-from ..ops import hyperbolic_attention, hyperbolic_attention_weights
+from ..ops import hyperbolic_attention, hyperbolic_attention_weights, linear_attention_with_state
 from . import ball
 from .cache import KVCache
 from .curvature import Curvature, CurvatureArg, as_curvature
@@ -18,7 +18,7 @@ from .poincare import PoincareLinear
 from .points import check_ball_points, check_points, lorentz_point
 from .positional import rotary as apply_rotary
 
-LORENTZ_SCORES = ("lorentz_dot", "distance")
+LORENTZ_SCORES = ("lorentz_dot", "distance", "linear")
 OUTPUT_CHARTS = ("lorentz", "klein", "poincare")
 
 
@@ -43,7 +43,7 @@ class _MultiheadAttention(nn.Module):
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads, kdim, vdim, batch_first, curvature,
                  learnable_curvature, per_head_curvature, score, scores, tau, beta, squared, learnable_scale,
-                 attn_backend, check_inputs, rotary, rotary_base):
+                 attn_backend, check_inputs, rotary, rotary_base, power=2.0):
         super().__init__()
         name = type(self).__name__
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
@@ -71,6 +71,10 @@ class _MultiheadAttention(nn.Module):
             if not tau > 0:
                 raise ValueError(f"{name}: tau must be > 0, got {tau}")
             _positive_head_parameter(self, "log_coef", 2.0 / tau, num_heads, learnable_scale)
+        elif score == "linear":
+            if not power > 0:
+                raise ValueError(f"{name}: power must be > 0, got {power}")
+            _positive_head_parameter(self, "log_coef", power, num_heads, learnable_scale)
         else:
             if not beta > 0:
                 raise ValueError(f"{name}: beta must be > 0, got {beta}")
@@ -80,7 +84,13 @@ class _MultiheadAttention(nn.Module):
         coef = self.log_coef.exp()
         if self.score == "lorentz_dot":
             return {"scale": coef}
+        if self.score == "linear":
+            return {"power": coef}
         return {"beta": coef, "squared": self.squared}
+
+    def _value_map(self, self_attention: bool):
+        # Hypformer's value-mapping term belongs to a query's own token: self-attention only
+        return getattr(self, "value_map", None) if self_attention else None
 
     def forward(self, query: torch.Tensor, key: Optional[torch.Tensor] = None, value: Optional[torch.Tensor] = None,
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = False,
@@ -97,6 +107,10 @@ class _MultiheadAttention(nn.Module):
             raise ValueError(f"{name}: query must be 3-D (batch, seq, features) with batch_first="
                              f"{self.batch_first}, got shape {tuple(getattr(query, 'shape', ()))}")
         self._check_input(query, self.embed_dim, "query")
+        recurrent = self.score == "linear" and cache is not None and not cache.static
+        if recurrent and (attn_mask is not None or need_weights):
+            raise ValueError(f"{name}: score='linear' with a KVCache keeps only the recurrent state (no keys), so "
+                             "attn_mask and need_weights are not available there; use key_padding_mask")
         reuse_static = cache is not None and cache.static and cache.length > 0
         if not reuse_static and not self_attention:
             self._check_input(key, self.kdim, "key")
@@ -118,6 +132,14 @@ class _MultiheadAttention(nn.Module):
                 positions = torch.arange(start, start + N, device=q.device)
                 q = apply_rotary(q, positions, base=self.rotary_base)
                 k_heads = apply_rotary(k_heads, positions, base=self.rotary_base)
+            if recurrent:
+                out = linear_attention_with_state(
+                    q, k_heads, v_heads, cache.linear_state(), causal=is_causal, curvature=head_k,
+                    value_map=self._value_map(self_attention), output=self.core_output, check_inputs=False,
+                    key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, -N:],
+                    **self._score_kwargs())
+                y = self._merge(out, head_k)
+                return (y if self.batch_first else y.transpose(0, 1)), None
             if cache is not None:
                 k_heads, v_heads = cache.update(k_heads, v_heads)
         M = k_heads.shape[2]
@@ -126,7 +148,8 @@ class _MultiheadAttention(nn.Module):
                                                  num_heads=self.num_heads, q_len=N, k_len=M, layer=name)
         common = dict(score=self.score, curvature=head_k, causal=causal, attn_mask=sdpa_mask,
                       key_padding_mask=key_padding_mask, check_inputs=False, **self._score_kwargs())
-        out = hyperbolic_attention(q, k_heads, v_heads, output=self.core_output, backend=self.attn_backend, **common)
+        out = hyperbolic_attention(q, k_heads, v_heads, output=self.core_output, backend=self.attn_backend,
+                                   value_map=self._value_map(self_attention and M == N), **common)
         y = self._merge(out, head_k)
         if not self.batch_first:
             y = y.transpose(0, 1)
@@ -152,7 +175,13 @@ class HyperbolicMultiheadAttention(_MultiheadAttention):
     blockwise, cuda — runs through this module): softmax of a hyperbolic score, then the Lorentz
     centroid of the values (Chen et al. 2022, "Fully Hyperbolic Neural Networks", ACL, §3.2 for
     ``score="lorentz_dot"``: s = (2/τ)<q,k>_L; Gulcehre et al. 2019, "Hyperbolic Attention Networks",
-    ICLR, for ``score="distance"``: s = −β·d(q,k), or −β·d² with ``squared=True``). The heads' space
+    ICLR, for ``score="distance"``: s = −β·d(q,k), or −β·d² with ``squared=True``). With
+    ``score="linear"`` it is Hypformer's focused linear attention instead (Yang et al. 2024, KDD; see
+    :mod:`hyptorch_flash.ops.linear_attention`): kernel weights φ(q)·φ(k) with focusing power ``power``
+    (per head, learnable with ``learnable_scale``), the weighted mean of the values' space parts plus
+    Hypformer's value-mapping term ``value_map`` (an ``nn.Linear`` on each head's value, self-attention
+    only), O(N) time and memory; with a ``KVCache`` it decodes from a recurrent state (Σφ(k)v, Σφ(k))
+    instead of stored keys, O(1) per token. The heads' space
     parts are concatenated (a point of H^embed_dim_k once its time is recomputed) and mapped by an
     output :class:`LorentzLinear`.
 
@@ -190,7 +219,7 @@ class HyperbolicMultiheadAttention(_MultiheadAttention):
                  kdim: Optional[int] = None, vdim: Optional[int] = None, batch_first: bool = True,
                  curvature: CurvatureArg = 1.0, learnable_curvature: bool = False,
                  per_head_curvature: bool = False, score: str = "lorentz_dot", output: str = "lorentz",
-                 tau: Optional[float] = None, beta: float = 1.0, squared: bool = False,
+                 tau: Optional[float] = None, beta: float = 1.0, squared: bool = False, power: float = 2.0,
                  learnable_scale: bool = False, bias: bool = True, projection: str = "space",
                  rotary: bool = False, rotary_base: float = 10000.0, attn_backend: Optional[str] = None,
                  check_inputs: bool = True):
@@ -198,7 +227,7 @@ class HyperbolicMultiheadAttention(_MultiheadAttention):
                          batch_first=batch_first, curvature=curvature, learnable_curvature=learnable_curvature,
                          per_head_curvature=per_head_curvature, score=score, scores=LORENTZ_SCORES, tau=tau,
                          beta=beta, squared=squared, learnable_scale=learnable_scale, attn_backend=attn_backend,
-                         check_inputs=check_inputs, rotary=rotary, rotary_base=rotary_base)
+                         check_inputs=check_inputs, rotary=rotary, rotary_base=rotary_base, power=power)
         if output not in OUTPUT_CHARTS:
             raise ValueError(f"{type(self).__name__}: output must be one of {OUTPUT_CHARTS}, got {output!r}")
         self.output = output
@@ -207,6 +236,8 @@ class HyperbolicMultiheadAttention(_MultiheadAttention):
         self.k_proj = LorentzLinear(self.kdim, self.num_kv_heads * self.head_dim, **proj)
         self.v_proj = LorentzLinear(self.vdim, self.num_kv_heads * self.head_dim, **proj)
         self.out_proj = LorentzLinear(num_heads * self.head_dim, embed_dim, **proj)
+        if score == "linear":  # Hypformer's v_map_mlp: one Linear on each head's value space part
+            self.value_map = nn.Linear(self.head_dim, self.head_dim, bias=bias)
 
     def _check_input(self, x: torch.Tensor, dim: int, name: str) -> None:
         check_points(x, dim, self.curvature(), name=name, layer=type(self).__name__, check_manifold=self.check_inputs)

@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from ..ops.linear_attention import LinearAttentionState
+
 
 class KVCache:
     """Keys and values of one attention layer, ``(B, num_kv_heads, L, head_dim)`` space coordinates.
@@ -14,6 +16,8 @@ class KVCache:
     recomputing the prefix. Appending concatenates (O(L) copy, the same order as the attention step).
     ``static=True`` (cross-attention to a fixed memory): the first call stores the memory's keys and
     values, later calls reuse them and ignore ``key``/``value``.
+    A ``score="linear"`` layer (Hypformer) keeps no keys in a dynamic cache: it keeps the recurrent
+    state of its prefix sums instead (:meth:`linear_state`, O(1) memory and work per token).
     Caches hold tensors from the forward pass; decode under ``torch.no_grad()`` unless you mean to
     backpropagate through the whole generation.
     """
@@ -22,13 +26,27 @@ class KVCache:
         self.static = static
         self.key: Optional[torch.Tensor] = None
         self.value: Optional[torch.Tensor] = None
+        self.state: Optional[LinearAttentionState] = None
 
     @property
     def length(self) -> int:
+        if self.state is not None:
+            return self.state.length
         return 0 if self.key is None else self.key.shape[2]
+
+    def linear_state(self) -> LinearAttentionState:
+        """The recurrent state of a ``score="linear"`` layer (created on first use)."""
+        if self.static or self.key is not None:
+            raise ValueError("KVCache: this cache holds keys/values (a static cache, or a softmax-score layer's); "
+                             "a score='linear' layer needs its own dynamic cache")
+        if self.state is None:
+            self.state = LinearAttentionState()
+        return self.state
 
     def update(self, key: torch.Tensor, value: torch.Tensor):
         """Store (static) or append (dynamic) ``key``, ``value``; return the full cached tensors."""
+        if self.state is not None:
+            raise ValueError("KVCache: this cache holds a score='linear' layer's recurrent state, not keys/values")
         if self.key is None or self.static:
             self.key, self.value = key, value
         else:
@@ -40,6 +58,8 @@ class KVCache:
 
     def reset(self) -> None:
         self.key = self.value = None
+        self.state = None
 
     def __repr__(self) -> str:
-        return f"KVCache(length={self.length}, static={self.static})"
+        kind = ", linear_state" if self.state is not None else ""
+        return f"KVCache(length={self.length}, static={self.static}{kind})"

@@ -185,7 +185,7 @@ _DECODER_LAYER_DOC = r"""Pre-norm {model} decoder layer: causal self-attention, 
     """
 
 _LORENTZ_FMT = dict(model="Lorentz", dims="space dimensions (tensors carry one more, the time)",
-                    attn_options="``score``, ``tau``, ``beta``, ``squared``, ``projection``, ",
+                    attn_options="``score`` (incl. ``\"linear\"``), ``tau``, ``beta``, ``squared``, ``power``, ``projection``, ",
                     attention="HyperbolicMultiheadAttention", shape="embed_dim + 1", plus=" + 1")
 _POINCARE_FMT = dict(model="Poincaré", dims="ball dimensions", attn_options="``beta``, ``squared``, ",
                      attention="PoincareMultiheadAttention", shape="embed_dim", plus="")

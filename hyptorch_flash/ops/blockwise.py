@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from .linear_attention import linear_attention
 from .masks import MaskSpec
 from .problem import AttentionProblem
 
@@ -125,7 +126,12 @@ class BlockwiseAttention(torch.autograd.Function):
 
 
 def blockwise_attention(problem: AttentionProblem, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
-    """Output (in the problem's output model and input dtype) and LSE, with O(N) activation memory."""
+    """Output (in the problem's output model and input dtype) and LSE, with O(N) activation memory.
+
+    ``score="linear"`` runs its own O(N)-time form instead (``linear_attention.py``).
+    """
+    if problem.variant.aggregation == "space":
+        return linear_attention(problem)
     q, k, v, curv, coef = problem.expanded()
     o, lse = BlockwiseAttention.apply(
         q, k, v, curv, coef, problem.variant.score, problem.score_kwargs(), problem.mask, block_q, block_k

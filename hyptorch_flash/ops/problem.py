@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from .. import geometry, numerics
+from .focused_linear import DEFAULT_POWER, space_epilogue
 from .masks import MaskSpec
 from .scores import ScoreVariant, get_variant
+
+
+LORENTZ_SCORES = ("lorentz_dot", "distance", "linear")  # inputs are space coordinates of Lorentz points
 
 
 def _err(msg: str) -> ValueError:
@@ -23,8 +27,10 @@ class AttentionProblem:
     ``q`` ``(B, H, N, D)``, ``k`` ``(B, Hkv, M, D)``, ``v`` ``(B, Hkv, M, Dv)``: space coordinates
     (Poincaré ball points for ``poincare_distance``, plain vectors for ``euclidean``), all of one
     dtype and device; H is a multiple of Hkv (GQA/MQA). ``curvature`` and ``coef`` are 0-d or
-    ``(H,)`` tensors (k > 0; ``coef`` is the score's scale or β). ``full_output`` asks for the
-    Lorentz output with its time coordinate, ``(B, H, N, Dv+1)``.
+    ``(H,)`` tensors (k > 0; ``coef`` is the score's scale, β, or the focusing power p of ``linear``).
+    ``full_output`` asks for the Lorentz output with its time coordinate, ``(B, H, N, Dv+1)``.
+    ``value_map`` (``linear`` only, N = M): Hypformer's value-mapping term, added per query to the
+    output's space part before the time coordinate is recomputed.
     """
 
     q: torch.Tensor
@@ -39,6 +45,7 @@ class AttentionProblem:
     mask: MaskSpec
     full_output: bool = False
     return_lse: bool = False  # the caller receives the LSE (and may differentiate through it)
+    value_map: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     @property
     def num_heads(self) -> int:
@@ -80,10 +87,25 @@ class AttentionProblem:
         if self.output == "euclidean":
             return o.to(self.q.dtype)
         curv = geometry.heads_view(self.curvature.to(o.dtype))
+        if self.variant.aggregation == "space":  # o = Σ_j w_ij v_j (space coordinates), Hypformer
+            if self.value_map is not None:
+                o = o + self.value_term().to(o.dtype)
+            return space_epilogue(o, curv, self.output, self.full_output).to(self.q.dtype)
         y = geometry.centroid_epilogue(o, curv, self.output)
         if self.full_output:
             y = geometry.lift(y, curv)
         return y.to(self.q.dtype)
+
+
+    def value_term(self) -> torch.Tensor:
+        """``value_map(v)`` expanded to the query heads, ``(B, H, M, Dv)``; checks its shape."""
+        mapped = self.value_map(self.v)
+        if not isinstance(mapped, torch.Tensor) or mapped.shape != self.v.shape:
+            raise _err(
+                f"value_map must map v of shape {tuple(self.v.shape)} to a tensor of the same shape, "
+                f"got {tuple(getattr(mapped, 'shape', ())) or type(mapped).__name__}"
+            )
+        return mapped.repeat_interleave(self.group_size, dim=1) if self.group_size > 1 else mapped
 
 
 def _check_tensor(name: str, x) -> None:
@@ -117,8 +139,19 @@ def _check_in_ball(name: str, p: torch.Tensor, curvature: torch.Tensor) -> None:
         )
 
 
-def _resolve_coefficient(variant: ScoreVariant, head_dim: int, tau, scale, beta, device) -> torch.Tensor:
-    if variant.coefficient == "scale":
+def _resolve_coefficient(variant: ScoreVariant, head_dim: int, tau, scale, beta, power, device) -> torch.Tensor:
+    if power is not None and variant.coefficient != "power":
+        raise _err(f"power applies to score='linear', not to score={variant.name!r}")
+    if variant.coefficient == "power":
+        if tau is not None or scale is not None or beta is not None:
+            raise _err(
+                "tau/scale/beta do not apply to score='linear' (its kernel weights are normalised, so a "
+                "scale cancels; the focusing power is power=)"
+            )
+        value = DEFAULT_POWER if power is None else power
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:
+            raise _err(f"power must be > 0, got {value}")
+    elif variant.coefficient == "scale":
         if beta is not None:
             raise _err(f"beta applies to distance scores, not to score={variant.name!r} (use tau or scale)")
         if tau is not None and scale is not None:
@@ -168,7 +201,7 @@ def _normalise_attn_mask(attn_mask, B, H, N, M, device) -> torch.Tensor:
 
 def build_problem(
     q, k, v, *, score, output, curvature, tau, scale, beta, squared, causal, attn_mask,
-    key_padding_mask, full_lorentz, check_inputs, acosh_eps, return_lse=False,
+    key_padding_mask, full_lorentz, check_inputs, acosh_eps, return_lse=False, power=None, value_map=None,
 ) -> AttentionProblem:
     """Validate the arguments of :func:`hyperbolic_attention` and return the problem description."""
     variant = get_variant(score)
@@ -183,8 +216,8 @@ def build_problem(
     output = variant.default_output if output is None else output
     if output not in variant.outputs:
         raise _err(f"output={output!r} is not available for score={variant.name!r}; choose from {variant.outputs}")
-    if full_lorentz and variant.name not in ("lorentz_dot", "distance"):
-        raise _err(f"full_lorentz=True needs a Lorentz score (lorentz_dot, distance), not {variant.name!r}")
+    if full_lorentz and variant.name not in LORENTZ_SCORES:
+        raise _err(f"full_lorentz=True needs a Lorentz score {LORENTZ_SCORES}, not {variant.name!r}")
 
     B, H, N, _ = q.shape
     curv = geometry.resolve_curvature(curvature, num_heads=H, device=q.device, check=check_inputs)
@@ -208,7 +241,7 @@ def build_problem(
     if N < 1 or M < 1 or q.shape[-1] < 1 or v.shape[-1] < 1:
         raise _err(f"empty dimensions are not supported: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
 
-    coef = _resolve_coefficient(variant, q.shape[-1], tau, scale, beta, q.device)
+    coef = _resolve_coefficient(variant, q.shape[-1], tau, scale, beta, power, q.device)
     if coef.dim() == 1 and coef.shape[0] not in (1, H):
         raise _err(f"per-head {variant.coefficient} has {coef.shape[0]} entries but the query has {H} heads")
 
@@ -225,8 +258,19 @@ def build_problem(
         raise TypeError(f"hyptorch_flash.hyperbolic_attention: causal must be a bool, got {type(causal).__name__}")
     if acosh_eps is not None and not (isinstance(acosh_eps, (int, float)) and acosh_eps > 0):
         raise _err(f"acosh_eps must be a positive float, got {acosh_eps!r}")
+    if value_map is not None:
+        if variant.aggregation != "space":
+            raise _err(f"value_map is Hypformer's value-mapping term of score='linear', not of score={variant.name!r}")
+        if not callable(value_map):
+            raise TypeError(f"hyptorch_flash.hyperbolic_attention: value_map must be callable (e.g. an nn.Linear), "
+                            f"got {type(value_map).__name__}")
+        if N != M:
+            raise _err(f"value_map adds the query token's own mapped value, so it needs N = M (self-attention); "
+                       f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
 
     if check_inputs:
+        if variant.coefficient == "power" and not bool((coef > 0).all()):
+            raise _err(f"power must be > 0, got {coef.tolist()}")
         for name, x in (("q", q), ("k", k), ("v", v)):
             _check_finite(name, x)
         if variant.name == "poincare_distance":
@@ -238,5 +282,5 @@ def build_problem(
         q=q, k=k, v=v, variant=variant, output=output, curvature=curv, coef=coef,
         squared=bool(squared), acosh_eps=acosh_eps,
         mask=MaskSpec(causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask),
-        full_output=bool(full_lorentz) and output == "lorentz", return_lse=bool(return_lse),
+        full_output=bool(full_lorentz) and output == "lorentz", return_lse=bool(return_lse), value_map=value_map,
     )

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from .. import geometry
+from .focused_linear import focus_features
 
 
 def _euclidean(q, k, curv, coef, *, squared, acosh_eps):
@@ -58,6 +59,15 @@ def _poincare_distance(q, k, curv, coef, *, squared, acosh_eps):
     return _arccosh_score(z, curv, coef, squared=squared, acosh_eps=acosh_eps)
 
 
+def _linear_log_kernel(q, k, curv, coef, *, squared, acosh_eps):
+    # s_ij = log(φ(q_i)·φ(k_j)), coef = the focusing power p: softmax_j(s_ij) = w_ij / Σ_j w_ij is
+    # exactly Hypformer's normalised kernel weight, so the softmax backends' masking and LSE carry over.
+    # w > 0 in exact arithmetic; a w that underflows (|x| ~ 1e3 with a large p) is floored at the
+    # smallest normal float, so log and its gradient stay finite (that weight is ~0 either way).
+    w = focus_features(q, coef) @ focus_features(k, coef).transpose(-1, -2)
+    return torch.log(w.clamp_min(torch.finfo(w.dtype).tiny))
+
+
 def _lift_lorentz_space(v, curv):
     return geometry.lift(v, curv)
 
@@ -77,9 +87,12 @@ class ScoreVariant:
     name: str
     score: Callable[..., torch.Tensor]
     lift_values: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    coefficient: str  # "scale" (dot products, tau/scale) or "beta" (distances)
+    coefficient: str  # "scale" (dot products, tau/scale), "beta" (distances) or "power" (linear)
     default_output: str
     outputs: tuple[str, ...]
+    # "centroid": Lorentz centroid of the lifted values (DESIGN.md §2.4); "space": the weighted mean of
+    # the values' space coordinates is the output's space part, time recomputed (Hypformer).
+    aggregation: str = "centroid"
 
 
 _HYPERBOLIC_OUTPUTS = geometry.OUTPUT_MODELS
@@ -91,6 +104,7 @@ VARIANTS: dict[str, ScoreVariant] = {
         ScoreVariant("distance", _distance, _lift_lorentz_space, "beta", "lorentz", _HYPERBOLIC_OUTPUTS),
         ScoreVariant("poincare_distance", _poincare_distance, _lift_poincare, "beta", "poincare", _HYPERBOLIC_OUTPUTS),
         ScoreVariant("euclidean", _euclidean, _no_lift, "scale", "euclidean", ("euclidean",)),
+        ScoreVariant("linear", _linear_log_kernel, _no_lift, "power", "lorentz", _HYPERBOLIC_OUTPUTS, "space"),
     )
 }
 
