@@ -4,18 +4,26 @@ FLOPs follow flash-attn: fwd = 4·B·H·N²·D (D = space dim), fwd + bwd = 3.5 
 Each case: warm-up, then CUDA-event timing of ``iters`` fwd+bwd steps (random upstream gradient).
 Peak memory: ``torch.cuda.max_memory_allocated`` over one fwd+bwd beyond the live inputs, against
 the bytes of inputs + output + gradients + LSE. Prints one JSON row per case.
+``flex_distance``: FlexAttention with the same distance ``score_mod`` and centroid as
+``benchmarks/bench_attention.py``'s baseline (c), differentiated by autograd (compiled Flex backward).
 
     python benchmarks/bench_cuda_backward.py --n 4096 --dims 64 128 --memory-n 16384
+    python benchmarks/bench_cuda_backward.py --scores distance flex_distance
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import hyptorch_flash as hf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_attention  # noqa: E402 - the forward benchmark's baselines (same score_mod, same centroid)
 
 
 def _inputs(B, H, N, D, dtype, score):
@@ -29,6 +37,10 @@ def _inputs(B, H, N, D, dtype, score):
 def _step_fn(score, q, k, v, causal):
     if score == "sdpa":
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if score == "flex_distance":
+        one = torch.tensor(1.0, device=q.device)
+        x = bench_attention.Inputs(q, k, v, causal, one, one, one)
+        return lambda: bench_attention.flex_distance(x)
     return lambda: hf.hyperbolic_attention(q, k, v, score=score, causal=causal, backend="cuda", check_inputs=False)
 
 
@@ -46,13 +58,16 @@ def time_fwd_bwd(fn, grad, params, iters):
 
 
 def run_case(score, B, H, N, D, dtype, causal, iters):
-    q, k, v = _inputs(B, H, N, D, dtype, score)
-    fn = _step_fn(score, q, k, v, causal)
-    grad = torch.randn_like(fn())
-    ms = time_fwd_bwd(fn, grad, (q, k, v), iters)
+    row = {"score": score, "B": B, "H": H, "N": N, "D": D, "dtype": str(dtype), "causal": causal}
+    try:
+        q, k, v = _inputs(B, H, N, D, dtype, score)
+        fn = _step_fn(score, q, k, v, causal)
+        grad = torch.randn_like(fn())
+        ms = time_fwd_bwd(fn, grad, (q, k, v), iters)
+    except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+        return dict(row, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     flops = 3.5 * 4 * B * H * N * N * D / (2 if causal else 1)
-    return {"score": score, "B": B, "H": H, "N": N, "D": D, "dtype": str(dtype), "causal": causal,
-            "fwd_bwd_ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1)}
+    return dict(row, fwd_bwd_ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1))
 
 
 def peak_memory(score, B, H, N, D, dtype):

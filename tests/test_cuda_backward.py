@@ -241,3 +241,38 @@ def test_lse_gradient_is_never_dropped_silently():
     torch.autograd.grad(out.float().sum(), (q,), retain_graph=True)  # the output alone is fine
     with pytest.raises(NotImplementedError, match="gradients through the log-sum-exp"):
         torch.autograd.grad(lse.sum(), (q,))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("entry", ("op", "hyperbolic_attention"))
+def test_torch_compile_fullgraph_through_backward(entry):
+    """torch.compile(fullgraph=True) traces the fused forward, its autograd formula and the backward op
+    (fake tensors for both custom ops); compiled gradients equal eager ones up to the order of the
+    PyTorch pre/post-processing (a few bf16 ulps)."""
+    leaves, kw, dout = make_grad_case("distance", "lorentz", device="cuda", N=96, M=80, D=64, mode="gqa_causal_padded")
+    q, k, v = (x.detach().bfloat16() for x in leaves[:3])
+    curvature, coef = (x.detach().float() for x in leaves[3:])
+    H = q.shape[1]
+    pad = kw["key_padding_mask"]
+
+    if entry == "op":
+        def fn(q, k, v, curvature, coef):
+            out, _, _ = torch.ops.hyptorch_flash.attention_fwd(
+                q, k, v, curvature.expand(H).contiguous(), coef.expand(H).contiguous(), pad, 2, 1, True, False, 1e-6)
+            return out
+    else:
+        def fn(q, k, v, curvature, coef):
+            return hf.hyperbolic_attention(q, k, v, score="distance", curvature=curvature, beta=coef, causal=True,
+                                           key_padding_mask=pad, backend="cuda", check_inputs=False)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    results = []
+    for f in (compiled, fn):
+        inputs = [x.clone().requires_grad_() for x in (q, k, v, curvature, coef)]
+        out = f(*inputs)
+        results.append((out, torch.autograd.grad(out, inputs, dout.to(out.dtype))))
+    (out_c, grads_c), (out_e, grads_e) = results
+    assert torch.equal(out_c, out_e)
+    for name, gc, ge in zip(("dq", "dk", "dv", "dcurvature", "dbeta"), grads_c, grads_e):
+        scale = ge.float().abs().max().item() + 1e-6
+        assert (gc.float() - ge.float()).abs().max().item() <= 2.0**-6 * scale, name

@@ -21,8 +21,9 @@ from attention_cases import SCORES, assert_close_to_truth, coefficient_kw, outpu
 
 pytestmark = pytest.mark.cuda
 
-DTYPES = (torch.bfloat16, torch.float16)
-UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+# float32 runs the split-precision path (three bf16 parts per operand, six products per tile)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
 SIZES = ((1, 1), (63, 100), (128, 128), (1000, 777))
 MODES = ("plain", "causal", "padded", "gqa_causal_padded")
 VARIANTS = [(s, o) for s in SCORES for o in outputs_for(s)]
@@ -177,14 +178,39 @@ def test_op_time_coordinate(score):
     assert (o0[-1] == 0).all()  # the fully padded batch element
 
 
-@pytest.mark.parametrize("norm", (8.0,))
-def test_large_norm_accuracy_bf16(norm):
-    """|x_s| = 8 in bf16: the split (space on tensor cores, time in fp32) keeps the error at rounding level."""
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("norm", (8.0, 30.0))
+def test_large_norm_accuracy(norm, dtype):
+    """|x_s| = 8 and 30: the split (space on tensor cores, time in fp32) keeps the error at rounding level."""
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 4, 512, 64, generator=gen, dtype=torch.float64) for _ in range(3))
     q, k, v = (x / x.norm(dim=-1, keepdim=True) * norm for x in (q, k, v))
     q, k, v = (x.cuda() for x in (q, k, v))
-    check_against_truth(q, k, v, dict(score="lorentz_dot"), torch.bfloat16, "|x_s| = 8")
+    check_against_truth(q, k, v, dict(score="lorentz_dot"), dtype, f"|x_s| = {norm}")
+
+
+def test_float32_is_not_rounded_to_bf16():
+    """The float32 path is not bf16 in disguise: its error is far below bf16 rounding of the same inputs."""
+    q, k, v, kw = make_case("distance", N=300, M=257, mode="causal", seed=31)
+    truth = hf.hyperbolic_attention(q, k, v, backend="reference", **kw)
+    got = hf.hyperbolic_attention(q.float(), k.float(), v.float(), backend="cuda", **kw)
+    bf16 = hf.hyperbolic_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend="cuda", **kw)
+    err, err_bf16 = ((x.double() - truth).abs().max().item() for x in (got, bf16))
+    assert got.dtype == torch.float32 and err < 1e-3 * err_bf16
+
+
+def test_float32_backward_is_declined_not_faked():
+    """No fused float32 backward yet: the backend declines grad inputs, the op's backward raises."""
+    q, k, v, kw = make_case("lorentz_dot", N=40, M=40, seed=32)
+    q = q.float().requires_grad_()
+    with pytest.raises(RuntimeError, match="float32 inputs that require grad"):
+        hf.hyperbolic_attention(q, k.float(), v.float(), backend="cuda", **kw)
+    args = list(op_args())
+    args[:3] = [x.float() for x in args[:3]]
+    args[0].requires_grad_()
+    out, _, _ = torch.ops.hyptorch_flash.attention_fwd(*args)
+    with pytest.raises(NotImplementedError, match="bfloat16/float16 only"):
+        out.sum().backward()
 
 
 def op_args(score_id=2, output_id=1, seed=2):
@@ -196,8 +222,11 @@ def op_args(score_id=2, output_id=1, seed=2):
     )
 
 
-def test_opcheck():
-    torch.library.opcheck(torch.ops.hyptorch_flash.attention_fwd, op_args(),
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+def test_opcheck(dtype):
+    args = list(op_args())
+    args[:3] = [x.to(dtype) for x in args[:3]]
+    torch.library.opcheck(torch.ops.hyptorch_flash.attention_fwd, tuple(args),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -223,6 +252,8 @@ def test_auto_picks_cuda_and_reports_reasons():
     )
     assert cuda_backend.unsupported(problem) is None
     problem.q = q.float()
+    assert cuda_backend.unsupported(problem) is None  # the split-precision float32 forward
+    problem.q = q.float().requires_grad_()
     assert "float32" in cuda_backend.unsupported(problem)
     problem.q = q
     assert "float64" in cuda_backend.unsupported(problem)

@@ -34,6 +34,11 @@ def _backward(ctx, dout, _dlse, _do0):
             "hyptorch_flash cuda backend: gradients through the log-sum-exp or o0 outputs of "
             "hyptorch_flash::attention_fwd are not implemented; use backend='blockwise' to differentiate the LSE"
         )
+    if q.dtype not in cuda_backend.BACKWARD_DTYPES:
+        raise NotImplementedError(
+            f"hyptorch_flash cuda backend: the fused backward runs bfloat16/float16 only, not {q.dtype} "
+            "(the forward's float32 path has no split-precision backward yet); use backend='blockwise'"
+        )
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv, dcurv, dcoef = torch.ops.hyptorch_flash.attention_bwd(

@@ -14,8 +14,11 @@ P_ij = softmax_j(s(q_i, k_j)) over the visible keys, O_i = Σ_j P_ij·lift(v_j),
   average (0 for masked rows and for the euclidean score).
 
 Head dims up to 128 run natively at 64 or 128 (smaller ones are zero-padded, which changes no norm,
-dot product or distance). bf16/fp16 only; float32 inputs are reported unsupported (no 3×tf32 path
-yet) and ``auto`` falls back to the blockwise backend.
+dot product or distance). bf16/fp16 run as they are; float32 inputs are split into three bf16 parts
+(x = hi + mid + lo) and every tensor-core product takes the six part products that matter, which
+keeps float32 accuracy (the role of the 3×tf32 split in DESIGN.md §3) at six times the tensor-core
+work. The fused backward runs bf16/fp16 only: float32 inputs that require grad are declined, so
+``auto`` uses the blockwise backend for them.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from .problem import AttentionProblem
 
 SCORE_IDS = {"euclidean": 0, "lorentz_dot": 1, "distance": 2, "poincare_distance": 3}
 OUTPUT_IDS = {"euclidean": 0, "lorentz": 1, "klein": 2, "poincare": 3}
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+BACKWARD_DTYPES = (torch.bfloat16, torch.float16)
 NATIVE_HEAD_DIMS = (64, 128)
 
 # Flipped to True by hyptorch_flash/ops/cuda_autograd.py once it registers the backward kernel.
@@ -68,7 +72,7 @@ def attention_fwd(
     key_padding_mask: Optional[torch.Tensor], score: int, output: int, causal: bool, squared: bool,
     acosh_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused forward. q ``(B,H,N,D)``, k ``(B,Hkv,M,D)``, v ``(B,Hkv,M,Dv)`` space coordinates (bf16/fp16),
+    """Fused forward. q ``(B,H,N,D)``, k ``(B,Hkv,M,D)``, v ``(B,Hkv,M,Dv)`` space coordinates (bf16/fp16/fp32),
     curvature and coef float32 ``(H,)``, key_padding_mask bool ``(B,M)`` (True = padded) or None;
     score/output ids as ``SCORE_IDS``/``OUTPUT_IDS``. Returns ``(out, lse, o0)`` (module docstring)."""
     return _fwd(q, k, v, curvature, coef, key_padding_mask, score, output, causal, squared, acosh_eps)
@@ -106,7 +110,7 @@ def unsupported(problem: AttentionProblem) -> Optional[str]:
     if q.dtype == torch.float64:
         return "float64 inputs (the fused kernels compute in float32; use the reference or blockwise backend)"
     if q.dtype not in SUPPORTED_DTYPES:
-        return f"{q.dtype} inputs (the fused kernel runs bfloat16/float16; no 3xTF32 float32 path yet)"
+        return f"{q.dtype} inputs (the fused kernel runs bfloat16, float16 and float32)"
     if problem.mask.attn_mask is not None:
         return "a dense attn_mask (the fused kernel takes causal and key_padding_mask only)"
     head_dims = (q.shape[-1], problem.v.shape[-1])
@@ -114,6 +118,9 @@ def unsupported(problem: AttentionProblem) -> Optional[str]:
         return f"head dims {head_dims} (the fused kernel supports up to {max(NATIVE_HEAD_DIMS)})"
     if _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) < (8, 0):
         return "a GPU older than sm_80 (mma.sync bf16 needs Ampere or newer)"
+    if _needs_grad(problem) and q.dtype not in BACKWARD_DTYPES:
+        return (f"{q.dtype} inputs that require grad (the fused forward runs float32, the fused backward "
+                "bfloat16/float16 only; no split-precision backward yet)")
     if _needs_grad(problem) and not BACKWARD_REGISTERED:
         return "inputs require grad and the CUDA backward kernel is not registered"
     if _needs_grad(problem) and problem.return_lse:

@@ -15,19 +15,21 @@ enum OutputId : int { OUTPUT_EUCLIDEAN = 0, OUTPUT_LORENTZ = 1, OUTPUT_KLEIN = 2
 constexpr int kKeyRecordFields = 5;
 
 // Element strides of a (batch, heads, rows, D) tensor whose last dim is contiguous; every stride is a
-// multiple of 8 elements (16 bytes) so rows can be copied by 16-byte cp.async.
+// multiple of 8 elements (16 bytes) so rows can be copied by 16-byte cp.async. `part`: distance between
+// the three bf16 parts of a split float32 tensor (parts == 3), else unused.
 struct Strides4 {
-  int64_t batch, head, row;
+  int64_t batch, head, row, part;
 };
 
 struct FwdParams {
   // Space coordinates: q (B, H, N, D), k and v (B, Hkv, M, D), D = head_dim (64 or 128); any strides
-  // with a contiguous last dim (e.g. a transposed (B, N, H, D) projection).
+  // with a contiguous last dim (e.g. a transposed (B, N, H, D) projection). float32 inputs arrive split
+  // (parts == 3): x = hi + mid + lo, three bf16 tensors `part` elements apart (DESIGN.md §3, 3-term split).
   const void* q;
   const void* k;
   const void* v;
   Strides4 q_stride, k_stride, v_stride;
-  // Outputs, contiguous: out (B, H, N, D) in the input dtype, lse and o0 (B, H, N) float32.
+  // Outputs, contiguous: out (B, H, N, D) in the input dtype (float32 when parts == 3), lse and o0 (B, H, N) float32.
   void* out;
   float* lse;
   float* o0;
@@ -45,6 +47,7 @@ struct FwdParams {
   bool causal;
   bool squared;
   bool is_bf16;  // else float16
+  int parts;     // 1: q, k, v are the inputs; 3: bf16 parts of float32 inputs (output float32)
   float acosh_eps;
 };
 

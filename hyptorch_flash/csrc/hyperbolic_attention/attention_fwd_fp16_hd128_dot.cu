@@ -2,5 +2,5 @@
 #include "attention_fwd_launch.cuh"
 
 namespace hyptorch_flash {
-template cudaError_t launch_fwd_main<__half, 128, false>(const FwdParams&, cudaStream_t);
+template cudaError_t launch_fwd_main<__half, 128, false, 1>(const FwdParams&, cudaStream_t);
 }  // namespace hyptorch_flash

@@ -58,9 +58,10 @@ enum KeyRecordField : int { REC_A = 0, REC_B = 1, REC_V0 = 2, REC_VS = 3, REC_BI
 // ---------------------------------------------------------------------------------------------
 // Prologue: per (batch, query head, key j < Mpad) the key's record. Per query head because the
 // curvature is per query head (a GQA key/value head is shared by heads of different k).
-// kLanes = D/8 lanes per key, each loading one 16-byte chunk of k_j and of v_j.
+// kLanes = D/8 lanes per key, each loading one 16-byte chunk of k_j and of v_j (of each of the kParts
+// parts of a split float32 input, summed in fp32 before squaring).
 // ---------------------------------------------------------------------------------------------
-template <typename T, int kLanes>
+template <typename T, int kLanes, int kParts>
 __global__ void __launch_bounds__(256) key_records_kernel(const FwdParams p) {
   constexpr int kKeysPerBlock = 256 / kLanes;
   const int lane = threadIdx.x % kLanes;
@@ -73,15 +74,20 @@ __global__ void __launch_bounds__(256) key_records_kernel(const FwdParams p) {
   if (real) {
     const T* k_row = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head + j * p.k_stride.row;
     const T* v_row = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head + j * p.v_stride.row;
-    const uint4 kc = reinterpret_cast<const uint4*>(k_row)[lane];
-    const uint4 vc = reinterpret_cast<const uint4*>(v_row)[lane];
-    const uint32_t kw[4] = {kc.x, kc.y, kc.z, kc.w}, vw[4] = {vc.x, vc.y, vc.z, vc.w};
+    float kx[8] = {}, vx[8] = {};
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float2 kf = unpack2<T>(kw[e]), vf = unpack2<T>(vw[e]);
-      k_sq = fmaf(kf.x, kf.x, fmaf(kf.y, kf.y, k_sq));
-      v_sq = fmaf(vf.x, vf.x, fmaf(vf.y, vf.y, v_sq));
+    for (int part = 0; part < kParts; ++part) {
+      const uint4 kc = reinterpret_cast<const uint4*>(k_row + part * p.k_stride.part)[lane];
+      const uint4 vc = reinterpret_cast<const uint4*>(v_row + part * p.v_stride.part)[lane];
+      const uint32_t kw[4] = {kc.x, kc.y, kc.z, kc.w}, vw[4] = {vc.x, vc.y, vc.z, vc.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float2 kf = unpack2<T>(kw[e]), vf = unpack2<T>(vw[e]);
+        kx[2 * e] += kf.x, kx[2 * e + 1] += kf.y, vx[2 * e] += vf.x, vx[2 * e + 1] += vf.y;
+      }
     }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) k_sq = fmaf(kx[e], kx[e], k_sq), v_sq = fmaf(vx[e], vx[e], v_sq);
   }
 #pragma unroll
   for (int off = kLanes / 2; off > 0; off /= 2) {
@@ -127,19 +133,25 @@ __global__ void __launch_bounds__(256) key_records_kernel(const FwdParams p) {
 // dot scores run best with 32 rows per warp (every K/V fragment feeds 2 mma; 234-252 registers, 2 CTAs/SM);
 // arccosh scores at D = 64 are bound by the special-function unit (3 MUFU ops per score) and run best
 // with 16 rows per warp (128 registers, 4 CTAs/SM, more warps to hide latency).
-template <int kHeadDim, bool kDistance>
+// Split float32 inputs (kParts = 3) hold three bf16 copies of every tile in shared memory and issue six
+// mma per product (below): 16 rows per warp and shorter key tiles keep 2-3 CTAs per SM.
+template <int kHeadDim, bool kDistance, int kParts = 1>
 struct FwdTile {
   static constexpr int kWarps = 4;
   // m16 tiles per warp: each K/V fragment read from smem feeds kRowTiles mma
-  static constexpr int kRowTiles = kHeadDim > 64 ? HYPTORCH_FWD_ROW_TILES_D128
-                                   : kDistance   ? HYPTORCH_FWD_ROW_TILES_D64_DISTANCE
-                                                 : HYPTORCH_FWD_ROW_TILES_D64;
+  static constexpr int kRowTiles = kParts > 1     ? 1
+                                   : kHeadDim > 64 ? HYPTORCH_FWD_ROW_TILES_D128
+                                   : kDistance     ? HYPTORCH_FWD_ROW_TILES_D64_DISTANCE
+                                                   : HYPTORCH_FWD_ROW_TILES_D64;
   static constexpr int kBlockM = kWarps * kRowTiles * 16;  // query rows per CTA
   // keys per tile (registers: S is 2·kBlockN/8·4 floats); overridable for tuning experiments
-  static constexpr int kBlockN = kHeadDim <= 64 ? HYPTORCH_FWD_BLOCK_N_D64 : HYPTORCH_FWD_BLOCK_N_D128;
+  static constexpr int kBlockN = kParts > 1       ? (kHeadDim <= 64 ? 32 : 16)
+                                 : kHeadDim <= 64 ? HYPTORCH_FWD_BLOCK_N_D64
+                                                  : HYPTORCH_FWD_BLOCK_N_D128;
   static constexpr int kThreads = kWarps * 32;
   // CTAs per SM the register budget must allow (1: up to 255 registers; 3: up to 168)
-  static constexpr int kMinBlocks = kRowTiles == 1 ? 3 : 1;
+  // (split float32 at D = 128: shared memory allows 2 CTAs, so up to 255 registers)
+  static constexpr int kMinBlocks = kParts > 1 && kHeadDim > 64 ? 2 : kRowTiles == 1 ? 3 : 1;
   static constexpr int kChunks = kHeadDim / 8;       // 16-byte chunks per row
   static constexpr int kSteps = kHeadDim / 16;       // k-steps of Q Kᵀ
   static constexpr int kScoreTiles = kBlockN / 8;    // n8 tiles of S
@@ -147,7 +159,7 @@ struct FwdTile {
   static constexpr int kRows = kRowTiles * 2;        // rows per thread (g and g + 8 of each m16 tile)
   template <typename T>
   static constexpr int smem_bytes() {
-    return (kBlockM + 4 * kBlockN) * kHeadDim * (int)sizeof(T) + 2 * kKeyRecordFields * kBlockN * (int)sizeof(float);
+    return kParts * (kBlockM + 4 * kBlockN) * kHeadDim * (int)sizeof(T) + 2 * kKeyRecordFields * kBlockN * (int)sizeof(float);
   }
 };
 
@@ -185,20 +197,55 @@ __device__ __forceinline__ void load_q_step(uint32_t (&qf)[kRowTiles][4], const 
   }
 }
 
-template <typename T, int kHeadDim, bool kDistance>
-__global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTile<kHeadDim, kDistance>::kMinBlocks)
+// A product of two split operands, x·y with x = x0 + x1 + x2 (bf16 parts of decreasing size): the six
+// part products x_a·y_b with a + b ≤ 2, smallest first, accumulated in fp32. The three left out are below
+// 2^-24 of x·y, so the result is float32-accurate (the "3×tf32" idea with three bf16 terms instead of two
+// tf32 ones; the same tensor-core time, and the same mma/ldmatrix paths as the bf16 kernel).
+template <typename T, int kParts>
+__device__ __forceinline__ void mma_split(float (&acc)[4], const uint32_t (&a)[kParts][4], const uint32_t (&b)[kParts][2]) {
+  if constexpr (kParts == 1) {
+    mma_16816<T>(acc, a[0], b[0][0], b[0][1]);
+  } else {
+    mma_16816<T>(acc, a[2], b[0][0], b[0][1]);
+    mma_16816<T>(acc, a[1], b[1][0], b[1][1]);
+    mma_16816<T>(acc, a[0], b[2][0], b[2][1]);
+    mma_16816<T>(acc, a[1], b[0][0], b[0][1]);
+    mma_16816<T>(acc, a[0], b[1][0], b[1][1]);
+    mma_16816<T>(acc, a[0], b[0][0], b[0][1]);
+  }
+}
+
+// x ≈ Σ_part pack(parts): the first part is x rounded to T, each next one the rounded remainder.
+template <typename T, int kParts>
+__device__ __forceinline__ void split_pack2(uint32_t (&out)[kParts], float x0, float x1) {
+#pragma unroll
+  for (int part = 0; part < kParts; ++part) {
+    out[part] = pack2<T>(x0, x1);
+    if (part + 1 < kParts) {
+      const float2 r = unpack2<T>(out[part]);
+      x0 -= r.x, x1 -= r.y;  // exact: the rounding residue of x is representable
+    }
+  }
+}
+
+template <typename T, int kHeadDim, bool kDistance, int kParts>
+__global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads,
+                                  FwdTile<kHeadDim, kDistance, kParts>::kMinBlocks)
     attention_fwd_kernel(const FwdParams p) {
-  using Tile = FwdTile<kHeadDim, kDistance>;
+  using Tile = FwdTile<kHeadDim, kDistance, kParts>;
+  using OutT = std::conditional_t<kParts == 1, T, float>;  // split float32 inputs give a float32 output
   constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kThreads = Tile::kThreads;
   constexpr int kSteps = Tile::kSteps, kScoreTiles = Tile::kScoreTiles, kOutTiles = Tile::kOutTiles;
   constexpr int kRows = Tile::kRows, kRowTiles = Tile::kRowTiles;
   constexpr int kRecFloats = kKeyRecordFields * kBlockN;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
+  // Tiles (kParts copies each: part-major), K/V double-buffered: sK[stage][part][key][dim].
+  constexpr int kQTile = kBlockM * kHeadDim, kKVTile = kBlockN * kHeadDim;
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + kBlockM * kHeadDim;      // 2 stages
-  T* sV = sK + 2 * kBlockN * kHeadDim;  // 2 stages
-  float* sRec = reinterpret_cast<float*>(sV + 2 * kBlockN * kHeadDim);  // 2 stages × fields × kBlockN
+  T* sK = sQ + kParts * kQTile;              // 2 stages
+  T* sV = sK + 2 * kParts * kKVTile;         // 2 stages
+  float* sRec = reinterpret_cast<float*>(sV + 2 * kParts * kKVTile);  // 2 stages × fields × kBlockN
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;        // mma fragment row group / column pair
@@ -222,8 +269,12 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
   const int n_tiles = (kv_end + kBlockN - 1) / kBlockN;
 
   auto load_kv = [&](int j, int stage) {
-    load_tile_async<T, kHeadDim, kBlockN, kThreads>(sK + stage * kBlockN * kHeadDim, k_ptr, p.k_stride.row, j * kBlockN, M);
-    load_tile_async<T, kHeadDim, kBlockN, kThreads>(sV + stage * kBlockN * kHeadDim, v_ptr, p.v_stride.row, j * kBlockN, M);
+#pragma unroll
+    for (int part = 0; part < kParts; ++part) {
+      const int tile = (stage * kParts + part) * kKVTile;
+      load_tile_async<T, kHeadDim, kBlockN, kThreads>(sK + tile, k_ptr + part * p.k_stride.part, p.k_stride.row, j * kBlockN, M);
+      load_tile_async<T, kHeadDim, kBlockN, kThreads>(sV + tile, v_ptr + part * p.v_stride.part, p.v_stride.row, j * kBlockN, M);
+    }
     constexpr int kRecChunks = kRecFloats / 4;
     if (threadIdx.x < kRecChunks) {
       const int field = threadIdx.x / (kBlockN / 4), c = threadIdx.x % (kBlockN / 4);
@@ -233,7 +284,10 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
   };
 
   // Load Q_i and K_0, V_0 (one cp.async group).
-  load_tile_async<T, kHeadDim, kBlockM, kThreads>(sQ, q_ptr, p.q_stride.row, i0, N);
+#pragma unroll
+  for (int part = 0; part < kParts; ++part) {
+    load_tile_async<T, kHeadDim, kBlockM, kThreads>(sQ + part * kQTile, q_ptr + part * p.q_stride.part, p.q_stride.row, i0, N);
+  }
   load_kv(0, 0);
   cp_async_commit();
 
@@ -286,7 +340,12 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
         for (int c = t; c < Tile::kChunks; c += 4) {
           const T* x = sQ + swizzled<kHeadDim>(row, c);
 #pragma unroll
-          for (int e = 0; e < 8; ++e) sq = fmaf(to_float(x[e]), to_float(x[e]), sq);
+          for (int e = 0; e < 8; ++e) {
+            float xe = 0.f;
+#pragma unroll
+            for (int part = 0; part < kParts; ++part) xe += to_float(x[part * kQTile + e]);
+            sq = fmaf(xe, xe, sq);
+          }
         }
         sq = quad_sum(sq);
         const float q0 = sqrtf(kh + sq);
@@ -304,8 +363,8 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
       }
     }
 
-    const T* sKs = sK + stage * kBlockN * kHeadDim;
-    const T* sVs = sV + stage * kBlockN * kHeadDim;
+    const T* sKs = sK + stage * kParts * kKVTile;  // part `part` at + part·kKVTile
+    const T* sVs = sV + stage * kParts * kKVTile;
     const float* sRecs = sRec + stage * kRecFloats;
 
     // S_ij = Q_i K_jᵀ on tensor cores (fp32 accumulate); each K fragment feeds both m16 tiles.
@@ -319,17 +378,30 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
       // Q fragments are re-read from smem per k-step (FA2 does the same): the registers hold S and O.
-      uint32_t qf[kRowTiles][4];
-      load_q_step<T, kHeadDim, kRowTiles>(qf, sQ, warp_row, s);
+      uint32_t qf[kRowTiles][kParts][4];
+#pragma unroll
+      for (int part = 0; part < kParts; ++part) {
+        uint32_t qp[kRowTiles][4];
+        load_q_step<T, kHeadDim, kRowTiles>(qp, sQ + part * kQTile, warp_row, s);
+#pragma unroll
+        for (int rt = 0; rt < kRowTiles; ++rt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) qf[rt][part][e] = qp[rt][e];
+      }
 #pragma unroll
       for (int np = 0; np < kScoreTiles / 2; ++np) {
-        uint32_t kf[4];
+        uint32_t kf0[kParts][2], kf1[kParts][2];  // B operands of n8 tiles 2np and 2np + 1
         const int key = np * 16 + ((lmat >> 1) << 3) + lrow;
-        ldmatrix_x4(kf, smem_addr(sKs + swizzled<kHeadDim>(key, 2 * s + (lmat & 1))));
+#pragma unroll
+        for (int part = 0; part < kParts; ++part) {
+          uint32_t kf[4];
+          ldmatrix_x4(kf, smem_addr(sKs + part * kKVTile + swizzled<kHeadDim>(key, 2 * s + (lmat & 1))));
+          kf0[part][0] = kf[0], kf0[part][1] = kf[1], kf1[part][0] = kf[2], kf1[part][1] = kf[3];
+        }
 #pragma unroll
         for (int rt = 0; rt < kRowTiles; ++rt) {
-          mma_16816<T>(acc_s[rt][2 * np], qf[rt], kf[0], kf[1]);
-          mma_16816<T>(acc_s[rt][2 * np + 1], qf[rt], kf[2], kf[3]);
+          mma_split<T, kParts>(acc_s[rt][2 * np], qf[rt], kf0);
+          mma_split<T, kParts>(acc_s[rt][2 * np + 1], qf[rt], kf1);
         }
       }
     }
@@ -482,7 +554,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
     // O_i += P_ij V_j: the S fragment becomes the A operand (Poincaré: P scaled by the value lift 2/(1 − c|v|²)).
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[kRowTiles][4];
+      uint32_t a[kRowTiles][kParts][4];  // P (split into kParts terms for float32 inputs)
 #pragma unroll
       for (int rt = 0; rt < kRowTiles; ++rt) {
         float w[8];
@@ -494,8 +566,13 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
           w[0] *= s0.x, w[1] *= s0.y, w[2] *= s0.x, w[3] *= s0.y;
           w[4] *= s1.x, w[5] *= s1.y, w[6] *= s1.x, w[7] *= s1.y;
         }
-        a[rt][0] = pack2<T>(w[0], w[1]), a[rt][1] = pack2<T>(w[2], w[3]);
-        a[rt][2] = pack2<T>(w[4], w[5]), a[rt][3] = pack2<T>(w[6], w[7]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          uint32_t parts[kParts];
+          split_pack2<T, kParts>(parts, w[2 * e], w[2 * e + 1]);
+#pragma unroll
+          for (int part = 0; part < kParts; ++part) a[rt][part][e] = parts[part];
+        }
         // O_0 += P_ij v0_j with the same rounded weights the tensor cores use for O_s, so O stays an
         // exact combination of lifted points and O0² − |Os|² does not cancel through rounding.
         if (kDistance || p.score != SCORE_EUCLIDEAN) {
@@ -503,7 +580,12 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
           const float2 v0b = *reinterpret_cast<const float2*>(sRecs + REC_V0 * kBlockN + kk * 16 + 8 + 2 * t);
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            const float2 pa = unpack2<T>(a[rt][half]), pb = unpack2<T>(a[rt][2 + half]);
+            float2 pa = make_float2(0.f, 0.f), pb = make_float2(0.f, 0.f);
+#pragma unroll
+            for (int part = kParts - 1; part >= 0; --part) {
+              const float2 xa = unpack2<T>(a[rt][part][half]), xb = unpack2<T>(a[rt][part][2 + half]);
+              pa.x += xa.x, pa.y += xa.y, pb.x += xb.x, pb.y += xb.y;
+            }
             const float ta = fmaf(pa.x, v0a.x, pa.y * v0a.y), tb = fmaf(pb.x, v0b.x, pb.y * v0b.y);
             o0_i[rt * 2 + half] += ta + tb;
           }
@@ -511,13 +593,18 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
       }
 #pragma unroll
       for (int np = 0; np < kOutTiles / 2; ++np) {
-        uint32_t vf[4];
+        uint32_t vf0[kParts][2], vf1[kParts][2];  // B operands of n8 tiles 2np and 2np + 1
         const int key = kk * 16 + ((lmat & 1) << 3) + lrow;
-        ldmatrix_x4_trans(vf, smem_addr(sVs + swizzled<kHeadDim>(key, 2 * np + (lmat >> 1))));
+#pragma unroll
+        for (int part = 0; part < kParts; ++part) {
+          uint32_t vf[4];
+          ldmatrix_x4_trans(vf, smem_addr(sVs + part * kKVTile + swizzled<kHeadDim>(key, 2 * np + (lmat >> 1))));
+          vf0[part][0] = vf[0], vf0[part][1] = vf[1], vf1[part][0] = vf[2], vf1[part][1] = vf[3];
+        }
 #pragma unroll
         for (int rt = 0; rt < kRowTiles; ++rt) {
-          mma_16816<T>(acc_o[rt][2 * np], a[rt], vf[0], vf[1]);
-          mma_16816<T>(acc_o[rt][2 * np + 1], a[rt], vf[2], vf[3]);
+          mma_split<T, kParts>(acc_o[rt][2 * np], a[rt], vf0);
+          mma_split<T, kParts>(acc_o[rt][2 * np + 1], a[rt], vf1);
         }
       }
     }
@@ -551,11 +638,12 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance>::kThreads, FwdTil
     }
     const int row = i0 + warp_row + rt * 16 + g + 8 * (r & 1);
     if (row < N) {
-      T* out_row = static_cast<T*>(p.out) + ((size_t)bh * N + row) * kHeadDim;
+      OutT* out_row = static_cast<OutT*>(p.out) + ((size_t)bh * N + row) * kHeadDim;
 #pragma unroll
       for (int n = 0; n < kOutTiles; ++n) {
-        *reinterpret_cast<uint32_t*>(out_row + n * 8 + 2 * t) =
-            pack2<T>(acc_o[rt][n][e0] * factor, acc_o[rt][n][e0 + 1] * factor);
+        const float x0 = acc_o[rt][n][e0] * factor, x1 = acc_o[rt][n][e0 + 1] * factor;
+        if constexpr (kParts == 1) *reinterpret_cast<uint32_t*>(out_row + n * 8 + 2 * t) = pack2<T>(x0, x1);
+        else *reinterpret_cast<float2*>(out_row + n * 8 + 2 * t) = make_float2(x0, x1);
       }
       if (t == 0) {
         // L_i = ln Σ_j exp(S_ij) = (exp_scale·m_i + log2 l_i)·ln 2

@@ -1,16 +1,17 @@
-// Launcher of the main forward kernel for one (dtype, head dim); instantiated by the small
-// attention_fwd_<dtype>_hd<D>_<family>.cu files so the cold build compiles them in parallel.
+// Launcher of the main forward kernel for one (dtype, head dim, score family, parts); instantiated by the
+// small attention_fwd_<dtype>_hd<D>_<family>.cu files so the cold build compiles them in parallel
+// (fp32 = bf16 parts of split float32 inputs, kParts = 3).
 #pragma once
 
 #include "attention_fwd_kernel.cuh"
 
 namespace hyptorch_flash {
 
-template <typename T, int kHeadDim, bool kDistance>
+template <typename T, int kHeadDim, bool kDistance, int kParts>
 cudaError_t launch_fwd_main(const FwdParams& p, cudaStream_t stream) {
-  using Tile = FwdTile<kHeadDim, kDistance>;
+  using Tile = FwdTile<kHeadDim, kDistance, kParts>;
   constexpr int smem = Tile::template smem_bytes<T>();
-  auto kernel = attention_fwd_kernel<T, kHeadDim, kDistance>;
+  auto kernel = attention_fwd_kernel<T, kHeadDim, kDistance, kParts>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid((p.n_queries + Tile::kBlockM - 1) / Tile::kBlockM, p.batch * p.heads);

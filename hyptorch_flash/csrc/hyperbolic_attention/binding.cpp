@@ -26,7 +26,32 @@ at::Tensor with_kernel_strides(const at::Tensor& x) {
   return ok ? x : x.contiguous();
 }
 
-hyptorch_flash::Strides4 strides_of(const at::Tensor& x) { return {x.stride(0), x.stride(1), x.stride(2)}; }
+// float32 input x → (3, B, H, rows, D) bf16 parts with x = hi + mid + lo to float32 precision (each part
+// is the bf16 rounding of what the previous ones leave; the subtractions are exact).
+at::Tensor split_into_bf16_parts(const at::Tensor& x) {
+  const at::Tensor hi = x.to(at::kBFloat16);
+  const at::Tensor rest = x - hi.to(at::kFloat);
+  const at::Tensor mid = rest.to(at::kBFloat16);
+  const at::Tensor lo = (rest - mid.to(at::kFloat)).to(at::kBFloat16);
+  return at::stack({hi, mid, lo});
+}
+
+// The tensor the kernel reads (part 0 of the split for float32) and its strides.
+struct KernelInput {
+  at::Tensor storage;  // keeps the split parts alive until the launch
+  at::Tensor view;
+  hyptorch_flash::Strides4 strides;
+};
+
+KernelInput kernel_input(const at::Tensor& x) {
+  if (x.scalar_type() == at::kFloat) {
+    at::Tensor parts = split_into_bf16_parts(x);
+    at::Tensor view = parts[0];
+    return {parts, view, {view.stride(0), view.stride(1), view.stride(2), parts.stride(0)}};
+  }
+  at::Tensor view = with_kernel_strides(x);
+  return {view, view, {view.stride(0), view.stride(1), view.stride(2), 0}};
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                                    const at::Tensor& curvature, const at::Tensor& coef,
@@ -37,11 +62,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const
   check_input(q_in, "q", D);
   check_input(k_in, "k", D);
   check_input(v_in, "v", D);
-  const at::Tensor q = with_kernel_strides(q_in), k = with_kernel_strides(k_in), v = with_kernel_strides(v_in);
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
-              "hyptorch_flash_cuda.fwd: dtype must be bfloat16 or float16, got ", q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+  const at::ScalarType dtype = q_in.scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
+              "hyptorch_flash_cuda.fwd: dtype must be bfloat16, float16 or float32, got ", dtype);
+  TORCH_CHECK(k_in.scalar_type() == dtype && v_in.scalar_type() == dtype,
               "hyptorch_flash_cuda.fwd: q, k, v must share one dtype");
+  const KernelInput qi = kernel_input(q_in), ki = kernel_input(k_in), vi = kernel_input(v_in);
+  const at::Tensor &q = qi.view, &k = ki.view, &v = vi.view;
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Hkv = k.size(1), M = k.size(2);
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == M,
               "hyptorch_flash_cuda.fwd: shapes q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " do not match");
@@ -65,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const
 
   const c10::cuda::CUDAGuard guard(q.device());
   auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = at::empty(q.sizes(), q_in.options());
   at::Tensor lse = at::empty({B, H, N}, f32);
   at::Tensor o0 = at::empty({B, H, N}, f32);
   const int64_t m_padded = (M + hyptorch_flash::kKeyRecordPad - 1) / hyptorch_flash::kKeyRecordPad * hyptorch_flash::kKeyRecordPad;
@@ -75,9 +102,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.q_stride = strides_of(q);
-  p.k_stride = strides_of(k);
-  p.v_stride = strides_of(v);
+  p.q_stride = qi.strides;
+  p.k_stride = ki.strides;
+  p.v_stride = vi.strides;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.o0 = o0.data_ptr<float>();
@@ -96,7 +123,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const
   p.output = (int)output;
   p.causal = causal;
   p.squared = squared;
-  p.is_bf16 = q.scalar_type() == at::kBFloat16;
+  p.is_bf16 = q.scalar_type() == at::kBFloat16;  // also for the bf16 parts of float32 inputs
+  p.parts = dtype == at::kFloat ? 3 : 1;
   p.acosh_eps = (float)acosh_eps;
   if (N > 0 && B * H > 0) {
     const cudaError_t err = hyptorch_flash::launch_attention_fwd(p, at::cuda::getCurrentCUDAStream());
