@@ -55,6 +55,12 @@ constexpr float kLn2 = 0.6931471805599453f;
 //   BIAS: 0 or −inf (padded key or j ≥ M)
 enum KeyRecordField : int { REC_A = 0, REC_B = 1, REC_V0 = 2, REC_VS = 3, REC_BIAS = 4 };
 
+// Sums of squares behind the time coordinates x0 = sqrt(k + |x|²): float64 for split float32 inputs.
+// x0² − |x|² = k cancels by orders of magnitude at large norms (in the scores' q0·k0 − q·k and the
+// centroid's O0² − |Os|²), so float32 results need |x|² and x0 correctly rounded, not a few ulps off.
+template <int kParts>
+using SqAcc = std::conditional_t<(kParts > 1), double, float>;
+
 // ---------------------------------------------------------------------------------------------
 // Prologue: per (batch, query head, key j < Mpad) the key's record. Per query head because the
 // curvature is per query head (a GQA key/value head is shared by heads of different k).
@@ -70,7 +76,7 @@ __global__ void __launch_bounds__(256) key_records_kernel(const FwdParams p) {
   const int b = bh / p.heads, h = bh % p.heads;
   const int hk = h / (p.heads / p.kv_heads);
   const bool real = j < p.n_keys;
-  float k_sq = 0.f, v_sq = 0.f;
+  SqAcc<kParts> k_sq = 0, v_sq = 0;
   if (real) {
     const T* k_row = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head + j * p.k_stride.row;
     const T* v_row = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head + j * p.v_stride.row;
@@ -87,7 +93,10 @@ __global__ void __launch_bounds__(256) key_records_kernel(const FwdParams p) {
       }
     }
 #pragma unroll
-    for (int e = 0; e < 8; ++e) k_sq = fmaf(kx[e], kx[e], k_sq), v_sq = fmaf(vx[e], vx[e], v_sq);
+    for (int e = 0; e < 8; ++e) {
+      k_sq = fma(SqAcc<kParts>(kx[e]), SqAcc<kParts>(kx[e]), k_sq);
+      v_sq = fma(SqAcc<kParts>(vx[e]), SqAcc<kParts>(vx[e]), v_sq);
+    }
   }
 #pragma unroll
   for (int off = kLanes / 2; off > 0; off /= 2) {
@@ -101,17 +110,22 @@ __global__ void __launch_bounds__(256) key_records_kernel(const FwdParams p) {
   // Tile padding (j ≥ M): never visible (bias −inf), finite everywhere, zero value weight.
   float a = 0.f, bcoef = 1.f, v0 = 0.f, vscale = real ? 1.f : 0.f;
   if (real && (p.score == SCORE_LORENTZ_DOT || p.score == SCORE_DISTANCE)) {
-    a = sqrtf(kh + k_sq);   // k0
-    v0 = sqrtf(kh + v_sq);  // v0
+    a = (float)sqrt(kh + k_sq);   // k0
+    v0 = (float)sqrt(kh + v_sq);  // v0
   } else if (real && p.score == SCORE_POINCARE) {
     // Lift identity (DESIGN.md §2.3), c = 1/k, c|p|² clamped below 1 − margin
     const float c = 1.f / kh, top = 1.f - numerics::BALL_MARGIN_F32;
-    a = k_sq;
-    bcoef = 1.f / (1.f - fminf(c * k_sq, top));
-    const float av = fminf(v_sq / kh, top), inv = 1.f / (1.f - av);
+    a = (float)k_sq;
+    bcoef = 1.f / (1.f - fminf(c * a, top));
+    const float av = fminf((float)v_sq / kh, top), inv = 1.f / (1.f - av);
     vscale = 2.f * inv;  // Lorentz lift of a ball point: xs = 2p/(1 − a), x0 = sqrt(k)(1 + a)/(1 − a)
     // stored as x0/vscale: the kernel weighs it with the same rounded P·vscale that multiplies p
     v0 = 0.5f * sqrtf(kh) * (1.f + av);
+    if (kParts > 1 && av < top) {
+      // float32: the time part of the point the tensor cores see, vscale·(v0, p) with vscale as rounded,
+      // so that (vscale·v0)² − |vscale·p|² = k holds to float64 before v0 is rounded
+      v0 = (float)sqrt(kh / ((SqAcc<kParts>)vscale * vscale) + v_sq);
+    }
   }
   const bool padded = !real || (p.key_padding != nullptr && p.key_padding[(size_t)b * p.n_keys + j] != 0);
   rec[REC_A * stride] = a;
@@ -150,8 +164,8 @@ struct FwdTile {
                                                   : HYPTORCH_FWD_BLOCK_N_D128;
   static constexpr int kThreads = kWarps * 32;
   // CTAs per SM the register budget must allow (1: up to 255 registers; 3: up to 168)
-  // (split float32 at D = 128: shared memory allows 2 CTAs, so up to 255 registers)
-  static constexpr int kMinBlocks = kParts > 1 && kHeadDim > 64 ? 2 : kRowTiles == 1 ? 3 : 1;
+  // (split float32: 2, up to 255 registers for the tile-local P·V sums; D = 128 fits 2 CTAs in shared memory)
+  static constexpr int kMinBlocks = kParts > 1 ? 2 : kRowTiles == 1 ? 3 : 1;
   static constexpr int kChunks = kHeadDim / 8;       // 16-byte chunks per row
   static constexpr int kSteps = kHeadDim / 16;       // k-steps of Q Kᵀ
   static constexpr int kScoreTiles = kBlockN / 8;    // n8 tiles of S
@@ -201,18 +215,19 @@ __device__ __forceinline__ void load_q_step(uint32_t (&qf)[kRowTiles][4], const 
 // part products x_a·y_b with a + b ≤ 2, smallest first, accumulated in fp32. The three left out are below
 // 2^-24 of x·y, so the result is float32-accurate (the "3×tf32" idea with three bf16 terms instead of two
 // tf32 ones; the same tensor-core time, and the same mma/ldmatrix paths as the bf16 kernel).
+// The five small products go to `acc_small` and x_0·y_0 to `acc` (pass the same array twice for one
+// accumulator, smallest terms first).
 template <typename T, int kParts>
-__device__ __forceinline__ void mma_split(float (&acc)[4], const uint32_t (&a)[kParts][4], const uint32_t (&b)[kParts][2]) {
-  if constexpr (kParts == 1) {
-    mma_16816<T>(acc, a[0], b[0][0], b[0][1]);
-  } else {
-    mma_16816<T>(acc, a[2], b[0][0], b[0][1]);
-    mma_16816<T>(acc, a[1], b[1][0], b[1][1]);
-    mma_16816<T>(acc, a[0], b[2][0], b[2][1]);
-    mma_16816<T>(acc, a[1], b[0][0], b[0][1]);
-    mma_16816<T>(acc, a[0], b[1][0], b[1][1]);
-    mma_16816<T>(acc, a[0], b[0][0], b[0][1]);
+__device__ __forceinline__ void mma_split(float (&acc)[4], float (&acc_small)[4], const uint32_t (&a)[kParts][4],
+                                          const uint32_t (&b)[kParts][2]) {
+  if constexpr (kParts > 1) {
+    mma_16816<T>(acc_small, a[2], b[0][0], b[0][1]);
+    mma_16816<T>(acc_small, a[1], b[1][0], b[1][1]);
+    mma_16816<T>(acc_small, a[0], b[2][0], b[2][1]);
+    mma_16816<T>(acc_small, a[1], b[0][0], b[0][1]);
+    mma_16816<T>(acc_small, a[0], b[1][0], b[1][1]);
   }
+  mma_16816<T>(acc, a[0], b[0][0], b[0][1]);
 }
 
 // x ≈ Σ_part pack(parts): the first part is x rounded to T, each next one the rounded remainder.
@@ -335,7 +350,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const int row = warp_row + (r >> 1) * 16 + g + 8 * (r & 1);
-        float sq = 0.f;
+        SqAcc<kParts> sq_acc = 0;
 #pragma unroll
         for (int c = t; c < Tile::kChunks; c += 4) {
           const T* x = sQ + swizzled<kHeadDim>(row, c);
@@ -344,11 +359,13 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
             float xe = 0.f;
 #pragma unroll
             for (int part = 0; part < kParts; ++part) xe += to_float(x[part * kQTile + e]);
-            sq = fmaf(xe, xe, sq);
+            sq_acc = fma(SqAcc<kParts>(xe), SqAcc<kParts>(xe), sq_acc);
           }
         }
-        sq = quad_sum(sq);
-        const float q0 = sqrtf(kh + sq);
+        sq_acc += __shfl_xor_sync(0xffffffffu, sq_acc, 1);  // quad sum
+        sq_acc += __shfl_xor_sync(0xffffffffu, sq_acc, 2);
+        const float sq = (float)sq_acc;
+        const float q0 = (float)sqrt(kh + sq_acc);
         if (p.score == SCORE_EUCLIDEAN) {
           row_a[r] = 0.f, row_b[r] = 0.f;
         } else if (p.score == SCORE_LORENTZ_DOT) {
@@ -375,6 +392,10 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
       for (int n = 0; n < kScoreTiles; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_s[rt][n][e] = 0.f;
+    // Split float32: the five small part products in their own accumulator, so the truncating alignment
+    // of the tensor cores' accumulation is relative to them, not to the large x_0·y_0 sum.
+    float acc_s_small[kRowTiles][kScoreTiles][4] = {};
+    if constexpr (kParts == 1) (void)acc_s_small;
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
       // Q fragments are re-read from smem per k-step (FA2 does the same): the registers hold S and O.
@@ -400,10 +421,18 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
         }
 #pragma unroll
         for (int rt = 0; rt < kRowTiles; ++rt) {
-          mma_split<T, kParts>(acc_s[rt][2 * np], qf[rt], kf0);
-          mma_split<T, kParts>(acc_s[rt][2 * np + 1], qf[rt], kf1);
+          mma_split<T, kParts>(acc_s[rt][2 * np], acc_s_small[rt][2 * np], qf[rt], kf0);
+          mma_split<T, kParts>(acc_s[rt][2 * np + 1], acc_s_small[rt][2 * np + 1], qf[rt], kf1);
         }
       }
+    }
+    if constexpr (kParts > 1) {
+#pragma unroll
+      for (int rt = 0; rt < kRowTiles; ++rt)
+#pragma unroll
+        for (int n = 0; n < kScoreTiles; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_s[rt][n][e] += acc_s_small[rt][n][e];
     }
 
     // Score functor in fp32: rank-1 Minkowski correction or clamped arccosh; then the masks.
@@ -552,9 +581,8 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
     }
 
     // O_i += P_ij V_j: the S fragment becomes the A operand (Poincaré: P scaled by the value lift 2/(1 − c|v|²)).
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[kRowTiles][kParts][4];  // P (split into kParts terms for float32 inputs)
+    // A operands of keys 16·kk … 16·kk + 15 (P split into kParts terms), and O_0 += P_ij v0_j.
+    auto p_operands = [&](int kk, auto& a) {
 #pragma unroll
       for (int rt = 0; rt < kRowTiles; ++rt) {
         float w[8];
@@ -591,21 +619,61 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
           }
         }
       }
+    };
+    // B operands of V_j (keys 16·kk …, n8 tiles 2np and 2np + 1 of the head dim), every part.
+    auto v_operands = [&](int kk, int np, uint32_t (&vf0)[kParts][2], uint32_t (&vf1)[kParts][2]) {
+      const int key = kk * 16 + ((lmat & 1) << 3) + lrow;
+#pragma unroll
+      for (int part = 0; part < kParts; ++part) {
+        uint32_t vf[4];
+        ldmatrix_x4_trans(vf, smem_addr(sVs + part * kKVTile + swizzled<kHeadDim>(key, 2 * np + (lmat >> 1))));
+        vf0[part][0] = vf[0], vf0[part][1] = vf[1], vf1[part][0] = vf[2], vf1[part][1] = vf[3];
+      }
+    };
+    if constexpr (kParts == 1) {
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        uint32_t a[kRowTiles][kParts][4];
+        p_operands(kk, a);
+#pragma unroll
+        for (int np = 0; np < kOutTiles / 2; ++np) {
+          uint32_t vf0[kParts][2], vf1[kParts][2];
+          v_operands(kk, np, vf0, vf1);
+#pragma unroll
+          for (int rt = 0; rt < kRowTiles; ++rt) {
+            mma_split<T, kParts>(acc_o[rt][2 * np], acc_o[rt][2 * np], a[rt], vf0);
+            mma_split<T, kParts>(acc_o[rt][2 * np + 1], acc_o[rt][2 * np + 1], a[rt], vf1);
+          }
+        }
+      }
+    } else {
+      // Split float32: the tile's P_ij V_j is summed in fresh registers (large and small part products
+      // apart, as for S) and added to O_i by fp32 adds. The tensor cores align the addends of an
+      // accumulation by truncation, a bias per mma that would grow with the number of key tiles if O_i
+      // itself were the accumulator.
+      uint32_t a[kBlockN / 16][kRowTiles][kParts][4];
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) p_operands(kk, a[kk]);
 #pragma unroll
       for (int np = 0; np < kOutTiles / 2; ++np) {
-        uint32_t vf0[kParts][2], vf1[kParts][2];  // B operands of n8 tiles 2np and 2np + 1
-        const int key = kk * 16 + ((lmat & 1) << 3) + lrow;
+        float pv[kRowTiles][2][4] = {}, pv_small[kRowTiles][2][4] = {};
 #pragma unroll
-        for (int part = 0; part < kParts; ++part) {
-          uint32_t vf[4];
-          ldmatrix_x4_trans(vf, smem_addr(sVs + part * kKVTile + swizzled<kHeadDim>(key, 2 * np + (lmat >> 1))));
-          vf0[part][0] = vf[0], vf0[part][1] = vf[1], vf1[part][0] = vf[2], vf1[part][1] = vf[3];
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          uint32_t vf0[kParts][2], vf1[kParts][2];
+          v_operands(kk, np, vf0, vf1);
+#pragma unroll
+          for (int rt = 0; rt < kRowTiles; ++rt) {
+            mma_split<T, kParts>(pv[rt][0], pv_small[rt][0], a[kk][rt], vf0);
+            mma_split<T, kParts>(pv[rt][1], pv_small[rt][1], a[kk][rt], vf1);
+          }
         }
 #pragma unroll
-        for (int rt = 0; rt < kRowTiles; ++rt) {
-          mma_split<T, kParts>(acc_o[rt][2 * np], a[rt], vf0);
-          mma_split<T, kParts>(acc_o[rt][2 * np + 1], a[rt], vf1);
-        }
+        for (int rt = 0; rt < kRowTiles; ++rt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            acc_o[rt][2 * np][e] += pv[rt][0][e] + pv_small[rt][0][e];
+            acc_o[rt][2 * np + 1][e] += pv[rt][1][e] + pv_small[rt][1][e];
+          }
       }
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
@@ -619,18 +687,25 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
     const float l = quad_sum(l_i[r]);
     const float inv_l = l > 0.f ? 1.f / l : 0.f;  // l = 0: every key masked → O = 0, L = −inf
     const float o0 = quad_sum(o0_i[r]) * inv_l;
-    float os_sq = 0.f;
+    SqAcc<kParts> os_sq = 0;
 #pragma unroll
     for (int n = 0; n < kOutTiles; ++n) {
       acc_o[rt][n][e0] *= inv_l, acc_o[rt][n][e0 + 1] *= inv_l;
-      os_sq = fmaf(acc_o[rt][n][e0], acc_o[rt][n][e0], fmaf(acc_o[rt][n][e0 + 1], acc_o[rt][n][e0 + 1], os_sq));
+      using A = SqAcc<kParts>;
+      os_sq = fma(A(acc_o[rt][n][e0]), A(acc_o[rt][n][e0]), fma(A(acc_o[rt][n][e0 + 1]), A(acc_o[rt][n][e0 + 1]), os_sq));
     }
-    os_sq = quad_sum(os_sq);
+    os_sq += __shfl_xor_sync(0xffffffffu, os_sq, 1);  // quad sum
+    os_sq += __shfl_xor_sync(0xffffffffu, os_sq, 2);
     float factor = 1.f;
     if (p.output != OUTPUT_EUCLIDEAN) {
-      // n = sqrt(O0² − |Os|²) as (O0 − |Os|)(O0 + |Os|): one rounding instead of a cancellation.
-      const float os_norm = sqrtf(fmaxf(os_sq, numerics::MIN_SQ_NORM_F32));
-      const float n_lor = sqrtf(fmaxf((o0 - os_norm) * (o0 + os_norm), numerics::MIN_SQ_NORM_F32));
+      float n_lor;
+      if constexpr (kParts == 1) {
+        // n = sqrt(O0² − |Os|²) as (O0 − |Os|)(O0 + |Os|): one rounding instead of a cancellation.
+        const float os_norm = sqrtf(fmaxf(os_sq, numerics::MIN_SQ_NORM_F32));
+        n_lor = sqrtf(fmaxf((o0 - os_norm) * (o0 + os_norm), numerics::MIN_SQ_NORM_F32));
+      } else {
+        n_lor = (float)sqrt(fmax(fma((double)o0, (double)o0, -os_sq), (double)numerics::MIN_SQ_NORM_F32));
+      }
       if (p.output == OUTPUT_LORENTZ) factor = sqrt_k / n_lor;
       else if (p.output == OUTPUT_KLEIN) factor = sqrt_k / o0;
       else factor = sqrt_k / (o0 + n_lor);
