@@ -36,6 +36,11 @@ non-causal, two einsums, O(N·D·Dv) time: Σ_j φ(k_j) ṽ_jᵀ, then φ(q_i)�
 rows: intra-chunk tril(Φq Φkᵀ) ṽ (O(N·C·Dv)) plus the running state S = Σ_{j<chunk} φ(k_j) ṽ_jᵀ
 (O(N·D·Dv)); the backward is three scans of the same kind and keeps only Φq, Φk, ṽ (O(N·D)).
 Padded keys get φ = 0. The recurrent form for decoding (:class:`LinearAttentionState`) keeps S only.
+
+Backends: ``blockwise`` runs the forms above (and ``auto`` picks it: ``cuda`` has no kernel for this
+score and declines). ``reference`` materialises the N×M weights through the score functor
+s_ij = log w_ij and a softmax (softmax_j log w_ij = w_ij / Σ_j w_ij), so it also takes a dense
+``attn_mask``: bool removes weights, float multiplies them by exp(mask); ``blockwise`` declines one.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .focused_linear import CHUNK, CausalLinearScan, chunked_scan, focus_features, space_average
 from .problem import AttentionProblem, build_problem
@@ -52,7 +58,8 @@ from .problem import AttentionProblem, build_problem
 def _features_and_values(problem: AttentionProblem):
     """φ(q) ``(B,H,N,D)``, φ(k) with padded keys zeroed, and ṽ = [v | 1] ``(B,H,M,Dv+1)`` (compute dtype)."""
     q, k, v, _, power = problem.expanded()
-    phi_q, phi_k = focus_features(q, power), focus_features(k, power)
+    # φ is cheap elementwise math with ~8 (N, D) intermediates: recompute it in the backward instead of storing them
+    phi_q, phi_k = (checkpoint(focus_features, x, power, use_reentrant=False) for x in (q, k))
     pad = problem.mask.key_padding_mask
     if pad is not None:
         phi_k = phi_k.masked_fill(pad[:, None, :, None], 0.0)

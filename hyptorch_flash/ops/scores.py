@@ -8,7 +8,10 @@ Functors are plain differentiable PyTorch, so the blockwise backward obtains eve
 (q, k, curvature, coefficient) from them by autograd on one tile at a time.
 
 Each variant also names how its values are lifted before the P·V product (``lift_values``):
-Lorentz coordinates for the hyperbolic variants, unchanged vectors for ``euclidean``.
+Lorentz coordinates for the hyperbolic variants, unchanged vectors for ``euclidean`` and ``linear``.
+``linear`` (Hypformer) is a kernel, not a score: its functor returns log(φ(q)·φ(k)) so that the
+softmax reproduces the normalised kernel weights in the quadratic reference; its O(N) form lives in
+``linear_attention.py``, and its aggregation is the mean of the values' space parts (``aggregation``).
 """
 from __future__ import annotations
 
