@@ -95,6 +95,25 @@ def test_pre_and_post_processing_reproduce_autograd_float64(score, output, mode)
         assert err <= 1e-9 * scale, f"{score}/{output}/{mode} {name}: error {err:.3e} (scale {scale:.3e})"
 
 
+@pytest.mark.parametrize("score", SCORES)
+def test_finish_gradients_takes_inputs_in_their_own_dtype(score):
+    """bf16 q, k, v with float32 contractions (the CUDA case, GQA): the same gradients as float32 copies of
+    the inputs, without making them (finish_gradients upcasts per element and sums over the group first)."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, Hkv, N, M, D = 2, 4, 2, 9, 7, 16
+    pts = dict(score=score, generator=gen, norm_scale=0.25, curvature=torch.ones(H, dtype=torch.float64))
+    q, k, v = (random_points(shape, **pts).bfloat16() for shape in ((B, H, N, D), (B, Hkv, M, D), (B, Hkv, M, D)))
+    rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    acc = (rnd(B, H, N, D), rnd(B, H, N, 2), rnd(B, H, M, D), rnd(B, H, M, D), rnd(B, H, M, 3), rnd(B, H, 1, 2))
+    curvature, coef = torch.rand(H, generator=gen) + 0.5, torch.rand(H, generator=gen) + 0.5
+    sid = SCORE_IDS[score]
+    got = cb.finish_gradients(*(x.clone() for x in acc), q, k, v, curvature, coef, sid, False)
+    want = cb.finish_gradients(*(x.clone() for x in acc), q.float(), k.float(), v.float(), curvature, coef, sid, False)
+    for name, g, w in zip(("dq", "dk", "dv", "dcurvature", "dcoef"), got, want):
+        assert g.dtype == (torch.bfloat16 if name in ("dq", "dk", "dv") else torch.float32), name
+        assert torch.equal(g, w.to(g.dtype)), name
+
+
 def test_delta_is_zero_without_rounding():
     """dO_L·O_L = 0: the epilogue is scale-invariant, so D_i vanishes before dO_s is rounded."""
     for output in ("lorentz", "klein", "poincare"):

@@ -267,11 +267,16 @@ def finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, sc
     """
     dt = G.dtype
     B, H, N, D = G.shape
-    # G, Gk and dVs are overwritten (they are the kernels' scratch)
+    # G, Gk and dVs are overwritten (they are the kernels' scratch). q, k, v enter the products in their
+    # own dtype (PyTorch upcasts per element, the same values as a float32 copy) and k, v are never
+    # repeated over a GQA group: the key-side terms are summed over the group first, so no (B, H, M, D)
+    # float32 copy of an input is made (peak memory of the backward).
     Hkv = k.shape[1]
     group = H // Hkv
-    qf = q.to(dt)
-    kf, vf = (x.to(dt) if group == 1 else x.to(dt).repeat_interleave(group, dim=1) for x in (k, v))
+
+    def group_sum(x):  # (B, H, M, …) → (B, Hkv, M, …): dK/dV of a key head sum over its query heads
+        return x if group == 1 else x.view(B, Hkv, group, *x.shape[2:]).sum(2)
+
     kap = curvature.to(dt).view(1, H, 1, 1)
     cf = coef.to(dt).view(1, H)
     R, RX = row[..., :1], row[..., 1:]
@@ -289,9 +294,9 @@ def finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, sc
     elif score in (SCORE_LORENTZ_DOT, SCORE_DISTANCE):
         q0, k0, v0 = ((kap + x).sqrt() for x in (q_sq, k_sq, v_sq))
         # in place: G, Gk, dVs are this call's own buffers (saves three float32 (B,H,N,D) temporaries)
-        dq = G.addcmul_(qf, R / q0, value=-1.0)
-        dk = Gk.addcmul_(kf, C / k0, value=-1.0)
-        dv = dVs.addcmul_(vf, dv0 / v0)
+        dq = G.addcmul_(q, R / q0, value=-1.0)
+        dk = group_sum(Gk).addcmul_(k, group_sum(C / k0), value=-1.0)
+        dv = group_sum(dVs).addcmul_(v, group_sum(dv0 / v0))
         dkap = heads_sum(-R / (2 * q0)) + heads_sum(-C / (2 * k0) + dv0 / (2 * v0))
         if score == SCORE_DISTANCE:
             dkap = dkap + (e * cf[0] * s1 - s2) / kap.view(H)
@@ -303,14 +308,15 @@ def finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, sc
         zero = torch.zeros((), dtype=dt, device=G.device)
         rx_a = torch.where(qa_raw <= BALL_TOP, RX * a, zero)  # d(a_i)·∂a/∂(c|p|²)/c-free part
         cx_b = torch.where(kb_raw <= BALL_TOP, CX * b, zero)
-        dq = qf * (2 * R + 2 * c * rx_a) - 2 * G
-        dk = kf * (2 * C + 2 * c * cx_b) - 2 * Gk
+        dq = G.mul_(-2.0).addcmul_(q, 2 * R + 2 * c * rx_a)
+        dk = group_sum(Gk.mul_(-2.0)).addcmul_(k, group_sum(2 * C + 2 * c * cx_b))
         av_raw = v_sq / kap
         av = av_raw.clamp_max(BALL_TOP)
         inv = 1.0 / (1.0 - av)
         sk = kap.sqrt()
-        common = torch.where(av_raw <= BALL_TOP, 2 * inv * inv * ((vf * dVs).sum(-1, keepdim=True) + sk * dv0), zero)
-        dv = 2 * inv * dVs + vf * (2 / kap) * common
+        v_dot_dvs = (dVs.view(B, Hkv, group, *dVs.shape[2:]) * v.unsqueeze(2)).sum(-1).view(B, H, -1, 1)
+        common = torch.where(av_raw <= BALL_TOP, 2 * inv * inv * (v_dot_dvs + sk * dv0), zero)
+        dv = group_sum(dVs.mul_(2 * inv)).addcmul_(v, group_sum((2 / kap) * common))
         dkap_v = heads_sum(dv0 * (1 + av) * inv / (2 * sk) - (av / kap) * common)
         # s2 = ∂L/∂c at fixed p, q (the kernel's unrounded sum; = s2/c + Σ RX·|q|²a + Σ CX·|k|²b with rounded dX)
         dkap = -(c.view(H) ** 2) * s2 + e * cf[0] * s1 / kap.view(H) + dkap_v
@@ -318,9 +324,8 @@ def finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, sc
         raise ValueError(f"hyptorch_flash: unknown score id {score}")
     if dcurvature_epilogue is not None:
         dkap = dkap + dcurvature_epilogue.to(dt)
-    if group > 1:
-        dk = dk.view(B, Hkv, group, *dk.shape[2:]).sum(2)
-        dv = dv.view(B, Hkv, group, *dv.shape[2:]).sum(2)
+    if score == SCORE_EUCLIDEAN:
+        dk, dv = group_sum(dk), group_sum(dv)
     return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dkap.to(curvature.dtype).contiguous(),
             s1.to(coef.dtype).contiguous())
 
