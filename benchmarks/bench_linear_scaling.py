@@ -30,7 +30,8 @@ def status(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 
-score, backend, causal, n, h, d, repeats, threads = sys.argv[1], sys.argv[2], sys.argv[3] == "1", *map(int, sys.argv[4:])
+score, backend, causal = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+n, h, d, repeats, threads = map(int, sys.argv[4:])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 q, k, v = (torch.randn(1, h, n, d, requires_grad=True) for _ in range(3))
@@ -120,7 +121,8 @@ def main() -> None:
             print(f"{label:<38} {n:>6} {row['seconds']:>9.3f} {row['peak_extra_bytes'] / 2**20:>10.1f}", flush=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor()
             or platform.machine(), "heads": args.heads, "dim": args.dim, "threads": args.threads,
-            "repeats": args.repeats, "trials": args.trials, "max_quadratic_n": args.max_quadratic_n, "dtype": "float32", "batch": 1}
+            "repeats": args.repeats, "trials": args.trials, "max_quadratic_n": args.max_quadratic_n,
+            "dtype": "float32", "batch": 1}
     with open(f"{args.out}.json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     plot(rows, f"{args.out}.png")

@@ -273,7 +273,8 @@ def test_gqa_equals_repeated_heads(causal):
 def test_full_lorentz_inputs_and_bool_attn_mask_in_reference():
     q, k, v = qkv(N=8, seed=12)
     kw = dict(score="linear", curvature=1.5, backend="blockwise")
-    torch.testing.assert_close(hf.hyperbolic_attention(lift(q, 1.5), lift(k, 1.5), lift(v, 1.5), full_lorentz=True, **kw),
+    full_in = [lift(t, 1.5) for t in (q, k, v)]
+    torch.testing.assert_close(hf.hyperbolic_attention(*full_in, full_lorentz=True, **kw),
                                lift(hf.hyperbolic_attention(q, k, v, **kw), 1.5), atol=1e-12, rtol=1e-12)
     causal_mask = torch.ones(8, 8, dtype=torch.bool).tril()
     torch.testing.assert_close(
@@ -335,9 +336,10 @@ def test_recurrent_state_equals_full_causal(pieces):
     q, k, v = qkv(H=4, Hkv=2, N=12, D=6, Dv=6, seed=13)
     pad = torch.rand(2, 12, generator=torch.Generator().manual_seed(3)) < 0.3
     v_map = torch.nn.Linear(6, 6).double()
-    kw = dict(power=torch.tensor([1.5, 2.0, 3.0, 2.5], dtype=F64), curvature=torch.tensor([0.5, 1.0, 2.0, 1.2], dtype=F64),
-              value_map=v_map, output="poincare")
-    full = hf.hyperbolic_attention(q, k, v, score="linear", causal=True, key_padding_mask=pad, backend="blockwise", **kw)
+    kw = dict(power=torch.tensor([1.5, 2.0, 3.0, 2.5], dtype=F64), value_map=v_map, output="poincare",
+              curvature=torch.tensor([0.5, 1.0, 2.0, 1.2], dtype=F64))
+    full = hf.hyperbolic_attention(q, k, v, score="linear", causal=True, key_padding_mask=pad, backend="blockwise",
+                                   **kw)
     state, outs, start = LinearAttentionState(), [], 0
     with torch.no_grad():
         for n in pieces:

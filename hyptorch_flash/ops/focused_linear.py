@@ -4,7 +4,7 @@ Hypformer (Yang, Ying, et al. 2024, "Hypformer: Exploring Efficient Transformer 
 Space", KDD) attends with a kernel instead of a softmax, on the *space* coordinates of Lorentz points:
 
     φ(x) = f_p(ReLU(x) + ε),   f_p(u) = (|u| / |u^p|)·u^p   (elementwise power; ε = 1e-6)
-    O_i = Σ_j (φ(q_i)·φ(k_j)) v_j / Σ_j φ(q_i)·φ(k_j)  =  φ(q_i)ᵀ(Σ_j φ(k_j) v_jᵀ) / φ(q_i)ᵀ(Σ_j φ(k_j))
+    O_i = Σ_j (φ(q_i)·φ(k_j)) v_j / Σ_j φ(q_i)·φ(k_j) = φ(q_i)ᵀ(Σ_j φ(k_j) v_jᵀ) / φ(q_i)ᵀ(Σ_j φ(k_j))
 
 so the whole layer costs O(N·D²) instead of O(N²·D). f_p keeps the norm of u and sharpens its
 direction (Flatten Transformer's "focused" map, Han et al. 2023); p is Hypformer's ``power_k``.

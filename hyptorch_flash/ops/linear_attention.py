@@ -145,7 +145,8 @@ def linear_attention_with_state(
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
     phi_q, phi_k, v_aug = _features_and_values(problem)
     prior = state.kv
-    if prior is not None and (prior.shape[:2] != phi_q.shape[:2] or prior.shape[2:] != (phi_q.shape[3], v_aug.shape[3])):
+    expected = phi_q.shape[:2] + (phi_q.shape[3], v_aug.shape[3])
+    if prior is not None and prior.shape != expected:
         raise ValueError(f"hyptorch_flash.linear_attention_with_state: state of shape {tuple(prior.shape)} does not "
                          f"continue queries {tuple(phi_q.shape)} with values of dim {v_aug.shape[3] - 1}")
     prior = None if prior is None else prior.to(phi_q.dtype)
