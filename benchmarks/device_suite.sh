@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Everything a GPU check of the CUDA backend needs, in one call (one cold machine, one JIT build):
+# build both extensions, run the CUDA tests, the sanitizer, then the benchmarks; logs go to $OUT
+# (default ./device_out). Steps are selected by name, e.g.
+#
+#   benchmarks/device_suite.sh build tests fwd_fp32 bwd_memory
+#
+# Steps: build, tests, sanitizer, fwd_quick, fwd_sweep, fwd_fp32, bwd, bwd_memory, bwd_flex.
+# Each step has its own time limit and a failing step does not stop the next ones; the script exits
+# non-zero if any step failed. On the lent device, install geoopt first (the device README's notes).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-device_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+failed=()
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name ($(date +%T))"
+  if ! timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1; then
+    failed+=("$name")
+  fi
+  tail -n 20 "$OUT/$name.txt"
+}
+
+(($#)) || set -- build tests
+for name in "$@"; do
+  case $name in
+    build) step build 300 python3 -c "from hyptorch_flash.ops import cuda_build, cuda_backward
+cuda_build.load(); cuda_backward.load_extension()" ;;
+    tests) step tests 400 python3 -m pytest -q -p no:warnings tests/test_cuda_forward.py tests/test_cuda_backward.py \
+      tests/test_layers_cuda.py ;;
+    sanitizer) PYTORCH_NO_CUDA_MEMORY_CACHING=1 step sanitizer 300 compute-sanitizer --tool memcheck \
+      --error-exitcode 1 python3 tests/cuda_sanitizer_cases.py ;;
+    fwd_quick) step fwd_quick 300 python3 benchmarks/bench_attention.py --quick --out "$OUT/fwd_quick.jsonl" ;;
+    fwd_sweep) step fwd_sweep 400 python3 benchmarks/bench_attention.py --out "$OUT/fwd.jsonl" \
+      --plot "$OUT/cuda_forward_sweep.png" ;;
+    fwd_fp32) step fwd_fp32 200 python3 benchmarks/bench_attention.py --fp32-only --out "$OUT/fwd_fp32.jsonl" ;;
+    bwd) step bwd 300 python3 benchmarks/bench_cuda_backward.py --iters 10 --profile ;;
+    bwd_memory) step bwd_memory 200 python3 benchmarks/bench_cuda_backward.py --dims 64 --scores sdpa \
+      --iters 3 --memory-n 16384 ;;
+    bwd_flex) step bwd_flex 300 python3 benchmarks/bench_cuda_backward.py --dims 64 \
+      --scores distance flex_distance --iters 5 ;;
+    *) echo "unknown step: $name"; failed+=("$name") ;;
+  esac
+done
+
+if ((${#failed[@]})); then
+  echo "FAILED steps: ${failed[*]}"
+  exit 1
+fi
