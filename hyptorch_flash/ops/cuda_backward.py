@@ -92,26 +92,28 @@ def epilogue_pullback(dout: torch.Tensor, out: torch.Tensor, o0: torch.Tensor, c
     w = torch.where(valid, o0.to(dt).unsqueeze(-1), torch.ones((), dtype=dt, device=o0.device))
     gy = (g * y).sum(-1, keepdim=True)
     ysq = (y * y).sum(-1, keepdim=True)
+    # (B,H,N,D) terms are built in place, one buffer each (peak memory of the backward); the
+    # operations and their order are those of the formulas above
     if output == OUTPUT_LORENTZ:
         y0sq = kap + ysq
         y0 = y0sq.sqrt()
-        o_s = w * y / y0
-        do_s = (y0 / w) * (g + gy * y / kap)
+        o_s = (w * y).div_(y0)
+        do_s = (gy * y).div_(kap).add_(g).mul_(y0 / w)
         do_0 = -gy * y0sq / (kap * w)
     elif output == OUTPUT_KLEIN:
-        o_s = w * y / sk
-        do_s = sk * g / w
+        o_s = (w * y).div_(sk)
+        do_s = (sk * g).div_(w)
         do_0 = -gy / w
     elif output == OUTPUT_POINCARE:
         a = (ysq / kap).clamp_max(1.0 - numerics.ball_margin(dt))
-        o_s = 2.0 * w * y / (sk * (1.0 + a))
-        do_s = ((1.0 + a) / w) * (0.5 * sk * g + gy * y / (sk * (1.0 - a)))
+        o_s = (2.0 * w * y).div_(sk * (1.0 + a))
+        do_s = (0.5 * sk * g).add_((gy * y).div_(sk * (1.0 - a))).mul_((1.0 + a) / w)
         do_0 = -gy * (1.0 + a) / (w * (1.0 - a))
     else:
         raise ValueError(f"hyptorch_flash: unknown output id {output}")
     zero = torch.zeros((), dtype=dt, device=g.device)
     dkap = (torch.where(valid, gy, zero) / (2 * kap)).sum((0, 2, 3))
-    return torch.where(valid, do_s, zero), torch.where(valid, do_0, zero).squeeze(-1), o_s, dkap
+    return do_s.masked_fill_(~valid, 0.0), torch.where(valid, do_0, zero).squeeze(-1), o_s, dkap
 
 
 def prepare_backward(dout, o_s, o0, curvature, output: int, dtype: torch.dtype):
@@ -132,11 +134,14 @@ def prepare_backward(dout, o_s, o0, curvature, output: int, dtype: torch.dtype):
         y = geometry.centroid_epilogue(torch.cat([o0.unsqueeze(-1), o_s], -1), curvature.to(stats).view(1, -1, 1, 1),
                                        {OUTPUT_LORENTZ: "lorentz", OUTPUT_KLEIN: "klein", OUTPUT_POINCARE: "poincare"}[output])
     do_s, do_0, o_rebuilt, dkap = epilogue_pullback(dout.to(stats), y, o0, curvature, output)
+    del y  # float32 (B,H,N,D): free before the next ones are made
     dout_hi = do_s.to(dtype)
     if output == OUTPUT_EUCLIDEAN:
         return dout_hi, None, do_0.to(stats), (do_s * o_s).sum(-1), dkap
     dout_lo = (do_s - dout_hi.to(stats)).to(dtype)
-    delta = ((dout_hi.to(stats) + dout_lo.to(stats) - do_s) * o_rebuilt).sum(-1)
+    residue = dout_hi.to(stats, copy=True).add_(dout_lo.to(stats)).sub_(do_s)  # (hi + lo) − dO_s, one buffer
+    del do_s
+    delta = residue.mul_(o_rebuilt).sum(-1)
     return dout_hi, dout_lo, do_0.to(stats), delta, dkap
 
 
@@ -359,7 +364,7 @@ def attention_bwd(
     dim = _padded_head_dim(q.shape[-1], v.shape[-1])
     qp, kp, vp = (_pad_to(x, dim) for x in (q, k, v))
     curv32, coef32 = curvature.float().contiguous(), coef.float().contiguous()
-    sq = lambda x: x.float().square().sum(-1).contiguous()  # noqa: E731
+    sq = lambda x: x.to(torch.float32, copy=True).square_().sum(-1).contiguous()  # noqa: E731 - one float32 copy
     ext = load_extension()
     common = (sq(qp), sq(kp), sq(vp), curv32, coef32, key_padding_mask, score, causal, squared, float(acosh_eps))
     lse = lse.contiguous()
