@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(256) key_records_kernel(const FwdParams p) {
 // arccosh scores at D = 64 are bound by the special-function unit (3 MUFU ops per score) and run best
 // with 16 rows per warp (128 registers, 4 CTAs/SM, more warps to hide latency).
 // Split float32 inputs (kParts = 3) hold three bf16 copies of every tile in shared memory and issue six
-// mma per product (below): 16 rows per warp and shorter key tiles keep 2-3 CTAs per SM.
+// mma per product (below): 16 rows per warp and shorter key tiles keep 2 CTAs per SM.
 template <int kHeadDim, bool kDistance, int kParts = 1>
 struct FwdTile {
   static constexpr int kWarps = 4;
