@@ -51,6 +51,10 @@ struct FwdParams {
   float acosh_eps;
 };
 
+// x (n float32, n a multiple of 4, 16-byte aligned) → parts[0 .. 3n) bf16: x = parts[i] + parts[n + i] +
+// parts[2n + i] to float32 precision (the input of the parts == 3 path).
+cudaError_t launch_split_fp32(const float* x, void* parts, int64_t n, cudaStream_t stream);
+
 // Launches the key-record prologue and the fused forward on `stream`; returns the first CUDA error.
 cudaError_t launch_attention_fwd(const FwdParams& params, cudaStream_t stream);
 

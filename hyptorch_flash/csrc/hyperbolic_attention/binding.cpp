@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <vector>
 
 #include "attention_fwd.h"
 
@@ -26,14 +27,18 @@ at::Tensor with_kernel_strides(const at::Tensor& x) {
   return ok ? x : x.contiguous();
 }
 
-// float32 input x → (3, B, H, rows, D) bf16 parts with x = hi + mid + lo to float32 precision (each part
-// is the bf16 rounding of what the previous ones leave; the subtractions are exact).
+// float32 input x → (3, B, H, rows, D) bf16 parts with x = hi + mid + lo to float32 precision, by one
+// kernel (attention_fwd_split.cu); the current device and stream are x's.
 at::Tensor split_into_bf16_parts(const at::Tensor& x) {
-  const at::Tensor hi = x.to(at::kBFloat16);
-  const at::Tensor rest = x - hi.to(at::kFloat);
-  const at::Tensor mid = rest.to(at::kBFloat16);
-  const at::Tensor lo = (rest - mid.to(at::kFloat)).to(at::kBFloat16);
-  return at::stack({hi, mid, lo});
+  at::Tensor src = x.contiguous();
+  if (reinterpret_cast<uintptr_t>(src.data_ptr()) % 16 != 0) src = src.clone();  // float4 loads
+  std::vector<int64_t> sizes{3};
+  sizes.insert(sizes.end(), x.sizes().begin(), x.sizes().end());
+  at::Tensor parts = at::empty(sizes, x.options().dtype(at::kBFloat16));
+  const cudaError_t err = hyptorch_flash::launch_split_fp32(src.data_ptr<float>(), parts.data_ptr(), src.numel(),
+                                                            at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "hyptorch_flash_cuda.fwd: float32 split failed: ", cudaGetErrorString(err));
+  return parts;
 }
 
 // The tensor the kernel reads (part 0 of the split for float32) and its strides.
@@ -67,6 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const
               "hyptorch_flash_cuda.fwd: dtype must be bfloat16, float16 or float32, got ", dtype);
   TORCH_CHECK(k_in.scalar_type() == dtype && v_in.scalar_type() == dtype,
               "hyptorch_flash_cuda.fwd: q, k, v must share one dtype");
+  const c10::cuda::CUDAGuard device_guard(q_in.device());  // the float32 split launches on q's device
   const KernelInput qi = kernel_input(q_in), ki = kernel_input(k_in), vi = kernel_input(v_in);
   const at::Tensor &q = qi.view, &k = ki.view, &v = vi.view;
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Hkv = k.size(1), M = k.size(2);
