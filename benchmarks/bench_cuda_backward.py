@@ -6,6 +6,8 @@ Peak memory: ``torch.cuda.max_memory_allocated`` over one fwd+bwd beyond the liv
 the bytes of inputs + output + gradients + LSE. Prints one JSON row per case.
 ``flex_distance``: FlexAttention with the same distance ``score_mod`` and centroid as
 ``benchmarks/bench_attention.py``'s baseline (c), differentiated by autograd (compiled Flex backward).
+A score suffixed ``:one_pass`` (e.g. ``lorentz_dot:one_pass``) runs the fused backward in one pass over
+all (batch, head) slices instead of the scratch-bounded passes of ``cuda_backward.backward_in_passes``.
 
     python benchmarks/bench_cuda_backward.py --n 4096 --dims 64 128 --memory-n 16384
     python benchmarks/bench_cuda_backward.py --scores distance flex_distance
@@ -13,6 +15,7 @@ the bytes of inputs + output + gradients + LSE. Prints one JSON row per case.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import hyptorch_flash as hf
+from hyptorch_flash.ops import cuda_backward
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention  # noqa: E402 - the forward benchmark's baselines (same score_mod, same centroid)
@@ -32,6 +36,21 @@ def _inputs(B, H, N, D, dtype, score):
     if score == "poincare_distance":
         q, k, v = (x / (1 + x.float().norm(dim=-1, keepdim=True)).to(dtype) for x in (q, k, v))
     return [x.requires_grad_() for x in (q, k, v)]
+
+
+@contextlib.contextmanager
+def _backward_passes(score):
+    """``score:one_pass`` → (score, the backward in one pass); otherwise the library's default passes."""
+    base, _, mode = score.partition(":")
+    floor = cuda_backward.SCRATCH_FLOOR_BYTES
+    if mode == "one_pass":
+        cuda_backward.SCRATCH_FLOOR_BYTES = 1 << 62
+    elif mode:
+        raise ValueError(f"unknown score suffix {mode!r}")
+    try:
+        yield base
+    finally:
+        cuda_backward.SCRATCH_FLOOR_BYTES = floor
 
 
 def _step_fn(score, q, k, v, causal):
@@ -60,10 +79,11 @@ def time_fwd_bwd(fn, grad, params, iters):
 def run_case(score, B, H, N, D, dtype, causal, iters):
     row = {"score": score, "B": B, "H": H, "N": N, "D": D, "dtype": str(dtype), "causal": causal}
     try:
-        q, k, v = _inputs(B, H, N, D, dtype, score)
-        fn = _step_fn(score, q, k, v, causal)
-        grad = torch.randn_like(fn())
-        ms = time_fwd_bwd(fn, grad, (q, k, v), iters)
+        with _backward_passes(score) as base:
+            q, k, v = _inputs(B, H, N, D, dtype, base)
+            fn = _step_fn(base, q, k, v, causal)
+            grad = torch.randn_like(fn())
+            ms = time_fwd_bwd(fn, grad, (q, k, v), iters)
     except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
         return dict(row, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     flops = 3.5 * 4 * B * H * N * N * D / (2 if causal else 1)
@@ -71,8 +91,13 @@ def run_case(score, B, H, N, D, dtype, causal, iters):
 
 
 def peak_memory(score, B, H, N, D, dtype):
-    q, k, v = _inputs(B, H, N, D, dtype, score)
-    fn = _step_fn(score, q, k, v, False)
+    with _backward_passes(score) as base:
+        return _peak_memory(score, base, B, H, N, D, dtype)
+
+
+def _peak_memory(score, base_score, B, H, N, D, dtype):
+    q, k, v = _inputs(B, H, N, D, dtype, base_score)
+    fn = _step_fn(base_score, q, k, v, False)
     out = fn()
     grad = torch.randn_like(out)
     del out
@@ -119,7 +144,7 @@ def main():
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     if args.memory_n:
-        for score in ("sdpa", "lorentz_dot"):
+        for score in ("sdpa", "lorentz_dot", "lorentz_dot:one_pass", "distance"):
             print(json.dumps(peak_memory(score, args.batch, args.heads, args.memory_n, 64, torch.bfloat16)), flush=True)
 
 

@@ -38,7 +38,8 @@ cuda_build.load(); cuda_backward.load_extension()" ;;
     fwd_sweep) step fwd_sweep 400 python3 benchmarks/bench_attention.py --out "$OUT/fwd.jsonl" \
       --plot "$OUT/cuda_forward_sweep.png" ;;
     fwd_fp32) step fwd_fp32 200 python3 benchmarks/bench_attention.py --fp32-only --out "$OUT/fwd_fp32.jsonl" ;;
-    bwd) step bwd 300 python3 benchmarks/bench_cuda_backward.py --iters 10 --profile ;;
+    bwd) step bwd 300 python3 benchmarks/bench_cuda_backward.py --iters 10 --profile \
+      --scores sdpa lorentz_dot lorentz_dot:one_pass euclidean distance ;;
     bwd_memory) step bwd_memory 200 python3 benchmarks/bench_cuda_backward.py --dims 64 --scores sdpa \
       --iters 3 --memory-n 16384 ;;
     bwd_flex) step bwd_flex 300 python3 benchmarks/bench_cuda_backward.py --dims 64 \

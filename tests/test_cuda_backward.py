@@ -126,6 +126,66 @@ def test_delta_is_zero_without_rounding():
         assert dot.abs().max().item() < 1e-10 * do_s.abs().max().item(), output
 
 
+class DenseKernels:
+    """CPU stand-in for the backward extension in float64: stage 0 from the reference backend's P,
+    stage 1 = :func:`cb.contractions_reference`. Counts the passes it is called for."""
+
+    def __init__(self, kw):
+        self.kw = kw
+        self.passes = 0
+
+    def output(self, q, k, v, lse, q_sq, k_sq, v_sq, curvature, coef, key_padding_mask, *flags):
+        self.passes += 1
+        _, o_s, o0, _ = forward_stats(q, k, v, curvature, coef, dict(self.kw, key_padding_mask=key_padding_mask))
+        return o_s, o0
+
+    def bwd(self, q, k, v, dout_hi, dout_lo, lse, delta, dout0, q_sq, k_sq, v_sq, curvature, coef, key_padding_mask,
+            score, causal, squared, acosh_eps, deterministic):
+        return cb.contractions_reference(q, k, v, dout_hi, dout_lo, lse, delta, dout0, curvature, coef,
+                                         key_padding_mask, score, causal, squared, acosh_eps)
+
+
+@pytest.mark.parametrize("slices_per_pass", (None, 1, 3))
+@pytest.mark.parametrize("score,output,mode", (("lorentz_dot", "lorentz", "gqa_causal_padded"),
+                                               ("distance", "poincare", "padded"),
+                                               ("poincare_distance", "klein", "gqa_causal_padded"),
+                                               ("euclidean", "euclidean", "causal")))
+def test_backward_in_passes_reproduces_autograd_float64(score, output, mode, slices_per_pass):
+    """The op's driver over (batch, key head) passes — slicing, per-head curvature/coef, GQA groups, padding,
+    accumulation of dcurvature/dcoef — around the dense kernel model equals float64 autograd, in any number
+    of passes (None: the default budget, one pass at this size)."""
+    leaves, kw, dout = make_grad_case(score, output, B=3, H=4, mode=mode)
+    _, truth = grads_of(leaves, kw, dout, "reference")
+    q, k, v, curvature, coef = (x.detach() for x in leaves)
+    lse, _, _, eps = forward_stats(q, k, v, curvature, coef, kw)
+    B, H, N, _ = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    per_slice = cb.SCRATCH_BUFFERS_PER_HEAD * (H // Hkv) * max(N, M) * 64 * 4
+    scratch = None if slices_per_pass is None else slices_per_pass * per_slice
+    kernels = DenseKernels(kw)
+    got = cb.backward_in_passes(kernels, dout, q, k, v, lse, curvature, coef, kw["key_padding_mask"], SCORE_IDS[score],
+                                OUTPUT_IDS[output], kw["causal"], kw["squared"], eps, False, scratch_bytes=scratch)
+    # 3 slices per pass: one batch element per pass with 2 key heads (GQA), or two passes of 2 heads each with 4
+    expected = {None: 1, 1: B * Hkv, 3: B if Hkv == 2 else 2 * B}[slices_per_pass]
+    assert kernels.passes == expected
+    for name, g, t in zip(("dq", "dk", "dv", "dcurvature", "dcoef"), got, truth):
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        scale = max(t.abs().max().item(), 1.0)
+        err = (g - t).abs().max().item()
+        assert err <= 1e-9 * scale, f"{score}/{output}/{mode}/{slices_per_pass} {name}: error {err:.3e}"
+
+
+@pytest.mark.parametrize("batch,kv_heads", ((1, 1), (3, 4), (2, 16), (5, 3)))
+def test_slice_plan_covers_every_slice_once(batch, kv_heads):
+    for per_pass in range(batch * kv_heads + 2):
+        plan = cb.slice_plan(batch, kv_heads, per_pass)
+        covered = sorted((b, h) for b0, b1, h0, h1 in plan for b in range(b0, b1) for h in range(h0, h1))
+        assert covered == [(b, h) for b in range(batch) for h in range(kv_heads)], per_pass
+        for b0, b1, h0, h1 in plan:
+            assert 0 < (b1 - b0) * (h1 - h0) <= max(1, per_pass)
+            assert b1 - b0 == 1 or (h0, h1) == (0, kv_heads)  # several batch elements only with all heads
+
+
 # ------------------------------------------------------------------------------------------------
 # CUDA
 # ------------------------------------------------------------------------------------------------
@@ -216,6 +276,24 @@ def test_deterministic_mode_is_bit_identical_and_agrees(score):
         assert torch.equal(a, b), f"{name} differs between two deterministic runs"
         scale = max(c.double().abs().max().item(), 1e-6)
         assert (a.double() - c.double()).abs().max().item() <= 2 * UNIT_ROUNDOFF[torch.bfloat16] * scale, name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("score,output", (("distance", "lorentz"), ("poincare_distance", "poincare")))
+def test_passes_equal_one_pass_on_the_kernels(score, output):
+    """Real kernels, deterministic mode: one (batch, key head) slice per pass gives dq, dk, dv bitwise equal to
+    one pass over everything (per-slice work does not depend on the other slices) and dcurvature/dcoef equal
+    up to the order of their float32 sums."""
+    args, params, kw, dout, fwd, eps, _ = _cuda_inputs(score, output, torch.bfloat16, B=3, H=4, N=200, M=130, D=64,
+                                                    mode="gqa_causal_padded")
+    flags = (kw["key_padding_mask"], SCORE_IDS[score], OUTPUT_IDS[output], kw["causal"], kw["squared"], eps, True)
+    ext = cb.load_extension()
+    one = cb.backward_in_passes(ext, dout, *args, fwd[1], *params, *flags, scratch_bytes=1 << 40)
+    sliced = cb.backward_in_passes(ext, dout, *args, fwd[1], *params, *flags, scratch_bytes=1)
+    for name, a, b in zip(("dq", "dk", "dv"), one, sliced):
+        assert torch.equal(a, b), name
+    for name, a, b in zip(("dcurvature", "dcoef"), one[3:], sliced[3:]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6 * a.abs().max().item()), name
 
 
 @pytest.mark.cuda

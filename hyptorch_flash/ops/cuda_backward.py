@@ -21,8 +21,11 @@ FlashAttention-2's backward (Dao 2023, Algorithm 2) for every score variant, in 
    (dq_s = G − (q_s/q0)·R, dk_s, dv_s alike), the Poincaré lift factors, the curvature and the score
    coefficient; dK/dV are summed over the query heads of a GQA group.
 
-:func:`contractions_reference` computes step 2 with dense PyTorch math, so steps 1 and 3 are tested
-on the CPU against autograd of the reference backend.
+The four steps run over passes of (batch element, key head) slices (:func:`backward_in_passes`,
+:func:`slice_plan`) so that the float32 scratch stays a small share of the memory training holds anyway.
+
+:func:`contractions_reference` computes step 2 with dense PyTorch math, so steps 1 and 3 (and the
+passes) are tested on the CPU against autograd of the reference backend.
 """
 from __future__ import annotations
 
@@ -350,6 +353,95 @@ def _pad_to(x: torch.Tensor, dim: int) -> torch.Tensor:
     return (x if x.shape[-1] == dim else F.pad(x, (0, dim - x.shape[-1]))).contiguous()
 
 
+# The backward runs over passes of (batch element, key head) slices so that its scratch stays a small
+# share of what training holds anyway (q, k, v, out and their gradients): at most
+# max(SCRATCH_FLOOR_BYTES, SCRATCH_FRACTION × those bytes). Scratch per slice is estimated as
+# SCRATCH_BUFFERS_PER_HEAD float32 (max(N, M), D) buffers per query head: stage 0's O, the pull-back
+# terms, the four float32 contractions. Below the floor the whole problem runs in one pass (few, large
+# launches); e.g. B=2, H=16, D=64: one pass up to N = 2048, four at N = 4096, 16 at N = 16384.
+SCRATCH_FRACTION = 0.1
+SCRATCH_FLOOR_BYTES = 64 * 2**20
+SCRATCH_BUFFERS_PER_HEAD = 8
+
+
+def slice_plan(batch: int, kv_heads: int, slices_per_pass: int) -> list[tuple[int, int, int, int]]:
+    """Passes ``(b0, b1, h0, h1)`` (batch range × key-head range) covering every slice exactly once.
+
+    A pass holds whole GQA groups (a key head with all its query heads), so dK/dV are complete in it;
+    it spans several batch elements only with all their heads (the slices stay contiguous views).
+    """
+    per_pass = max(1, slices_per_pass)
+    if per_pass >= batch * kv_heads:
+        return [(0, batch, 0, kv_heads)]
+    if per_pass >= kv_heads:
+        step = per_pass // kv_heads
+        return [(b, min(b + step, batch), 0, kv_heads) for b in range(0, batch, step)]
+    width = -(-kv_heads // -(-kv_heads // per_pass))  # balanced passes within one batch element
+    return [(b, b + 1, h, min(h + width, kv_heads)) for b in range(batch) for h in range(0, kv_heads, width)]
+
+
+def _backward_pass(kernels, dout, q, k, v, lse, curvature, coef, key_padding_mask, score, output, causal, squared,
+                   acosh_eps, deterministic):
+    """Steps 0-3 on one pass; ``kernels`` has the extension's ``output`` and ``bwd``.
+
+    Returns (dq, dk, dv) in the inputs' dtype and (dcurvature, dcoef) ``(H,)`` in the statistics dtype
+    (float32; float64 for float64 inputs, the CPU tests' dense stand-in for the kernels).
+    """
+    stats = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dim = _padded_head_dim(q.shape[-1], v.shape[-1])
+    qp, kp, vp = (_pad_to(x, dim) for x in (q, k, v))
+    curv, cf = curvature.to(stats).contiguous(), coef.to(stats).contiguous()
+    sq = lambda x: x.to(stats, copy=True).square_().sum(-1).contiguous()  # noqa: E731 - one float32 copy
+    common = (sq(qp), sq(kp), sq(vp), curv, cf, key_padding_mask, score, causal, squared, float(acosh_eps))
+    lse = lse.contiguous()
+    # out and o0 (the forward's rounded output) are not used: the epilogue's Jacobian needs O in fp32
+    o_s, o_0 = kernels.output(qp, kp, vp, lse, *common)
+    dout_hi, dout_lo, dout0, delta, dcurv_epilogue = prepare_backward(_pad_to(dout, dim), o_s, o_0, curv, output,
+                                                                      q.dtype)
+    del o_s, o_0  # float32 (B,H,N,D): not needed by stage 1
+    acc = kernels.bwd(qp, kp, vp, dout_hi.contiguous(), None if dout_lo is None else dout_lo.contiguous(), lse,
+                      delta.contiguous(), dout0.contiguous(), *common, deterministic)
+    del dout_hi, dout_lo
+    dq, dk, dv, dcurv, dcoef = finish_gradients(*acc, qp, kp, vp, curv, cf, score, squared, dcurv_epilogue,
+                                                squares=common[:3])
+    return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]], dcurv, dcoef
+
+
+def backward_in_passes(kernels, dout, q, k, v, lse, curvature, coef, key_padding_mask, score: int, output: int,
+                       causal: bool, squared: bool, acosh_eps: float, deterministic: bool,
+                       scratch_bytes: Optional[int] = None):
+    """The op's gradients, computed over the passes of :func:`slice_plan` (module notes above).
+
+    ``scratch_bytes`` overrides the scratch budget (tests, benchmarks). Passes run one after the other
+    in a fixed order, so the deterministic mode stays bit-identical across runs.
+    """
+    B, H, N, _ = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    group = H // Hkv
+    if scratch_bytes is None:
+        held = 2 * sum(x.numel() * x.element_size() for x in (q, k, v)) + dout.numel() * dout.element_size()
+        scratch_bytes = max(SCRATCH_FLOOR_BYTES, int(SCRATCH_FRACTION * held))
+    per_slice = SCRATCH_BUFFERS_PER_HEAD * group * max(N, M) * _padded_head_dim(q.shape[-1], v.shape[-1]) * 4
+    plan = slice_plan(B, Hkv, scratch_bytes // per_slice)
+    flags = (score, output, causal, squared, acosh_eps, deterministic)
+    if len(plan) == 1:
+        dq, dk, dv, dcurv, dcoef = _backward_pass(kernels, dout, q, k, v, lse, curvature, coef, key_padding_mask,
+                                                  *flags)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous(), dcurv.to(curvature.dtype), dcoef.to(coef.dtype)
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    dcurv = torch.zeros(H, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+    dcoef = torch.zeros_like(dcurv)
+    for b0, b1, h0, h1 in plan:
+        b, hk, hq = slice(b0, b1), slice(h0, h1), slice(h0 * group, h1 * group)
+        pad = None if key_padding_mask is None else key_padding_mask[b]
+        g = _backward_pass(kernels, dout[b, hq], q[b, hq], k[b, hk], v[b, hk], lse[b, hq], curvature[hq], coef[hq],
+                           pad, *flags)
+        dq[b, hq], dk[b, hk], dv[b, hk] = g[:3]
+        dcurv[hq] += g[3]
+        dcoef[hq] += g[4]
+    return dq, dk, dv, dcurv.to(curvature.dtype), dcoef.to(coef.dtype)
+
+
 @torch.library.custom_op("hyptorch_flash::attention_bwd", mutates_args=(), device_types="cuda")
 def attention_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -359,26 +451,11 @@ def attention_bwd(
     """Gradients of ``hyptorch_flash::attention_fwd`` w.r.t. ``(q, k, v, curvature, coef)``.
 
     ``dout`` ``(B,H,N,Dv)``: gradient of ``out``; the other arguments are the forward's inputs and
-    outputs. ``deterministic=True`` computes dQ without atomics (bit-identical across runs).
+    outputs (``out`` and ``o0`` are part of the contract with ``attention_fwd`` but not read: stage 0
+    recomputes O in float32). ``deterministic=True`` computes dQ without atomics (bit-identical across runs).
     """
-    dim = _padded_head_dim(q.shape[-1], v.shape[-1])
-    qp, kp, vp = (_pad_to(x, dim) for x in (q, k, v))
-    curv32, coef32 = curvature.float().contiguous(), coef.float().contiguous()
-    sq = lambda x: x.to(torch.float32, copy=True).square_().sum(-1).contiguous()  # noqa: E731 - one float32 copy
-    ext = load_extension()
-    common = (sq(qp), sq(kp), sq(vp), curv32, coef32, key_padding_mask, score, causal, squared, float(acosh_eps))
-    lse = lse.contiguous()
-    # out and o0 (the forward's rounded output) are not used: the epilogue's Jacobian needs O in fp32
-    o_s, o_0 = ext.output(qp, kp, vp, lse, *common)
-    dout_hi, dout_lo, dout0, delta, dcurv_epilogue = prepare_backward(_pad_to(dout, dim), o_s, o_0, curv32, output,
-                                                                      q.dtype)
-    del o_s, o_0  # float32 (B,H,N,D): not needed by stage 1
-    acc = ext.bwd(qp, kp, vp, dout_hi.contiguous(), None if dout_lo is None else dout_lo.contiguous(), lse,
-                  delta.contiguous(), dout0.contiguous(), *common, deterministic)
-    dq, dk, dv, dcurv, dcoef = finish_gradients(*acc, qp, kp, vp, curv32, coef32, score, squared, dcurv_epilogue,
-                                                squares=common[:3])
-    return (dq[..., : q.shape[-1]].contiguous(), dk[..., : k.shape[-1]].contiguous(), dv[..., : v.shape[-1]].contiguous(),
-            dcurv.to(curvature.dtype), dcoef.to(coef.dtype))
+    return backward_in_passes(load_extension(), dout, q, k, v, lse, curvature, coef, key_padding_mask, score, output,
+                              causal, squared, acosh_eps, deterministic)
 
 
 @attention_bwd.register_fake
