@@ -357,11 +357,14 @@ def _pad_to(x: torch.Tensor, dim: int) -> torch.Tensor:
 # share of what training holds anyway (q, k, v, out and their gradients): at most
 # max(SCRATCH_FLOOR_BYTES, SCRATCH_FRACTION × those bytes). Scratch per slice is estimated as
 # SCRATCH_BUFFERS_PER_HEAD float32 (max(N, M), D) buffers per query head: stage 0's O, the pull-back
-# terms, the four float32 contractions. Below the floor the whole problem runs in one pass (few, large
-# launches); e.g. B=2, H=16, D=64: one pass up to N = 2048, four at N = 4096, 16 at N = 16384.
+# terms, the four float32 contractions. Each pass also carries at least MIN_PASS_WORK of N·M·D (summed
+# over its query heads): a pass costs the host ≈ 70 PyTorch launches (pre/post-processing), which
+# short passes cannot hide (H100, B=2, H=16, N=4096, D=64: 4 passes took 9.4 ms against 7.6 ms for one).
+# E.g. B=2, H=16, D=64: one pass up to N = 4096, 4 at N = 8192, 16 at N = 16384.
 SCRATCH_FRACTION = 0.1
 SCRATCH_FLOOR_BYTES = 64 * 2**20
 SCRATCH_BUFFERS_PER_HEAD = 8
+MIN_PASS_WORK = 2**35
 
 
 def slice_plan(batch: int, kv_heads: int, slices_per_pass: int) -> list[tuple[int, int, int, int]]:
@@ -412,17 +415,21 @@ def backward_in_passes(kernels, dout, q, k, v, lse, curvature, coef, key_padding
                        scratch_bytes: Optional[int] = None):
     """The op's gradients, computed over the passes of :func:`slice_plan` (module notes above).
 
-    ``scratch_bytes`` overrides the scratch budget (tests, benchmarks). Passes run one after the other
-    in a fixed order, so the deterministic mode stays bit-identical across runs.
+    ``scratch_bytes``: an explicit scratch budget (tests, benchmarks), taken as is (no MIN_PASS_WORK).
+    Passes run one after the other in a fixed order, so the deterministic mode stays bit-identical.
     """
     B, H, N, _ = q.shape
     Hkv, M = k.shape[1], k.shape[2]
     group = H // Hkv
+    dim = _padded_head_dim(q.shape[-1], v.shape[-1])
+    per_slice = SCRATCH_BUFFERS_PER_HEAD * group * max(N, M) * dim * 4
     if scratch_bytes is None:
         held = 2 * sum(x.numel() * x.element_size() for x in (q, k, v)) + dout.numel() * dout.element_size()
-        scratch_bytes = max(SCRATCH_FLOOR_BYTES, int(SCRATCH_FRACTION * held))
-    per_slice = SCRATCH_BUFFERS_PER_HEAD * group * max(N, M) * _padded_head_dim(q.shape[-1], v.shape[-1]) * 4
-    plan = slice_plan(B, Hkv, scratch_bytes // per_slice)
+        slices = max(SCRATCH_FLOOR_BYTES, int(SCRATCH_FRACTION * held)) // per_slice
+        slices = max(slices, -(-MIN_PASS_WORK // (group * N * M * dim)))
+    else:
+        slices = scratch_bytes // per_slice
+    plan = slice_plan(B, Hkv, slices)
     flags = (score, output, causal, squared, acosh_eps, deterministic)
     if len(plan) == 1:
         dq, dk, dv, dcurv, dcoef = _backward_pass(kernels, dout, q, k, v, lse, curvature, coef, key_padding_mask,
