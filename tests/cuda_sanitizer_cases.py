@@ -1,4 +1,4 @@
-"""One small case of every CUDA forward variant, for ``compute-sanitizer --tool memcheck``.
+"""One small case of every CUDA forward and backward variant, for ``compute-sanitizer --tool memcheck``.
 
 Run (on a GPU machine)::
 
@@ -6,11 +6,14 @@ Run (on a GPU machine)::
         python tests/cuda_sanitizer_cases.py
 
 (no caching allocator, so an out-of-bounds access hits unallocated memory instead of a cached block).
-Shapes are not multiples of the tiles, with causal, key padding and GQA, so every boundary path runs.
+Shapes are not multiples of the tiles, with causal, key padding and GQA, so every boundary path runs;
+bf16/fp16 cases also run the fused backward, in one (batch, key head) slice per pass (the passes' views
+start inside the tensors), float32 cases the split-precision forward.
 """
 import torch
 
 import hyptorch_flash as hf
+from hyptorch_flash.ops import cuda_backward
 from attention_cases import SCORES, coefficient_kw, outputs_for, random_points
 
 
@@ -18,21 +21,27 @@ def main():
     gen = torch.Generator().manual_seed(0)
     B, H, Hkv, N, M = 2, 4, 2, 70, 45
     curvature = torch.linspace(0.5, 2.0, H, dtype=torch.float64)
+    cuda_backward.SCRATCH_FLOOR_BYTES, cuda_backward.MIN_PASS_WORK = 0, 0  # one slice per pass
     for D in (64, 128, 40):
-        for dtype in (torch.bfloat16, torch.float16):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
             for score in SCORES:
                 for output in outputs_for(score):
                     q = random_points((B, H, N, D), score, generator=gen, curvature=curvature).to(dtype).cuda()
                     k = random_points((B, Hkv, M, D), score, generator=gen, curvature=curvature).to(dtype).cuda()
                     v = random_points((B, Hkv, M, D), score, generator=gen, curvature=curvature).to(dtype).cuda()
                     pad = (torch.rand(B, M, generator=gen) < 0.3).cuda()
+                    if dtype != torch.float32:
+                        q, k, v = (x.requires_grad_() for x in (q, k, v))
                     # (1.0, k = 1): the reciprocal path of the distance scores (β·sqrt(k) = 1)
                     for coef, curv in ((1.3, curvature), (1.0, torch.ones(H, dtype=torch.float64))):
                         out = hf.hyperbolic_attention(q, k, v, score=score, output=output, causal=True,
                                                       key_padding_mask=pad, backend="cuda",
                                                       curvature=curv.cuda(), **coefficient_kw(score, coef))
+                        if out.requires_grad:
+                            out.backward(torch.randn_like(out))
                         torch.cuda.synchronize()
                         assert torch.isfinite(out).all(), (D, dtype, score, output)
+                        assert all(x.grad is None or torch.isfinite(x.grad).all() for x in (q, k, v))
                     print(f"ok D={D} {dtype} {score}/{output}")
 
 

@@ -139,6 +139,8 @@ class DenseKernels:
         _, o_s, o0, _ = forward_stats(q, k, v, curvature, coef, dict(self.kw, key_padding_mask=key_padding_mask))
         return o_s, o0
 
+    prepare = staticmethod(cb.prepare_backward)
+
     def bwd(self, q, k, v, dout_hi, dout_lo, lse, delta, dout0, q_sq, k_sq, v_sq, curvature, coef, key_padding_mask,
             score, causal, squared, acosh_eps, deterministic):
         return cb.contractions_reference(q, k, v, dout_hi, dout_lo, lse, delta, dout0, curvature, coef,
@@ -279,6 +281,37 @@ def test_deterministic_mode_is_bit_identical_and_agrees(score):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("D", (64, 128))
+@pytest.mark.parametrize("score,output", (("distance", "lorentz"), ("lorentz_dot", "klein"),
+                                          ("poincare_distance", "poincare"), ("euclidean", "euclidean")))
+def test_prepare_kernel_matches_pytorch(score, output, D, dtype):
+    """bwd_prepare.cu against prepare_backward (PyTorch, float32) on stage 0's O, with a fully padded batch
+    element (rows that saw no key) and per-head curvature."""
+    args, params, kw, dout, fwd, eps, _ = _cuda_inputs(score, output, dtype, N=77, M=130, D=D, mode="gqa_causal_padded")
+    q, k, v = args
+    sq = lambda x: x.float().square().sum(-1).contiguous()  # noqa: E731
+    common = (sq(q), sq(k), sq(v), *params, kw["key_padding_mask"], SCORE_IDS[score], kw["causal"], False, eps)
+    ext = cb.load_extension()
+    o_s, o_0 = ext.output(q, k, v, fwd[1], *common)
+    oid = OUTPUT_IDS[output]
+    got = cb.FusedKernels(ext).prepare(dout.contiguous(), o_s, o_0, params[0], oid, dtype)
+    want = cb.prepare_backward(dout, o_s, o_0, params[0], oid, dtype)
+    if output == "euclidean":
+        assert got[1] is None and want[1] is None and torch.equal(got[0], dout)
+        d_got, d_want = got[0].float(), want[0].float()
+    else:
+        d_got, d_want = got[0].float() + got[1].float(), want[0].float() + want[1].float()
+    scale = d_want.abs().max().item()
+    assert (d_got - d_want).abs().max().item() <= 1e-5 * scale, "dO_s = hi + lo"
+    for name, g, w in zip(("dout0", "dcurvature"), (got[2], got[4]), (want[2], want[4])):
+        assert (g - w).abs().max().item() <= 1e-5 * max(w.abs().max().item(), 1e-30), name
+    delta_scale = (d_want.norm(dim=-1) * o_s.norm(dim=-1)).max().item()
+    tol = (1e-5 if output == "euclidean" else 2.0**-14) * delta_scale
+    assert (got[3] - want[3]).abs().max().item() <= tol, "delta"
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("score,output", (("distance", "lorentz"), ("poincare_distance", "poincare")))
 def test_passes_equal_one_pass_on_the_kernels(score, output):
     """Real kernels, deterministic mode: one (batch, key head) slice per pass gives dq, dk, dv bitwise equal to
@@ -287,7 +320,7 @@ def test_passes_equal_one_pass_on_the_kernels(score, output):
     args, params, kw, dout, fwd, eps, _ = _cuda_inputs(score, output, torch.bfloat16, B=3, H=4, N=200, M=130, D=64,
                                                     mode="gqa_causal_padded")
     flags = (kw["key_padding_mask"], SCORE_IDS[score], OUTPUT_IDS[output], kw["causal"], kw["squared"], eps, True)
-    ext = cb.load_extension()
+    ext = cb.FusedKernels(cb.load_extension())
     one = cb.backward_in_passes(ext, dout, *args, fwd[1], *params, *flags, scratch_bytes=1 << 40)
     sliced = cb.backward_in_passes(ext, dout, *args, fwd[1], *params, *flags, scratch_bytes=1)
     for name, a, b in zip(("dq", "dk", "dv"), one, sliced):

@@ -6,7 +6,8 @@ FlashAttention-2's backward (Dao 2023, Algorithm 2) for every score variant, in 
    from the saved log-sum-exp (the stored output is rounded to the input dtype; the epilogue's Jacobian
    at that rounded point costs several ulps in every gradient and more in dcurvature). The op still
    takes the forward's ``out`` and ``o0`` (its contract with ``attention_fwd``) but does not read them.
-1. :func:`prepare_backward` (PyTorch, O(N·D)): pull the upstream gradient back through the centroid
+1. ``csrc/hyperbolic_attention/bwd_prepare.cu`` (one warp per query row; :func:`prepare_backward` is the
+   same math in PyTorch, its CPU reference): pull the upstream gradient back through the centroid
    epilogue's per-row Jacobian, dO_L = Jᵀ·dout (closed forms in :func:`epilogue_pullback`), and
    D_i = rowsum(dO_L ∘ O_L), which is 0 for the hyperbolic outputs (the epilogue is scale-invariant).
    dO_s goes to the kernels as two terms in the input dtype (hi + lo ≈ 16 significant bits): at large
@@ -383,9 +384,23 @@ def slice_plan(batch: int, kv_heads: int, slices_per_pass: int) -> list[tuple[in
     return [(b, b + 1, h, min(h + width, kv_heads)) for b in range(batch) for h in range(0, kv_heads, width)]
 
 
+class FusedKernels:
+    """The extension's stages behind the interface :func:`backward_in_passes` calls: ``output`` (stage 0),
+    ``prepare`` (step 1, ``bwd_prepare.cu``; :func:`prepare_backward`'s contract) and ``bwd`` (stage 1)."""
+
+    def __init__(self, ext):
+        self.output = ext.output
+        self.bwd = ext.bwd
+        self._prepare = ext.prepare
+
+    def prepare(self, dout, o_s, o0, curvature, output: int, dtype: torch.dtype):
+        dout_hi, dout_lo, dout0, delta, dkap_rows = self._prepare(dout, o_s, o0, curvature, output)
+        return dout_hi, None if output == OUTPUT_EUCLIDEAN else dout_lo, dout0, delta, dkap_rows.sum((0, 2))
+
+
 def _backward_pass(kernels, dout, q, k, v, lse, curvature, coef, key_padding_mask, score, output, causal, squared,
                    acosh_eps, deterministic):
-    """Steps 0-3 on one pass; ``kernels`` has the extension's ``output`` and ``bwd``.
+    """Steps 0-3 on one pass; ``kernels`` has ``output``, ``prepare`` and ``bwd`` (:class:`FusedKernels`).
 
     Returns (dq, dk, dv) in the inputs' dtype and (dcurvature, dcoef) ``(H,)`` in the statistics dtype
     (float32; float64 for float64 inputs, the CPU tests' dense stand-in for the kernels).
@@ -399,8 +414,8 @@ def _backward_pass(kernels, dout, q, k, v, lse, curvature, coef, key_padding_mas
     lse = lse.contiguous()
     # out and o0 (the forward's rounded output) are not used: the epilogue's Jacobian needs O in fp32
     o_s, o_0 = kernels.output(qp, kp, vp, lse, *common)
-    dout_hi, dout_lo, dout0, delta, dcurv_epilogue = prepare_backward(_pad_to(dout, dim), o_s, o_0, curv, output,
-                                                                      q.dtype)
+    dout_hi, dout_lo, dout0, delta, dcurv_epilogue = kernels.prepare(_pad_to(dout, dim), o_s, o_0, curv, output,
+                                                                     q.dtype)
     del o_s, o_0  # float32 (B,H,N,D): not needed by stage 1
     acc = kernels.bwd(qp, kp, vp, dout_hi.contiguous(), None if dout_lo is None else dout_lo.contiguous(), lse,
                       delta.contiguous(), dout0.contiguous(), *common, deterministic)
@@ -461,7 +476,7 @@ def attention_bwd(
     outputs (``out`` and ``o0`` are part of the contract with ``attention_fwd`` but not read: stage 0
     recomputes O in float32). ``deterministic=True`` computes dQ without atomics (bit-identical across runs).
     """
-    return backward_in_passes(load_extension(), dout, q, k, v, lse, curvature, coef, key_padding_mask, score, output,
+    return backward_in_passes(FusedKernels(load_extension()), dout, q, k, v, lse, curvature, coef, key_padding_mask, score, output,
                               causal, squared, acosh_eps, deterministic)
 
 

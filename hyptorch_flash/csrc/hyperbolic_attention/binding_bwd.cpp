@@ -151,9 +151,47 @@ std::vector<at::Tensor> bwd(const at::Tensor& q, const at::Tensor& k, const at::
   return {dq_acc, row_acc, dk_acc, dv_acc, col_acc, scalars};
 }
 
+// Step 1: (dout_hi, dout_lo or None, dout0, delta, dkap_rows) from the upstream gradient and stage 0's O
+// (bwd_prepare.cu). dout (B, H, N, D) in q's dtype, o_s (B, H, N, D) and o0 (B, H, N) float32.
+std::vector<at::Tensor> prepare(const at::Tensor& dout, const at::Tensor& o_s, const at::Tensor& o0,
+                                const at::Tensor& curvature, int64_t output) {
+  const c10::cuda::CUDAGuard guard(dout.device());
+  const int64_t D = dout.size(-1);
+  TORCH_CHECK(D == 64 || D == 128, "hyptorch_flash_cuda_bwd: head dim must be 64 or 128, got ", D);
+  check_4d(dout, "dout", D);
+  const auto dtype = dout.scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "hyptorch_flash_cuda_bwd: dout must be bf16 or fp16");
+  check_f32(o_s, "o_s", dout.sizes());
+  check_f32(o0, "o0", {dout.size(0), dout.size(1), dout.size(2)});
+  check_f32(curvature, "curvature", {dout.size(1)});
+  TORCH_CHECK(output >= 0 && output <= 3, "hyptorch_flash_cuda_bwd: output id must be 0..3, got ", output);
+  at::Tensor hi = at::empty_like(dout);
+  at::Tensor lo = output == hyptorch_flash::OUTPUT_ID_EUCLIDEAN ? at::Tensor() : at::empty_like(dout);
+  at::Tensor dout0 = at::empty_like(o0), delta = at::empty_like(o0), dkap_rows = at::empty_like(o0);
+  hyptorch_flash::PrepareParams p{};
+  p.o_s = o_s.data_ptr<float>();
+  p.o0 = o0.data_ptr<float>();
+  p.dout = dout.data_ptr();
+  p.curvature = curvature.data_ptr<float>();
+  p.dout_hi = hi.data_ptr();
+  p.dout_lo = lo.defined() ? lo.data_ptr() : nullptr;
+  p.dout0 = dout0.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dkap_rows = dkap_rows.data_ptr<float>();
+  p.rows = o0.numel();
+  p.n_queries = (int)dout.size(2);
+  p.heads = (int)dout.size(1);
+  p.head_dim = (int)D;
+  p.output = (int)output;
+  const cudaError_t err = hyptorch_flash::launch_bwd_prepare(p, dtype == at::kBFloat16, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "hyptorch_flash_cuda_bwd: kernel launch failed: ", cudaGetErrorString(err));
+  return {hi, lo, dout0, delta, dkap_rows};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("output", &output, "Backward stage 0: the forward's normalised average O in float32");
+  m.def("prepare", &prepare, "Backward step 1: the upstream gradient pulled back through the centroid epilogue");
   m.def("bwd", &bwd, "Backward stage 1: float32 gradient contractions (see bwd_params.cuh)");
 }

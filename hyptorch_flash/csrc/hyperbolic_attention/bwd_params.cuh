@@ -63,6 +63,27 @@ struct BwdParams {
 // Key tile height of the key-parallel kernel (scalar_partials has one entry per key tile).
 constexpr int kBwdBlockN = 64;
 
+// Step 1 of the backward (bwd_prepare.cu): the upstream gradient pulled back through the centroid
+// epilogue, per query row (B·H·N rows of head_dim ∈ {32, 64, 96, 128} values; contiguous).
+enum OutputId { OUTPUT_ID_EUCLIDEAN = 0, OUTPUT_ID_LORENTZ = 1, OUTPUT_ID_KLEIN = 2, OUTPUT_ID_POINCARE = 3 };
+
+struct PrepareParams {
+  const float* o_s;        // (rows, head_dim) stage 0's O_s
+  const float* o0;         // (rows,) stage 0's O_0
+  const void* dout;        // (rows, head_dim) upstream gradient, bf16/fp16
+  const float* curvature;  // (heads,)
+  void* dout_hi;           // (rows, head_dim) outputs, the inputs' dtype
+  void* dout_lo;           // unused (may be nullptr) for the euclidean output
+  float* dout0;            // (rows,)
+  float* delta;            // (rows,)
+  float* dkap_rows;        // (rows,) the epilogue's curvature gradient per row
+  int64_t rows;
+  int n_queries, heads, head_dim;
+  int output;  // OutputId
+};
+
+cudaError_t launch_bwd_prepare(const PrepareParams& params, bool is_bf16, cudaStream_t stream);
+
 // Launches stage 0 (recompute O, fills o_acc/o0_acc) or stage 1 (the gradient contractions) for q's
 // dtype (bf16 if is_bf16, else fp16) and head dim on `stream`.
 cudaError_t launch_attention_bwd(const BwdParams& params, int head_dim, bool is_bf16, int stage, cudaStream_t stream);
