@@ -357,8 +357,8 @@ def _pad_to(x: torch.Tensor, dim: int) -> torch.Tensor:
 # The backward runs over passes of (batch element, key head) slices so that its scratch stays a small
 # share of what training holds anyway (q, k, v, out and their gradients): at most
 # max(SCRATCH_FLOOR_BYTES, SCRATCH_FRACTION × those bytes). Scratch per slice is estimated as
-# SCRATCH_BUFFERS_PER_HEAD float32 (max(N, M), D) buffers per query head: stage 0's O, the pull-back
-# terms, the four float32 contractions. Each pass also carries at least MIN_PASS_WORK of N·M·D (summed
+# SCRATCH_BUFFERS_PER_HEAD float32 (max(N, M), D) buffers per query head, an upper estimate (stage 0's O,
+# dO as hi + lo, the four float32 contractions; about 3.3 measured at N = 16384 in one pass). Each pass also carries at least MIN_PASS_WORK of N·M·D (summed
 # over its query heads): a pass costs the host ≈ 70 PyTorch launches (pre/post-processing), which
 # short passes cannot hide (H100, B=2, H=16, N=4096, D=64: 4 passes took 9.4 ms against 7.6 ms for one).
 # E.g. B=2, H=16, D=64: one pass up to N = 4096, 4 at N = 8192, 16 at N = 16384.
