@@ -21,19 +21,6 @@ constexpr int kPrepareWarps = 8;
 constexpr int kMaxPerLane = 4;  // head dim ≤ 128 = 32 lanes × 4
 
 template <typename T>
-__device__ __forceinline__ T round_to(float x);
-template <>
-__device__ __forceinline__ __nv_bfloat16 round_to<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ __half round_to<__half>(float x) { return __float2half_rn(x); }
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
-}
-
-template <typename T>
 __global__ void __launch_bounds__(kPrepareWarps * 32) bwd_prepare_kernel(const PrepareParams p) {
   const int lane = threadIdx.x & 31;
   const int per_lane = p.head_dim / 32;
@@ -55,7 +42,7 @@ __global__ void __launch_bounds__(kPrepareWarps * 32) bwd_prepare_kernel(const P
       float dot = 0.f;
 #pragma unroll
       for (int m = 0; m < kMaxPerLane; ++m) {
-        if (m < per_lane) hi[lane + 32 * m] = round_to<T>(g[m]);
+        if (m < per_lane) hi[lane + 32 * m] = from_float<T>(g[m]);
         dot = fmaf(g[m], o[m], dot);
       }
       dot = warp_sum(dot);
@@ -115,8 +102,8 @@ __global__ void __launch_bounds__(kPrepareWarps * 32) bwd_prepare_kernel(const P
 #pragma unroll
     for (int m = 0; m < kMaxPerLane; ++m) {
       const float d = valid ? fmaf(a_g, g[m], a_y * y[m]) : 0.f;
-      const T d_hi = round_to<T>(d);
-      const T d_lo = round_to<T>(d - to_float(d_hi));
+      const T d_hi = from_float<T>(d);
+      const T d_lo = from_float<T>(d - to_float(d_hi));
       if (m < per_lane) {
         hi[lane + 32 * m] = d_hi;
         lo[lane + 32 * m] = d_lo;

@@ -100,6 +100,14 @@ __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { retu
 template <>
 __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
 
+// float → T, round to nearest even.
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
 // SFU approximations (one MUFU op each). ex2(−inf) = 0.
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -123,6 +131,13 @@ __device__ __forceinline__ float fast_rcp(float x) {  // rcp(+inf) = 0
   float y;
   asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+}
+
+// Sum over the 32 lanes of a warp (every lane gets the total).
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
 }
 
 // Sum over the 4 lanes of an mma quad (lanes that share a fragment row).
