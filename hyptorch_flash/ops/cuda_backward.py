@@ -48,6 +48,11 @@ BALL_TOP = 1.0 - numerics.ball_margin(torch.float32)
 _module = None
 
 
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for the kernels' dtypes; float64 for float64 (the CPU tests' dense model of the kernels)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _sources():
     csrc = cuda_build.CSRC
     return [csrc / "binding_bwd.cpp", *sorted(csrc.glob("bwd_*.cu"))]
@@ -86,7 +91,7 @@ def epilogue_pullback(dout: torch.Tensor, out: torch.Tensor, o0: torch.Tensor, c
     Also returns the epilogue's own curvature gradient ``(H,)``: every chart is √κ times a function of
     O, so ∂L/∂κ|_O = Σ_i (g·y)/(2κ).
     """
-    dt = torch.float64 if out.dtype == torch.float64 else torch.float32
+    dt = _stats_dtype(out.dtype)
     g, y = dout.to(dt), out.to(dt)
     if output == OUTPUT_EUCLIDEAN:
         return g, torch.zeros_like(g[..., 0]), y, torch.zeros_like(curvature, dtype=dt)
@@ -130,7 +135,7 @@ def prepare_backward(dout, o_s, o0, curvature, output: int, dtype: torch.dtype):
     D_i = rowsum(dO_L ∘ O_L): for the hyperbolic outputs dO_L·O_L = 0 exactly (the epilogue is
     scale-invariant), so only the residue of splitting dO_s into hi + lo is left.
     """
-    stats = torch.float64 if dtype == torch.float64 else torch.float32
+    stats = _stats_dtype(dtype)
     o_s, o0 = o_s.to(stats), o0.to(stats)
     if output == OUTPUT_EUCLIDEAN:
         y = o_s
@@ -358,9 +363,10 @@ def _pad_to(x: torch.Tensor, dim: int) -> torch.Tensor:
 # share of what training holds anyway (q, k, v, out and their gradients): at most
 # max(SCRATCH_FLOOR_BYTES, SCRATCH_FRACTION × those bytes). Scratch per slice is estimated as
 # SCRATCH_BUFFERS_PER_HEAD float32 (max(N, M), D) buffers per query head, an upper estimate (stage 0's O,
-# dO as hi + lo, the four float32 contractions; about 3.3 measured at N = 16384 in one pass). Each pass also carries at least MIN_PASS_WORK of N·M·D (summed
-# over its query heads): a pass costs the host ≈ 70 PyTorch launches (pre/post-processing), which
-# short passes cannot hide (H100, B=2, H=16, N=4096, D=64: 4 passes took 9.4 ms against 7.6 ms for one).
+# dO as hi + lo, the four float32 contractions; about 3.3 measured at N = 16384 in one pass).
+# Each pass also carries at least MIN_PASS_WORK of N·M·D (summed over its query heads): every pass costs
+# the host tens of PyTorch launches, which short passes cannot hide (H100, B=2, H=16, N=4096, D=64,
+# with the pull-back still in PyTorch: 4 passes took 9.4 ms against 7.6 ms for one).
 # E.g. B=2, H=16, D=64: one pass up to N = 4096, 4 at N = 8192, 16 at N = 16384.
 SCRATCH_FRACTION = 0.1
 SCRATCH_FLOOR_BYTES = 64 * 2**20
@@ -405,7 +411,7 @@ def _backward_pass(kernels, dout, q, k, v, lse, curvature, coef, key_padding_mas
     Returns (dq, dk, dv) in the inputs' dtype and (dcurvature, dcoef) ``(H,)`` in the statistics dtype
     (float32; float64 for float64 inputs, the CPU tests' dense stand-in for the kernels).
     """
-    stats = torch.float64 if q.dtype == torch.float64 else torch.float32
+    stats = _stats_dtype(q.dtype)
     dim = _padded_head_dim(q.shape[-1], v.shape[-1])
     qp, kp, vp = (_pad_to(x, dim) for x in (q, k, v))
     curv, cf = curvature.to(stats).contiguous(), coef.to(stats).contiguous()
@@ -451,7 +457,7 @@ def backward_in_passes(kernels, dout, q, k, v, lse, curvature, coef, key_padding
                                                   *flags)
         return dq.contiguous(), dk.contiguous(), dv.contiguous(), dcurv.to(curvature.dtype), dcoef.to(coef.dtype)
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-    dcurv = torch.zeros(H, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+    dcurv = torch.zeros(H, dtype=_stats_dtype(q.dtype), device=q.device)
     dcoef = torch.zeros_like(dcurv)
     for b0, b1, h0, h1 in plan:
         b, hk, hq = slice(b0, b1), slice(h0, h1), slice(h0 * group, h1 * group)
