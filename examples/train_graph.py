@@ -566,6 +566,9 @@ def main(argv: list[str]) -> dict:
             print(f"final reconstruction: mean rank {result['final']['mean_rank']:.2f}, MAP {result['final']['map']:.4f}; "
                   f"plot: {plot}; metrics: {os.path.join(cfg['out_dir'], 'metrics.json')}", flush=True)
     if world > 1:
+        # every rank waits for the master's sampling/plotting, then all tear gloo/NCCL down together (a rank
+        # that exits while its peer still holds the connections can abort in gloo's teardown)
+        dist.barrier()
         dist.destroy_process_group()
     return result
 

@@ -557,6 +557,9 @@ def main(argv: list[str]) -> dict:
                   f"{result['final']['val_bits_per_byte']:.4f} bits/byte; plot: {plot}; metrics: "
                   f"{os.path.join(cfg['out_dir'], 'metrics.json')}", flush=True)
     if world > 1:
+        # every rank waits for the master's sampling/plotting, then all tear gloo/NCCL down together (a rank
+        # that exits while its peer still holds the connections can abort in gloo's teardown)
+        dist.barrier()
         dist.destroy_process_group()
     return result
 
