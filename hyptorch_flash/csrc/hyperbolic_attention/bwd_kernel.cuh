@@ -63,10 +63,24 @@ struct Tile {
   static constexpr int kDqChunk = kHeadDim == 64 ? 32 : 16;
   static constexpr int kRowFields = 5;  // L_i, D_i, dO0_i, w_i (q0 or a_i), |q_i|²
   static constexpr int kKeyFields = 5;  // w_j (k0 or b_j), |k_j|², v0_j, λ_j, visible
+  // float fields (key fields ×2, row_part, scal, row fields ×2), padded to 16 bytes: the second Q_i/dO_i
+  // buffer follows them (see Smem)
+  static constexpr int kFloats =
+      (2 * kRowFields * kBlockM + 2 * kKeyFields * kBlockN + kWarps * kBlockM * 2 + kWarps * 2 + 3) / 4 * 4;
+  // one Q_i / dO_i / dO_i-lo buffer
+  template <typename T>
+  static constexpr int query_buffer_bytes() {
+    return 3 * kBlockM * kHeadDim * (int)sizeof(T);
+  }
   template <typename T>
   static constexpr int smem_bytes() {
-    return (2 * 2 * kBlockN * kHeadDim + 2 * 3 * kBlockM * kHeadDim + kBlockN * kBlockM) * (int)sizeof(T) +
-           (2 * kRowFields * kBlockM + 2 * kKeyFields * kBlockN + kWarps * kBlockM * 2 + kWarps * 2) * (int)sizeof(float);
+    return (2 * 2 * kBlockN * kHeadDim + kBlockN * kBlockM) * (int)sizeof(T) + 2 * query_buffer_bytes<T>() +
+           kFloats * (int)sizeof(float);
+  }
+  // kernel 0 uses one query buffer: the second one, last in the layout, is not allocated (more CTAs per SM)
+  template <typename T>
+  static constexpr int stage0_smem_bytes() {
+    return smem_bytes<T>() - query_buffer_bytes<T>();
   }
 };
 
@@ -200,19 +214,22 @@ struct Smem {
   float* scal;      // [kWarps][2]
   // buf selects one of the two Q_i/dO_i/row-field buffers (kernel 1 prefetches the next query tile into
   // the other while it computes), kv_buf one of the two K_j/V_j/key-field buffers (kernel 0 likewise
-  // prefetches the next key tile); dxt is single.
+  // prefetches the next key tile); dxt is single. Layout: K/V ×2 | dxt | Q/dO/dO-lo buffer 0 | floats |
+  // Q/dO/dO-lo buffer 1 (last, so kernel 0, which uses buffer 0 only, allocates stage0_smem_bytes).
   __device__ explicit Smem(char* base, int buf = 0, int kv_buf = 0) {
     k = reinterpret_cast<T*>(base) + kv_buf * 2 * Tl::kBlockN * kHeadDim;
     v = k + Tl::kBlockN * kHeadDim;
     dxt = reinterpret_cast<T*>(base) + 2 * 2 * Tl::kBlockN * kHeadDim;
-    q = dxt + Tl::kBlockN * Tl::kBlockM + buf * 3 * Tl::kBlockM * kHeadDim;
-    dout = q + Tl::kBlockM * kHeadDim;
-    dout_lo = dout + Tl::kBlockM * kHeadDim;
-    float* floats = reinterpret_cast<float*>(dxt + Tl::kBlockN * Tl::kBlockM + 2 * 3 * Tl::kBlockM * kHeadDim);
+    T* const query0 = dxt + Tl::kBlockN * Tl::kBlockM;
+    float* floats = reinterpret_cast<float*>(query0 + 3 * Tl::kBlockM * kHeadDim);
     key = floats + kv_buf * Tl::kKeyFields * Tl::kBlockN;
     row_part = floats + 2 * Tl::kKeyFields * Tl::kBlockN;
     scal = row_part + Tl::kWarps * Tl::kBlockM * 2;
     row = scal + Tl::kWarps * 2 + buf * Tl::kRowFields * Tl::kBlockM;
+    static_assert(Tl::kFloats * sizeof(float) % sizeof(T) == 0, "buffer 1 must start on a T boundary");
+    q = query0 + buf * (3 * Tl::kBlockM * kHeadDim + Tl::kFloats * (int)(sizeof(float) / sizeof(T)));
+    dout = q + Tl::kBlockM * kHeadDim;
+    dout_lo = dout + Tl::kBlockM * kHeadDim;
   }
 };
 
@@ -880,10 +897,11 @@ cudaError_t launch(const BwdParams& p, int stage, cudaStream_t stream) {
   const dim3 grid_q((p.n_queries + Tl::kBlockM - 1) / Tl::kBlockM, p.batch * p.heads);
   cudaError_t err;
   if (stage == 0) {
+    constexpr int smem0 = Tl::template stage0_smem_bytes<T>();
     auto output = attention_bwd_output_kernel<T, kHeadDim, kFamily>;
-    err = cudaFuncSetAttribute(output, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    err = cudaFuncSetAttribute(output, cudaFuncAttributeMaxDynamicSharedMemorySize, smem0);
     if (err != cudaSuccess) return err;
-    output<<<grid_q, Tl::kThreads, smem, stream>>>(p);
+    output<<<grid_q, Tl::kThreads, smem0, stream>>>(p);
     return cudaGetLastError();
   }
   auto kv = attention_bwd_kv_kernel<T, kHeadDim, kFamily>;
