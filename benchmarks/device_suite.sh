@@ -32,7 +32,7 @@ for name in "$@"; do
 cuda_build.load(); cuda_backward.load_extension()" ;;
     tests) step tests 400 python3 -m pytest -q -p no:warnings tests/test_cuda_forward.py tests/test_cuda_backward.py \
       tests/test_layers_cuda.py ;;
-    sanitizer) PYTORCH_NO_CUDA_MEMORY_CACHING=1 step sanitizer 300 compute-sanitizer --tool memcheck \
+    sanitizer) PYTORCH_NO_CUDA_MEMORY_CACHING=1 step sanitizer 480 compute-sanitizer --tool memcheck \
       --error-exitcode 1 python3 tests/cuda_sanitizer_cases.py ;;
     fwd_quick) step fwd_quick 300 python3 benchmarks/bench_attention.py --quick --out "$OUT/fwd_quick.jsonl" ;;
     fwd_sweep) step fwd_sweep 400 python3 benchmarks/bench_attention.py --out "$OUT/fwd.jsonl" \
