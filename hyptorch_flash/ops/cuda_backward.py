@@ -64,7 +64,8 @@ def load_extension():
     if _module is None:
         hashed = [
             p for p in sorted(cuda_build.CSRC.iterdir())
-            if p.name.startswith(("bwd_", "binding_bwd")) or p.name in ("device_primitives.cuh", "numerics.cuh")
+            if p.name.startswith(("bwd_", "binding_bwd"))
+            or p.name in ("attention_ids.h", "device_primitives.cuh", "numerics.cuh")
         ]
         _module = cuda_build.jit_build(EXTENSION_NAME, _sources(), hashed, cuda_build.NVCC_FLAGS)
     return _module

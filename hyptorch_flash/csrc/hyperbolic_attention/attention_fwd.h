@@ -5,11 +5,9 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
-namespace hyptorch_flash {
+#include "attention_ids.h"
 
-// Score and output ids shared with hyptorch_flash/ops/cuda_backend.py.
-enum ScoreId : int { SCORE_EUCLIDEAN = 0, SCORE_LORENTZ_DOT = 1, SCORE_DISTANCE = 2, SCORE_POINCARE = 3 };
-enum OutputId : int { OUTPUT_EUCLIDEAN = 0, OUTPUT_LORENTZ = 1, OUTPUT_KLEIN = 2, OUTPUT_POINCARE = 3 };
+namespace hyptorch_flash {
 
 // Number of per-key records the prologue kernel writes per (batch, query head): see KeyRecord.
 constexpr int kKeyRecordFields = 5;

@@ -166,7 +166,7 @@ std::vector<at::Tensor> prepare(const at::Tensor& dout, const at::Tensor& o_s, c
   check_f32(curvature, "curvature", {dout.size(1)});
   TORCH_CHECK(output >= 0 && output <= 3, "hyptorch_flash_cuda_bwd: output id must be 0..3, got ", output);
   at::Tensor hi = at::empty_like(dout);
-  at::Tensor lo = output == hyptorch_flash::OUTPUT_ID_EUCLIDEAN ? at::Tensor() : at::empty_like(dout);
+  at::Tensor lo = output == hyptorch_flash::OUTPUT_EUCLIDEAN ? at::Tensor() : at::empty_like(dout);
   at::Tensor dout0 = at::empty_like(o0), delta = at::empty_like(o0), dkap_rows = at::empty_like(o0);
   hyptorch_flash::PrepareParams p{};
   p.o_s = o_s.data_ptr<float>();

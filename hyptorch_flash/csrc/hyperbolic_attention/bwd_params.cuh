@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "attention_ids.h"
+
 namespace hyptorch_flash {
 
 struct BwdParams {
@@ -65,8 +67,6 @@ constexpr int kBwdBlockN = 64;
 
 // Step 1 of the backward (bwd_prepare.cu): the upstream gradient pulled back through the centroid
 // epilogue, per query row (B·H·N rows of head_dim ∈ {32, 64, 96, 128} values; contiguous).
-enum OutputId { OUTPUT_ID_EUCLIDEAN = 0, OUTPUT_ID_LORENTZ = 1, OUTPUT_ID_KLEIN = 2, OUTPUT_ID_POINCARE = 3 };
-
 struct PrepareParams {
   const float* o_s;        // (rows, head_dim) stage 0's O_s
   const float* o0;         // (rows,) stage 0's O_0

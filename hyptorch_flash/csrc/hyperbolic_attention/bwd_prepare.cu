@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kPrepareWarps * 32) bwd_prepare_kernel(const P
       o[m] = in ? o_s[lane + 32 * m] : 0.f;
       g[m] = in ? to_float(dout[lane + 32 * m]) : 0.f;
     }
-    if (p.output == OUTPUT_ID_EUCLIDEAN) {
+    if (p.output == OUTPUT_EUCLIDEAN) {
       float dot = 0.f;
 #pragma unroll
       for (int m = 0; m < kMaxPerLane; ++m) {
@@ -63,10 +63,10 @@ __global__ void __launch_bounds__(kPrepareWarps * 32) bwd_prepare_kernel(const P
     for (int m = 0; m < kMaxPerLane; ++m) o_sq = fmaf(o[m], o[m], o_sq);
     o_sq = valid ? warp_sum(o_sq) : 0.f;
     float denom = w;  // klein
-    if (p.output != OUTPUT_ID_KLEIN) {
+    if (p.output != OUTPUT_KLEIN) {
       const float s_norm = sqrtf(fmaxf(o_sq, numerics::MIN_SQ_NORM_F32));
       const float n = sqrtf(fmaxf((w - s_norm) * (w + s_norm), numerics::MIN_SQ_NORM_F32));
-      denom = p.output == OUTPUT_ID_LORENTZ ? n : w + n;
+      denom = p.output == OUTPUT_LORENTZ ? n : w + n;
     }
     float y[kMaxPerLane], gy = 0.f, y_sq = 0.f;
 #pragma unroll
@@ -79,13 +79,13 @@ __global__ void __launch_bounds__(kPrepareWarps * 32) bwd_prepare_kernel(const P
     y_sq = warp_sum(y_sq);
     // dO_s = a_g·g + a_y·y, Ô_s = r_y·y, dO_0 (epilogue_pullback)
     float a_g, a_y, r_y, do_0;
-    if (p.output == OUTPUT_ID_LORENTZ) {
+    if (p.output == OUTPUT_LORENTZ) {
       const float y0_sq = kap + y_sq, y0 = sqrtf(y0_sq);
       a_g = y0 / w;
       a_y = gy / kap * a_g;
       r_y = w / y0;
       do_0 = -gy * y0_sq / (kap * w);
-    } else if (p.output == OUTPUT_ID_KLEIN) {
+    } else if (p.output == OUTPUT_KLEIN) {
       a_g = sk / w;
       a_y = 0.f;
       r_y = w / sk;
