@@ -11,6 +11,7 @@ all (batch, head) slices instead of the scratch-bounded passes of ``cuda_backwar
 
     python benchmarks/bench_cuda_backward.py --n 4096 --dims 64 128 --memory-n 16384
     python benchmarks/bench_cuda_backward.py --scores distance flex_distance
+    python benchmarks/bench_cuda_backward.py --dtype float32 --batch 8 --heads 12 --n 1024 --dims 64 --causal
 """
 from __future__ import annotations
 
@@ -126,13 +127,16 @@ def main():
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--memory-n", type=int, default=0)
+    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                    help="dtype of the timed cases (float32: the split-precision kernels; SDPA in float32)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one lorentz_dot fwd+bwd")
     args = ap.parse_args()
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
     print(json.dumps(meta))
     for D in args.dims:
         for score in args.scores:
-            row = run_case(score, args.batch, args.heads, args.n, D, torch.bfloat16, args.causal, args.iters)
+            row = run_case(score, args.batch, args.heads, args.n, D, getattr(torch, args.dtype), args.causal,
+                           args.iters)
             print(json.dumps(row), flush=True)
     if args.profile:
         q, k, v = _inputs(args.batch, args.heads, args.n, args.dims[0], torch.bfloat16, "lorentz_dot")

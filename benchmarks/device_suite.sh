@@ -5,7 +5,7 @@
 #
 #   benchmarks/device_suite.sh build tests fwd_fp32 bwd_memory
 #
-# Steps: build, tests, sanitizer, fwd_quick, fwd_sweep, fwd_fp32, bwd, bwd_memory, bwd_flex.
+# Steps: build, tests, sanitizer, sanitizer_fp32, fwd_quick, fwd_sweep, fwd_fp32, bwd, bwd_fp32, bwd_memory, bwd_flex.
 # Each step has its own time limit and a failing step does not stop the next ones; the script exits
 # non-zero if any step failed. On the lent device, install geoopt first (the device README's notes).
 set -uo pipefail
@@ -31,15 +31,19 @@ for name in "$@"; do
     build) step build 300 python3 -c "from hyptorch_flash.ops import cuda_build, cuda_backward
 cuda_build.load(); cuda_backward.load_extension()" ;;
     tests) step tests 400 python3 -m pytest -q -p no:warnings tests/test_cuda_forward.py tests/test_cuda_backward.py \
-      tests/test_layers_cuda.py ;;
+      tests/test_layers_cuda.py tests/test_training_cuda.py ;;
     sanitizer) PYTORCH_NO_CUDA_MEMORY_CACHING=1 step sanitizer 480 compute-sanitizer --tool memcheck \
       --error-exitcode 1 python3 tests/cuda_sanitizer_cases.py ;;
+    sanitizer_fp32) PYTORCH_NO_CUDA_MEMORY_CACHING=1 step sanitizer_fp32 400 compute-sanitizer --tool memcheck \
+      --error-exitcode 1 python3 tests/cuda_sanitizer_cases.py float32 ;;
     fwd_quick) step fwd_quick 300 python3 benchmarks/bench_attention.py --quick --out "$OUT/fwd_quick.jsonl" ;;
     fwd_sweep) step fwd_sweep 400 python3 benchmarks/bench_attention.py --out "$OUT/fwd.jsonl" \
       --plot "$OUT/cuda_forward_sweep.png" ;;
     fwd_fp32) step fwd_fp32 200 python3 benchmarks/bench_attention.py --fp32-only --out "$OUT/fwd_fp32.jsonl" ;;
     bwd) step bwd 300 python3 benchmarks/bench_cuda_backward.py --iters 10 --profile \
       --scores sdpa lorentz_dot lorentz_dot:one_pass euclidean distance ;;
+    bwd_fp32) step bwd_fp32 200 python3 benchmarks/bench_cuda_backward.py --dtype float32 --batch 8 --heads 12 \
+      --n 1024 --dims 64 128 --causal --iters 10 --scores sdpa lorentz_dot distance ;;
     bwd_memory) step bwd_memory 200 python3 benchmarks/bench_cuda_backward.py --dims 64 --scores sdpa \
       --iters 3 --memory-n 16384 ;;
     bwd_flex) step bwd_flex 300 python3 benchmarks/bench_cuda_backward.py --dims 64 \

@@ -3,13 +3,16 @@
 Run (on a GPU machine)::
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \\
-        python tests/cuda_sanitizer_cases.py
+        python tests/cuda_sanitizer_cases.py [dtype ...]
 
-(no caching allocator, so an out-of-bounds access hits unallocated memory instead of a cached block).
+(dtypes among bfloat16 float16 float32, all three by default; no caching allocator, so an out-of-bounds
+access hits unallocated memory instead of a cached block).
 Shapes are not multiples of the tiles, with causal, key padding and GQA, so every boundary path runs;
-bf16/fp16 cases also run the fused backward, in one (batch, key head) slice per pass (the passes' views
-start inside the tensors), float32 cases the split-precision forward.
+every case also runs the fused backward, in one (batch, key head) slice per pass (the passes' views
+start inside the tensors); float32 runs the split-precision kernels.
 """
+import sys
+
 import torch
 
 import hyptorch_flash as hf
@@ -17,21 +20,20 @@ from hyptorch_flash.ops import cuda_backward
 from attention_cases import SCORES, coefficient_kw, outputs_for, random_points
 
 
-def main():
+def main(dtypes):
     gen = torch.Generator().manual_seed(0)
     B, H, Hkv, N, M = 2, 4, 2, 70, 45
     curvature = torch.linspace(0.5, 2.0, H, dtype=torch.float64)
     cuda_backward.SCRATCH_FLOOR_BYTES, cuda_backward.MIN_PASS_WORK = 0, 0  # one slice per pass
     for D in (64, 128, 40):
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for dtype in dtypes:
             for score in SCORES:
                 for output in outputs_for(score):
                     q = random_points((B, H, N, D), score, generator=gen, curvature=curvature).to(dtype).cuda()
                     k = random_points((B, Hkv, M, D), score, generator=gen, curvature=curvature).to(dtype).cuda()
                     v = random_points((B, Hkv, M, D), score, generator=gen, curvature=curvature).to(dtype).cuda()
                     pad = (torch.rand(B, M, generator=gen) < 0.3).cuda()
-                    if dtype != torch.float32:
-                        q, k, v = (x.requires_grad_() for x in (q, k, v))
+                    q, k, v = (x.requires_grad_() for x in (q, k, v))
                     # (1.0, k = 1): the reciprocal path of the distance scores (β·sqrt(k) = 1)
                     for coef, curv in ((1.3, curvature), (1.0, torch.ones(H, dtype=torch.float64))):
                         out = hf.hyperbolic_attention(q, k, v, score=score, output=output, causal=True,
@@ -46,4 +48,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main([getattr(torch, name) for name in (sys.argv[1:] or ("bfloat16", "float16", "float32"))])

@@ -205,20 +205,6 @@ def test_float32_is_not_rounded_to_bf16():
     assert got.dtype == torch.float32 and err < 1e-3 * err_bf16
 
 
-def test_float32_backward_is_declined_not_faked():
-    """No fused float32 backward yet: the backend declines grad inputs, the op's backward raises."""
-    q, k, v, kw = make_case("lorentz_dot", N=40, M=40, seed=32)
-    q = q.float().requires_grad_()
-    with pytest.raises(RuntimeError, match="float32 inputs that require grad"):
-        hf.hyperbolic_attention(q, k.float(), v.float(), backend="cuda", **kw)
-    args = list(op_args())
-    args[:3] = [x.float() for x in args[:3]]
-    args[0].requires_grad_()
-    out, _, _ = torch.ops.hyptorch_flash.attention_fwd(*args)
-    with pytest.raises(NotImplementedError, match="bfloat16/float16 only"):
-        out.sum().backward()
-
-
 def op_args(score_id=2, output_id=1, seed=2):
     q, k, v, kw = make_case("distance", N=65, M=70, mode="padded", seed=seed)
     H = q.shape[1]

@@ -36,8 +36,8 @@ def _backward(ctx, dout, _dlse, _do0):
         )
     if q.dtype not in cuda_backend.BACKWARD_DTYPES:
         raise NotImplementedError(
-            f"hyptorch_flash cuda backend: the fused backward runs bfloat16/float16 only, not {q.dtype} "
-            "(the forward's float32 path has no split-precision backward yet); use backend='blockwise'"
+            f"hyptorch_flash cuda backend: the fused backward runs {cuda_backend.BACKWARD_DTYPES}, not {q.dtype}; "
+            "use backend='blockwise'"
         )
     if dout is None:
         dout = torch.zeros_like(out)

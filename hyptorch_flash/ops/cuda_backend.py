@@ -17,8 +17,7 @@ Head dims up to 128 run natively at 64 or 128 (smaller ones are zero-padded, whi
 dot product or distance). bf16/fp16 run as they are; float32 inputs are split into three bf16 parts
 (x = hi + mid + lo) and every tensor-core product takes the six part products that matter, which
 keeps float32 accuracy (the role of the 3×tf32 split in DESIGN.md §3) at six times the tensor-core
-work. The fused backward runs bf16/fp16 only: float32 inputs that require grad are declined, so
-``auto`` uses the blockwise backend for them.
+work. The fused backward (:mod:`.cuda_backward`) runs every one of these dtypes, float32 with the same split.
 """
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ from .problem import AttentionProblem
 SCORE_IDS = {"euclidean": 0, "lorentz_dot": 1, "distance": 2, "poincare_distance": 3}
 OUTPUT_IDS = {"euclidean": 0, "lorentz": 1, "klein": 2, "poincare": 3}
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-BACKWARD_DTYPES = (torch.bfloat16, torch.float16)
+BACKWARD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 NATIVE_HEAD_DIMS = (64, 128)
 
 # Flipped to True by hyptorch_flash/ops/cuda_autograd.py once it registers the backward kernel.
@@ -119,8 +118,7 @@ def unsupported(problem: AttentionProblem) -> Optional[str]:
     if _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) < (8, 0):
         return "a GPU older than sm_80 (mma.sync bf16 needs Ampere or newer)"
     if _needs_grad(problem) and q.dtype not in BACKWARD_DTYPES:
-        return (f"{q.dtype} inputs that require grad (the fused forward runs float32, the fused backward "
-                "bfloat16/float16 only; no split-precision backward yet)")
+        return f"{q.dtype} inputs that require grad (the fused backward runs {', '.join(map(str, BACKWARD_DTYPES))})"
     if _needs_grad(problem) and not BACKWARD_REGISTERED:
         return "inputs require grad and the CUDA backward kernel is not registered"
     if _needs_grad(problem) and problem.return_lse:

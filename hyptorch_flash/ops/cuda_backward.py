@@ -12,7 +12,9 @@ FlashAttention-2's backward (Dao 2023, Algorithm 2) for every score variant, in 
    D_i = rowsum(dO_L ∘ O_L), which is 0 for the hyperbolic outputs (the epilogue is scale-invariant).
    dO_s goes to the kernels as two terms in the input dtype (hi + lo ≈ 16 significant bits): at large
    norms dP_ij = dO_s·v_j + dO_0·v0_j and dv_s + (v_s/v0)·dv0 cancel by orders of magnitude, and one
-   rounding of dO_s would not survive that.
+   rounding of dO_s would not survive that. float32 inputs: q, k, v and dO_s go to the kernels as three
+   bf16 parts each (:func:`split_bf16_parts`, the forward's split), every tensor-core product taking
+   the six part products that matter, so the contractions keep float32 accuracy; step 1 runs in PyTorch.
 2. Stage-1 kernels (``csrc/hyperbolic_attention/bwd_kernel.cuh``, extension ``hyptorch_flash_cuda_bwd``):
    recompute P from the saved log-sum-exp, form dX_ij = ∂L/∂X_ij for the variant's inner quantity X
    and return the O(N·D) contractions G, Gk, dV_s, the row/column sums R, RX, C, CX, dv0 and the
@@ -51,6 +53,28 @@ _module = None
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for the kernels' dtypes; float64 for float64 (the CPU tests' dense model of the kernels)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def split_bf16_parts(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` → ``(3, *x.shape)`` bfloat16 parts with x = hi + mid + lo exactly (each part the
+    round-to-nearest-even bf16 of what the previous ones leave; the subtractions are exact), the split
+    the forward kernel makes of its float32 inputs (``attention_fwd_split.cu``)."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"hyptorch_flash: split_bf16_parts takes float32, got {x.dtype}")
+    parts = torch.empty((3, *x.shape), dtype=torch.bfloat16, device=x.device)
+    rest = x.clone()
+    for i in range(3):
+        parts[i].copy_(rest)
+        if i < 2:
+            rest.sub_(parts[i].float())
+    return parts
+
+
+def _squares(x: torch.Tensor) -> torch.Tensor:
+    """|x|² over the last dim in the statistics dtype; float32 inputs sum in float64 like the forward's
+    split path (the time coordinates sqrt(k + |x|²) enter cancelling differences at large norms)."""
+    acc = torch.float64 if x.dtype in (torch.float32, torch.float64) else torch.float32
+    return x.to(acc, copy=True).square_().sum(-1).to(_stats_dtype(x.dtype)).contiguous()
 
 
 def _sources():
@@ -132,9 +156,10 @@ def prepare_backward(dout, o_s, o0, curvature, output: int, dtype: torch.dtype):
     ``o_s`` ``(B,H,N,D)``, ``o0`` ``(B,H,N)``: the forward's normalised Σ_j P_ij·lift(v_j) (recomputed
     by the stage-0 kernel). Returns ``dout_hi``, ``dout_lo`` (``dtype``; ``dout_lo`` is None for the
     euclidean output, whose dO = dout is exact), ``dout0``, ``delta`` (``(B,H,N)``, float32; float64
-    when ``dtype`` is float64) and the epilogue's curvature gradient ``(H,)``.
+    when ``dtype`` is float64) and the epilogue's curvature gradient ``(H,)``. float32: ``dout_hi`` is
+    dO_s as three bf16 parts ``(3,B,H,N,D)`` (:func:`split_bf16_parts`) and ``dout_lo`` is None.
     D_i = rowsum(dO_L ∘ O_L): for the hyperbolic outputs dO_L·O_L = 0 exactly (the epilogue is
-    scale-invariant), so only the residue of splitting dO_s into hi + lo is left.
+    scale-invariant), so only the residue of splitting dO_s into hi + lo (or parts) is left.
     """
     stats = _stats_dtype(dtype)
     o_s, o0 = o_s.to(stats), o0.to(stats)
@@ -145,11 +170,16 @@ def prepare_backward(dout, o_s, o0, curvature, output: int, dtype: torch.dtype):
                                        {OUTPUT_LORENTZ: "lorentz", OUTPUT_KLEIN: "klein", OUTPUT_POINCARE: "poincare"}[output])
     do_s, do_0, o_rebuilt, dkap = epilogue_pullback(dout.to(stats), y, o0, curvature, output)
     del y  # float32 (B,H,N,D): free before the next ones are made
-    dout_hi = do_s.to(dtype)
+    split = dtype == torch.float32
+    dout_hi = split_bf16_parts(do_s) if split else do_s.to(dtype)
     if output == OUTPUT_EUCLIDEAN:
         return dout_hi, None, do_0.to(stats), (do_s * o_s).sum(-1), dkap
-    dout_lo = (do_s - dout_hi.to(stats)).to(dtype)
-    residue = dout_hi.to(stats, copy=True).add_(dout_lo.to(stats)).sub_(do_s)  # (hi + lo) − dO_s, one buffer
+    if split:
+        dout_lo = None
+        residue = dout_hi[0].to(stats).add_(dout_hi[1].to(stats)).add_(dout_hi[2].to(stats)).sub_(do_s)
+    else:
+        dout_lo = (do_s - dout_hi.to(stats)).to(dtype)
+        residue = dout_hi.to(stats, copy=True).add_(dout_lo.to(stats)).sub_(do_s)  # (hi + lo) − dO_s, one buffer
     del do_s
     delta = residue.mul_(o_rebuilt).sum(-1)
     return dout_hi, dout_lo, do_0.to(stats), delta, dkap
@@ -372,6 +402,8 @@ def _pad_to(x: torch.Tensor, dim: int) -> torch.Tensor:
 SCRATCH_FRACTION = 0.1
 SCRATCH_FLOOR_BYTES = 64 * 2**20
 SCRATCH_BUFFERS_PER_HEAD = 8
+# float32 inputs also hold q, k, v and dO_s as bf16 parts (1.5 float32 buffers each) and run step 1 in PyTorch.
+SPLIT_EXTRA_BUFFERS = 4
 MIN_PASS_WORK = 2**35
 
 
@@ -392,22 +424,29 @@ def slice_plan(batch: int, kv_heads: int, slices_per_pass: int) -> list[tuple[in
 
 
 class FusedKernels:
-    """The extension's stages behind the interface :func:`backward_in_passes` calls: ``output`` (stage 0),
-    ``prepare`` (step 1, ``bwd_prepare.cu``; :func:`prepare_backward`'s contract) and ``bwd`` (stage 1)."""
+    """The extension's stages behind the interface :func:`backward_in_passes` calls: ``operands`` (what
+    the kernels read of q, k, v: float32 as three bf16 parts), ``output`` (stage 0), ``prepare`` (step 1,
+    ``bwd_prepare.cu`` for bf16/fp16, :func:`prepare_backward` for float32) and ``bwd`` (stage 1)."""
 
     def __init__(self, ext):
         self.output = ext.output
         self.bwd = ext.bwd
         self._prepare = ext.prepare
 
+    @staticmethod
+    def operands(x: torch.Tensor) -> torch.Tensor:
+        return split_bf16_parts(x) if x.dtype == torch.float32 else x
+
     def prepare(self, dout, o_s, o0, curvature, output: int, dtype: torch.dtype):
+        if dtype == torch.float32:
+            return prepare_backward(dout, o_s, o0, curvature, output, dtype)
         dout_hi, dout_lo, dout0, delta, dkap_rows = self._prepare(dout, o_s, o0, curvature, output)
         return dout_hi, None if output == OUTPUT_EUCLIDEAN else dout_lo, dout0, delta, dkap_rows.sum((0, 2))
 
 
 def _backward_pass(kernels, dout, q, k, v, lse, curvature, coef, key_padding_mask, score, output, causal, squared,
                    acosh_eps, deterministic):
-    """Steps 0-3 on one pass; ``kernels`` has ``output``, ``prepare`` and ``bwd`` (:class:`FusedKernels`).
+    """Steps 0-3 on one pass; ``kernels`` has ``operands``, ``output``, ``prepare`` and ``bwd`` (:class:`FusedKernels`).
 
     Returns (dq, dk, dv) in the inputs' dtype and (dcurvature, dcoef) ``(H,)`` in the statistics dtype
     (float32; float64 for float64 inputs, the CPU tests' dense stand-in for the kernels).
@@ -416,17 +455,18 @@ def _backward_pass(kernels, dout, q, k, v, lse, curvature, coef, key_padding_mas
     dim = _padded_head_dim(q.shape[-1], v.shape[-1])
     qp, kp, vp = (_pad_to(x, dim) for x in (q, k, v))
     curv, cf = curvature.to(stats).contiguous(), coef.to(stats).contiguous()
-    sq = lambda x: x.to(stats, copy=True).square_().sum(-1).contiguous()  # noqa: E731 - one float32 copy
-    common = (sq(qp), sq(kp), sq(vp), curv, cf, key_padding_mask, score, causal, squared, float(acosh_eps))
+    common = (_squares(qp), _squares(kp), _squares(vp), curv, cf, key_padding_mask, score, causal, squared,
+              float(acosh_eps))
     lse = lse.contiguous()
+    q_in, k_in, v_in = (kernels.operands(x) for x in (qp, kp, vp))
     # out and o0 (the forward's rounded output) are not used: the epilogue's Jacobian needs O in fp32
-    o_s, o_0 = kernels.output(qp, kp, vp, lse, *common)
+    o_s, o_0 = kernels.output(q_in, k_in, v_in, lse, *common)
     dout_hi, dout_lo, dout0, delta, dcurv_epilogue = kernels.prepare(_pad_to(dout, dim), o_s, o_0, curv, output,
                                                                      q.dtype)
     del o_s, o_0  # float32 (B,H,N,D): not needed by stage 1
-    acc = kernels.bwd(qp, kp, vp, dout_hi.contiguous(), None if dout_lo is None else dout_lo.contiguous(), lse,
+    acc = kernels.bwd(q_in, k_in, v_in, dout_hi.contiguous(), None if dout_lo is None else dout_lo.contiguous(), lse,
                       delta.contiguous(), dout0.contiguous(), *common, deterministic)
-    del dout_hi, dout_lo
+    del dout_hi, dout_lo, q_in, k_in, v_in
     dq, dk, dv, dcurv, dcoef = finish_gradients(*acc, qp, kp, vp, curv, cf, score, squared, dcurv_epilogue,
                                                 squares=common[:3])
     return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]], dcurv, dcoef
@@ -444,7 +484,8 @@ def backward_in_passes(kernels, dout, q, k, v, lse, curvature, coef, key_padding
     Hkv, M = k.shape[1], k.shape[2]
     group = H // Hkv
     dim = _padded_head_dim(q.shape[-1], v.shape[-1])
-    per_slice = SCRATCH_BUFFERS_PER_HEAD * group * max(N, M) * dim * 4
+    buffers = SCRATCH_BUFFERS_PER_HEAD + (SPLIT_EXTRA_BUFFERS if q.dtype == torch.float32 else 0)
+    per_slice = buffers * group * max(N, M) * dim * 4
     if scratch_bytes is None:
         held = 2 * sum(x.numel() * x.element_size() for x in (q, k, v)) + dout.numel() * dout.element_size()
         slices = max(SCRATCH_FLOOR_BYTES, int(SCRATCH_FRACTION * held)) // per_slice

@@ -18,6 +18,28 @@ void check_4d(const at::Tensor& x, const char* name, int64_t head_dim) {
               ", got ", x.sizes());
 }
 
+// A kernel operand: a 4-D bf16/fp16 tensor, or a float32 one split into three bf16 parts, (3, B, H, rows, D)
+// (part-major, contiguous). view = the 4-D tensor or part 0; part_stride = elements between parts (0 if one).
+struct Operand {
+  at::Tensor view;
+  int64_t part_stride;
+  bool split;
+};
+
+Operand operand(const at::Tensor& x, const char* name, int64_t head_dim) {
+  if (x.dim() == 5) {
+    TORCH_CHECK(x.size(0) == 3 && x.scalar_type() == at::kBFloat16,
+                "hyptorch_flash_cuda_bwd: a 5-D ", name, " must hold three bf16 parts (3, B, H, rows, D), got ",
+                x.scalar_type(), " ", x.sizes());
+    TORCH_CHECK(x.is_contiguous(), "hyptorch_flash_cuda_bwd: the parts of ", name, " must be contiguous");
+    at::Tensor part0 = x[0];
+    check_4d(part0, name, head_dim);
+    return {part0, x.stride(0), true};
+  }
+  check_4d(x, name, head_dim);
+  return {x, 0, false};
+}
+
 void check_f32(const at::Tensor& x, const char* name, at::IntArrayRef shape) {
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.sizes() == shape,
               "hyptorch_flash_cuda_bwd: ", name, " must be a contiguous float32 CUDA tensor of shape ", shape,
@@ -32,15 +54,16 @@ hyptorch_flash::BwdParams common_params(const at::Tensor& q, const at::Tensor& k
                                         double acosh_eps) {
   const int64_t D = q.size(-1);
   TORCH_CHECK(D == 64 || D == 128, "hyptorch_flash_cuda_bwd: head dim must be 64 or 128, got ", D);
-  check_4d(q, "q", D);
-  check_4d(k, "k", D);
-  check_4d(v, "v", D);
+  const Operand qo = operand(q, "q", D), ko = operand(k, "k", D), vo = operand(v, "v", D);
+  TORCH_CHECK(qo.split == ko.split && qo.split == vo.split,
+              "hyptorch_flash_cuda_bwd: q, k, v must all be split into parts or none");
   const auto dtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "hyptorch_flash_cuda_bwd: dtype must be bf16 or fp16");
   TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype, "hyptorch_flash_cuda_bwd: q, k, v must share one dtype");
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Hkv = k.size(1), M = k.size(2);
-  TORCH_CHECK(k.size(0) == B && v.sizes() == k.sizes() && Hkv > 0 && H % Hkv == 0, "hyptorch_flash_cuda_bwd: shapes q ",
-              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " do not match");
+  const int64_t B = qo.view.size(0), H = qo.view.size(1), N = qo.view.size(2), Hkv = ko.view.size(1),
+                M = ko.view.size(2);
+  TORCH_CHECK(ko.view.size(0) == B && v.sizes() == k.sizes() && Hkv > 0 && H % Hkv == 0,
+              "hyptorch_flash_cuda_bwd: shapes q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " do not match");
   check_f32(lse, "lse", {B, H, N});
   check_f32(q_sq, "q_sq", {B, H, N});
   check_f32(k_sq, "k_sq", {B, Hkv, M});
@@ -56,6 +79,8 @@ hyptorch_flash::BwdParams common_params(const at::Tensor& q, const at::Tensor& k
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
+  p.q_part_stride = qo.part_stride;
+  p.kv_part_stride = ko.part_stride;
   p.lse = lse.data_ptr<float>();
   p.q_sq = q_sq.data_ptr<float>();
   p.k_sq = k_sq.data_ptr<float>();
@@ -80,12 +105,16 @@ at::Tensor padding_bytes(const std::optional<at::Tensor>& key_padding_mask) {
 }
 
 void launch(const hyptorch_flash::BwdParams& p, const at::Tensor& q, int stage) {
-  const cudaError_t err = hyptorch_flash::launch_attention_bwd(p, (int)q.size(-1), q.scalar_type() == at::kBFloat16,
-                                                               stage, at::cuda::getCurrentCUDAStream());
+  const hyptorch_flash::BwdDtype dtype = q.dim() == 5                       ? hyptorch_flash::BWD_FP32_SPLIT
+                                         : q.scalar_type() == at::kBFloat16 ? hyptorch_flash::BWD_BF16
+                                                                            : hyptorch_flash::BWD_FP16;
+  const cudaError_t err =
+      hyptorch_flash::launch_attention_bwd(p, (int)q.size(-1), dtype, stage, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "hyptorch_flash_cuda_bwd: kernel launch failed: ", cudaGetErrorString(err));
 }
 
 // Stage 0: the forward's normalised average recomputed in float32, (O_s (B,H,N,D), O_0 (B,H,N)).
+// q, k, v: (B, H|Hkv, rows, D) bf16/fp16, or float32 inputs as (3, B, H|Hkv, rows, D) bf16 parts.
 std::vector<at::Tensor> output(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                                const at::Tensor& q_sq, const at::Tensor& k_sq, const at::Tensor& v_sq,
                                const at::Tensor& curvature, const at::Tensor& coef,
@@ -96,7 +125,7 @@ std::vector<at::Tensor> output(const at::Tensor& q, const at::Tensor& k, const a
   hyptorch_flash::BwdParams p = common_params(q, k, v, lse, q_sq, k_sq, v_sq, curvature, coef, padding, score, causal,
                                               squared, acosh_eps);
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor o = at::empty(q.sizes(), f32);
+  at::Tensor o = at::empty({lse.size(0), lse.size(1), lse.size(2), q.size(-1)}, f32);  // lse is (B, H, N), checked
   at::Tensor o0 = at::empty(lse.sizes(), f32);
   p.o_acc = o.data_ptr<float>();
   p.o0_acc = o0.data_ptr<float>();
@@ -105,6 +134,7 @@ std::vector<at::Tensor> output(const at::Tensor& q, const at::Tensor& k, const a
 }
 
 // Stage 1: returns (dq_acc, row_acc, dk_acc, dv_acc, col_acc, scalar_partials), all float32.
+// Split float32 inputs: q, k, v and dout_s as (3, …) bf16 parts (see output), no dout_lo.
 std::vector<at::Tensor> bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout_s,
                             const std::optional<at::Tensor>& dout_lo, const at::Tensor& lse, const at::Tensor& delta,
                             const at::Tensor& dout0, const at::Tensor& q_sq, const at::Tensor& k_sq,
@@ -115,11 +145,12 @@ std::vector<at::Tensor> bwd(const at::Tensor& q, const at::Tensor& k, const at::
   const at::Tensor padding = padding_bytes(key_padding_mask);
   hyptorch_flash::BwdParams p = common_params(q, k, v, lse, q_sq, k_sq, v_sq, curvature, coef, padding, score, causal,
                                               squared, acosh_eps);
-  const int64_t D = q.size(-1), B = q.size(0), H = q.size(1), N = q.size(2), M = k.size(2);
-  check_4d(dout_s, "dout_s", D);
+  const int64_t D = q.size(-1), B = lse.size(0), H = lse.size(1), N = lse.size(2), M = k_sq.size(2);
+  operand(dout_s, "dout_s", D);
   TORCH_CHECK(dout_s.scalar_type() == q.scalar_type() && dout_s.sizes() == q.sizes(),
-              "hyptorch_flash_cuda_bwd: dout_s must match q in dtype and shape");
+              "hyptorch_flash_cuda_bwd: dout_s must match q in dtype and shape (parts included)");
   if (dout_lo.has_value()) {
+    TORCH_CHECK(q.dim() == 4, "hyptorch_flash_cuda_bwd: split inputs take no dout_lo (dout_s has three parts)");
     check_4d(*dout_lo, "dout_lo", D);
     TORCH_CHECK(dout_lo->scalar_type() == q.scalar_type() && dout_lo->sizes() == q.sizes(),
                 "hyptorch_flash_cuda_bwd: dout_lo must match q in dtype and shape");

@@ -3,6 +3,6 @@
 
 namespace hyptorch_flash {
 namespace bwd {
-template cudaError_t launch_for_score<__half, 128>(const BwdParams&, int, cudaStream_t);
+template cudaError_t launch_for_score<__half, 128, 1>(const BwdParams&, int, cudaStream_t);
 }  // namespace bwd
 }  // namespace hyptorch_flash

@@ -3,6 +3,6 @@
 
 namespace hyptorch_flash {
 namespace bwd {
-template cudaError_t launch_for_score<__nv_bfloat16, 64>(const BwdParams&, int, cudaStream_t);
+template cudaError_t launch_for_score<__nv_bfloat16, 64, 1>(const BwdParams&, int, cudaStream_t);
 }  // namespace bwd
 }  // namespace hyptorch_flash

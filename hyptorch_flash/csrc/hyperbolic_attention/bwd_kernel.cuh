@@ -45,13 +45,18 @@ constexpr float kLn2 = 0.6931471805599453f;
 // Score families sharing one kernel body (the variant inside a family is a run-time switch).
 enum Family : int { FAMILY_DOT = 0, FAMILY_DISTANCE = 1, FAMILY_POINCARE = 2 };
 
-template <int kHeadDim, int kFamily>
+// kParts = 1: bf16/fp16 inputs. kParts = 3: float32 inputs as three bf16 parts x = hi + mid + lo
+// (attention_fwd_split.cu's split), every tensor-core product taking the six part products with
+// a + b ≤ 2 (mma_parts), so the contractions keep float32 accuracy.
+template <int kHeadDim, int kFamily, int kParts = 1>
 struct Tile {
+  static constexpr bool kSplit = kParts > 1;
   static constexpr int kBlockN = kBwdBlockN;               // keys per CTA (kernel 1) / per step (kernel 2)
   // queries per step (kernel 1) / per CTA (kernels 0, 2); 16 at D = 128 keeps kernel 1 within 255
   // registers (dK_j and dV_j alone take 128 per thread there)
-  // (and 32 for the arccosh scores at D = 64, whose element-wise work needs more registers)
-  static constexpr int kBlockM = kHeadDim == 128 ? 16 : kFamily == FAMILY_DOT ? 64 : 32;
+  // (and 32 for the arccosh scores at D = 64, whose element-wise work needs more registers; 16 for split
+  // inputs, whose operand fragments come in three parts)
+  static constexpr int kBlockM = (kHeadDim == 128 || kSplit) ? 16 : kFamily == FAMILY_DOT ? 64 : 32;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kQTiles = kBlockM / 8;  // n8 tiles of Sᵀ (queries)
@@ -60,9 +65,19 @@ struct Tile {
   static constexpr int kRowGroups = kBlockM / 16;
   static constexpr int kDqCols = kHeadDim * kRowGroups / kWarps;
   // dQ columns per pass of the key-parallel kernel (its accumulators sit next to dK_j and dV_j)
-  static constexpr int kDqChunk = kHeadDim == 64 ? 32 : 16;
+  static constexpr int kDqChunkMax = kHeadDim == 64 ? 32 : 16;
+  static constexpr int kDqChunk = kDqChunkMax < kDqCols ? kDqChunkMax : kDqCols;
   static constexpr int kRowFields = 5;  // L_i, D_i, dO0_i, w_i (q0 or a_i), |q_i|²
   static constexpr int kKeyFields = 5;  // w_j (k0 or b_j), |k_j|², v0_j, λ_j, visible
+  // Split inputs triple every tile: one K_j/V_j buffer and one query buffer then (no prefetch), so the
+  // D = 128 tiles fit in shared memory.
+  static constexpr int kKvBuffers = kSplit ? 1 : 2;
+  // Split inputs at D = 128: kernel 1 runs twice, once for dV_j and once for dK_j (and dQ), as dK_j, dV_j
+  // and the three-part fragments do not fit in 255 registers together.
+  static constexpr bool kKvTwoPasses = kSplit && kHeadDim == 128;
+  static constexpr int kQueryBuffers = kSplit ? 1 : 2;
+  // tiles of kBlockM × D per query buffer: Q_i and dO_i parts, plus dO_i-lo for one part
+  static constexpr int kQueryTiles = kSplit ? 2 * kParts : 3;
   // float fields (key fields ×2, row_part, scal, row fields ×2), padded to 16 bytes: the second Q_i/dO_i
   // buffer follows them (see Smem)
   static constexpr int kFloats =
@@ -70,17 +85,17 @@ struct Tile {
   // one Q_i / dO_i / dO_i-lo buffer
   template <typename T>
   static constexpr int query_buffer_bytes() {
-    return 3 * kBlockM * kHeadDim * (int)sizeof(T);
+    return kQueryTiles * kBlockM * kHeadDim * (int)sizeof(T);
   }
   template <typename T>
   static constexpr int smem_bytes() {
-    return (2 * 2 * kBlockN * kHeadDim + kBlockN * kBlockM) * (int)sizeof(T) + 2 * query_buffer_bytes<T>() +
-           kFloats * (int)sizeof(float);
+    return kParts * (kKvBuffers * 2 * kBlockN * kHeadDim + kBlockN * kBlockM) * (int)sizeof(T) +
+           kQueryBuffers * query_buffer_bytes<T>() + kFloats * (int)sizeof(float);
   }
-  // kernel 0 uses one query buffer: the second one, last in the layout, is not allocated (more CTAs per SM)
+  // kernels 0 and 2 use one query buffer: the second one, last in the layout, is not allocated (more CTAs per SM)
   template <typename T>
   static constexpr int stage0_smem_bytes() {
-    return smem_bytes<T>() - query_buffer_bytes<T>();
+    return smem_bytes<T>() - (kQueryBuffers - 1) * query_buffer_bytes<T>();
   }
 };
 
@@ -197,16 +212,20 @@ __device__ __forceinline__ void score_terms(float dot, float qw, float qsq, floa
   }
 }
 
-// Shared memory of both kernels.
-template <typename T, int kHeadDim, int kFamily>
+// Shared memory of the kernels. With split inputs (kParts = 3) k, v, q, dout and dxt point at part 0
+// and part p of each follows at p · k_part / q_part / dxt_part elements.
+template <typename T, int kHeadDim, int kFamily, int kParts = 1>
 struct Smem {
-  using Tl = Tile<kHeadDim, kFamily>;
+  using Tl = Tile<kHeadDim, kFamily, kParts>;
+  static constexpr int kv_part = Tl::kBlockN * kHeadDim;
+  static constexpr int q_part = Tl::kBlockM * kHeadDim;
+  static constexpr int dxt_part = Tl::kBlockN * Tl::kBlockM;
   T* k;       // K_j  [kBlockN][D]
   T* v;       // V_j  [kBlockN][D]
   T* q;       // Q_i  [kBlockM][D]
   T* dout;    // dO_i [kBlockM][D] (rounded to T)
   T* dout_lo;  // dO_i − dout, rounded to T: dO_i in two terms, so its rounding does not break the
-               // cancellation between space and time parts of dP_ij at large norms
+               // cancellation between space and time parts of dP_ij at large norms (kParts = 1 only)
   T* dxt;     // dX_ijᵀ [kBlockN][kBlockM]
   float* row;  // [kRowFields][kBlockM]
   float* key;  // [kKeyFields][kBlockN]
@@ -215,21 +234,22 @@ struct Smem {
   // buf selects one of the two Q_i/dO_i/row-field buffers (kernel 1 prefetches the next query tile into
   // the other while it computes), kv_buf one of the two K_j/V_j/key-field buffers (kernel 0 likewise
   // prefetches the next key tile); dxt is single. Layout: K/V ×2 | dxt | Q/dO/dO-lo buffer 0 | floats |
-  // Q/dO/dO-lo buffer 1 (last, so kernel 0, which uses buffer 0 only, allocates stage0_smem_bytes).
+  // Q/dO/dO-lo buffer 1 (last, so kernels 0 and 2, which use buffer 0 only, allocate stage0_smem_bytes).
+  // Split inputs have one buffer of each (buf = kv_buf = 0).
   __device__ explicit Smem(char* base, int buf = 0, int kv_buf = 0) {
-    k = reinterpret_cast<T*>(base) + kv_buf * 2 * Tl::kBlockN * kHeadDim;
-    v = k + Tl::kBlockN * kHeadDim;
-    dxt = reinterpret_cast<T*>(base) + 2 * 2 * Tl::kBlockN * kHeadDim;
-    T* const query0 = dxt + Tl::kBlockN * Tl::kBlockM;
-    float* floats = reinterpret_cast<float*>(query0 + 3 * Tl::kBlockM * kHeadDim);
+    k = reinterpret_cast<T*>(base) + kv_buf * 2 * kParts * kv_part;
+    v = k + kParts * kv_part;
+    dxt = reinterpret_cast<T*>(base) + Tl::kKvBuffers * 2 * kParts * kv_part;
+    T* const query0 = dxt + kParts * dxt_part;
+    float* floats = reinterpret_cast<float*>(query0 + Tl::kQueryTiles * q_part);
     key = floats + kv_buf * Tl::kKeyFields * Tl::kBlockN;
     row_part = floats + 2 * Tl::kKeyFields * Tl::kBlockN;
     scal = row_part + Tl::kWarps * Tl::kBlockM * 2;
     row = scal + Tl::kWarps * 2 + buf * Tl::kRowFields * Tl::kBlockM;
     static_assert(Tl::kFloats * sizeof(float) % sizeof(T) == 0, "buffer 1 must start on a T boundary");
-    q = query0 + buf * (3 * Tl::kBlockM * kHeadDim + Tl::kFloats * (int)(sizeof(float) / sizeof(T)));
-    dout = q + Tl::kBlockM * kHeadDim;
-    dout_lo = dout + Tl::kBlockM * kHeadDim;
+    q = query0 + buf * (Tl::kQueryTiles * q_part + Tl::kFloats * (int)(sizeof(float) / sizeof(T)));
+    dout = q + kParts * q_part;
+    dout_lo = dout + q_part;
   }
 };
 
@@ -251,9 +271,9 @@ __device__ __forceinline__ HeadConst head_const(const BwdParams& p, int h) {
 
 // Row fields of Q_i (rows i0..i0+kBlockM-1 of head bh); rows ≥ N and rows that see no key get L = +inf,
 // so every P_ij of theirs is exp2(−inf) = 0.
-template <int kHeadDim, int kFamily, bool kReadDelta = true>
+template <int kHeadDim, int kFamily, int kParts, bool kReadDelta = true>
 __device__ __forceinline__ void load_row_fields(float* row, const BwdParams& p, const HeadConst& hc, size_t bh, int i0) {
-  using Tl = Tile<kHeadDim, kFamily>;
+  using Tl = Tile<kHeadDim, kFamily, kParts>;
   for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
     const int i = i0 + r;
     float lse = CUDART_INF_F, delta = 0.f, do0 = 0.f, w = 0.f, sq = 0.f;
@@ -281,10 +301,10 @@ __device__ __forceinline__ void load_row_fields(float* row, const BwdParams& p, 
 }
 
 // Key fields of K_j/V_j (keys j0..j0+kBlockN-1 of kv head (b, hk)); invisible = j ≥ M or padded.
-template <int kHeadDim, int kFamily>
+template <int kHeadDim, int kFamily, int kParts>
 __device__ __forceinline__ void load_key_fields(float* key, const BwdParams& p, const HeadConst& hc, int b,
                                                 size_t bhk, int j0) {
-  using Tl = Tile<kHeadDim, kFamily>;
+  using Tl = Tile<kHeadDim, kFamily, kParts>;
   for (int r = threadIdx.x; r < Tl::kBlockN; r += Tl::kThreads) {
     const int j = j0 + r;
     float ksq = 0.f, vsq = 0.f, visible = 0.f;
@@ -318,12 +338,32 @@ struct KeySums {
   float s1 = 0.f, s2 = 0.f;  // Σ dS·u, Σ dX·X
 };
 
+// acc0, acc1 (two n8 tiles) += Σ A_a·B_b over the part pairs with a + b < max(kA, kB): every product
+// for one-part operands, hi·hi + hi·lo + lo·hi for two, the six that matter for three (mma_split in
+// attention_fwd_kernel.cuh), smallest first. b[part] holds the B operands of both n8 tiles (frag_b_*).
+template <typename T, int kA, int kB>
+__device__ __forceinline__ void mma_parts(float (&acc0)[4], float (&acc1)[4], const uint32_t (&a)[kA][4],
+                                          const uint32_t (&b)[kB][4]) {
+  constexpr int kTerms = kA > kB ? kA : kB;
+#pragma unroll
+  for (int ia = kA - 1; ia >= 0; --ia) {
+#pragma unroll
+    for (int ib = kB - 1; ib >= 0; --ib) {
+      if (ia + ib < kTerms) {
+        mma_16816<T>(acc0, a[ia], b[ib][0], b[ib][1]);
+        mma_16816<T>(acc1, a[ia], b[ib][2], b[ib][3]);
+      }
+    }
+  }
+}
+
 // S_ijᵀ = K_j Q_iᵀ and dP_ijᵀ = V_j (dO_i + dO_lo,i)ᵀ for the warp's 16 keys (space parts, fp32 accumulate).
-template <typename T, int kHeadDim, int kFamily, bool kWithDp = true>
-__device__ __forceinline__ void score_mma(const Smem<T, kHeadDim, kFamily>& sm, bool has_lo,
-                                          float (&sp)[Tile<kHeadDim, kFamily>::kQTiles][4],
-                                          float (&dp)[Tile<kHeadDim, kFamily>::kQTiles][4]) {
-  using Tl = Tile<kHeadDim, kFamily>;
+template <typename T, int kHeadDim, int kFamily, int kParts, bool kWithDp = true>
+__device__ __forceinline__ void score_mma(const Smem<T, kHeadDim, kFamily, kParts>& sm, bool has_lo,
+                                          float (&sp)[Tile<kHeadDim, kFamily, kParts>::kQTiles][4],
+                                          float (&dp)[Tile<kHeadDim, kFamily, kParts>::kQTiles][4]) {
+  using Tl = Tile<kHeadDim, kFamily, kParts>;
+  using Sm = Smem<T, kHeadDim, kFamily, kParts>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int key0 = warp * 16;
 #pragma unroll
@@ -333,52 +373,68 @@ __device__ __forceinline__ void score_mma(const Smem<T, kHeadDim, kFamily>& sm, 
   }
 #pragma unroll
   for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-    uint32_t ak[4], av[4];
-    frag_a<kHeadDim>(ak, sm.k, key0, kk * 16, lane);
-    if constexpr (kWithDp) frag_a<kHeadDim>(av, sm.v, key0, kk * 16, lane);
+    // One-part inputs interleave the S and dP products; split ones finish S first (fragment registers).
+    constexpr bool kInterleave = kWithDp && kParts == 1;
+    uint32_t ak[kParts][4], av[kParts][4];
+#pragma unroll
+    for (int part = 0; part < kParts; ++part) frag_a<kHeadDim>(ak[part], sm.k + part * Sm::kv_part, key0, kk * 16, lane);
+    if constexpr (kInterleave) frag_a<kHeadDim>(av[0], sm.v, key0, kk * 16, lane);
 #pragma unroll
     for (int n2 = 0; n2 < Tl::kQTiles / 2; ++n2) {
-      uint32_t bq[4], bo[4];
-      frag_b_nk<kHeadDim>(bq, sm.q, n2 * 16, kk * 16, lane);
-      mma_16816<T>(sp[2 * n2], ak, bq[0], bq[1]);
-      mma_16816<T>(sp[2 * n2 + 1], ak, bq[2], bq[3]);
-      if constexpr (kWithDp) {
-        frag_b_nk<kHeadDim>(bo, sm.dout, n2 * 16, kk * 16, lane);
-        mma_16816<T>(dp[2 * n2], av, bo[0], bo[1]);
-        mma_16816<T>(dp[2 * n2 + 1], av, bo[2], bo[3]);
+      uint32_t bq[kParts][4], bo[kParts][4];
+#pragma unroll
+      for (int part = 0; part < kParts; ++part) frag_b_nk<kHeadDim>(bq[part], sm.q + part * Sm::q_part, n2 * 16, kk * 16, lane);
+      mma_parts<T, kParts, kParts>(sp[2 * n2], sp[2 * n2 + 1], ak, bq);
+      if constexpr (kInterleave) {
+        frag_b_nk<kHeadDim>(bo[0], sm.dout, n2 * 16, kk * 16, lane);
+        mma_parts<T, 1, 1>(dp[2 * n2], dp[2 * n2 + 1], av, bo);
+      }
+    }
+    if constexpr (kWithDp && !kInterleave) {
+#pragma unroll
+      for (int part = 0; part < kParts; ++part) frag_a<kHeadDim>(av[part], sm.v + part * Sm::kv_part, key0, kk * 16, lane);
+#pragma unroll
+      for (int n2 = 0; n2 < Tl::kQTiles / 2; ++n2) {
+        uint32_t bo[kParts][4];
+#pragma unroll
+        for (int part = 0; part < kParts; ++part) {
+          frag_b_nk<kHeadDim>(bo[part], sm.dout + part * Sm::q_part, n2 * 16, kk * 16, lane);
+        }
+        mma_parts<T, kParts, kParts>(dp[2 * n2], dp[2 * n2 + 1], av, bo);
       }
     }
   }
-  if (kWithDp && has_lo) {
+  if constexpr (kParts == 1 && kWithDp) {
+    if (!has_lo) return;
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      uint32_t av[4];
-      frag_a<kHeadDim>(av, sm.v, key0, kk * 16, lane);
+      uint32_t av[1][4];
+      frag_a<kHeadDim>(av[0], sm.v, key0, kk * 16, lane);
 #pragma unroll
       for (int n2 = 0; n2 < Tl::kQTiles / 2; ++n2) {
-        uint32_t bo[4];
-        frag_b_nk<kHeadDim>(bo, sm.dout_lo, n2 * 16, kk * 16, lane);
-        mma_16816<T>(dp[2 * n2], av, bo[0], bo[1]);
-        mma_16816<T>(dp[2 * n2 + 1], av, bo[2], bo[3]);
+        uint32_t bo[1][4];
+        frag_b_nk<kHeadDim>(bo[0], sm.dout_lo, n2 * 16, kk * 16, lane);
+        mma_parts<T, 1, 1>(dp[2 * n2], dp[2 * n2 + 1], av, bo);
       }
     }
   }
 }
 
 // One (Q_i, K_j) step shared by both kernels: recompute S_ijᵀ, P_ijᵀ and dP_ijᵀ for the warp's 16 keys
-// and all kBlockM queries; leave Pᵀ in `sp` and the rounded dXᵀ in `dp`. Row sums (R_i, RX_i) of the
-// warp go to row_part[warp] (overwritten if !kAccumulateRows, else added); key sums to `ks`.
-template <typename T, int kHeadDim, int kFamily, bool kKeySums, bool kAccumulateRows>
-__device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily>& sm, const HeadConst& hc, int i0, int j0,
-                                          bool causal, bool row_sums, bool has_lo,
-                                          float (&sp)[Tile<kHeadDim, kFamily>::kQTiles][4],
-                                          float (&dp)[Tile<kHeadDim, kFamily>::kQTiles][4], KeySums& ks) {
-  using Tl = Tile<kHeadDim, kFamily>;
+// and all kBlockM queries; leave Pᵀ in `sp` and dXᵀ in `dp` (rounded to T for one-part inputs; split
+// inputs split it into parts exactly). Row sums (R_i, RX_i) of the warp go to row_part[warp]
+// (overwritten if !kAccumulateRows, else added); key sums to `ks`.
+template <typename T, int kHeadDim, int kFamily, int kParts, bool kKeySums, bool kAccumulateRows>
+__device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kParts>& sm, const HeadConst& hc, int i0,
+                                          int j0, bool causal, bool row_sums, bool has_lo,
+                                          float (&sp)[Tile<kHeadDim, kFamily, kParts>::kQTiles][4],
+                                          float (&dp)[Tile<kHeadDim, kFamily, kParts>::kQTiles][4], KeySums& ks) {
+  using Tl = Tile<kHeadDim, kFamily, kParts>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int key0 = warp * 16;
 
-  score_mma<T, kHeadDim, kFamily>(sm, has_lo, sp, dp);
+  score_mma<T, kHeadDim, kFamily, kParts>(sm, has_lo, sp, dp);
 
   // Key fields of this thread's two key rows are read from shared memory where used (registers are
   // the scarce resource here).
@@ -409,7 +465,7 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily>& sm, 
       const float dP = fmaf(lam, dp[n][e], do0 * v0);
       const float dS = P * (dP - delta);
       const float dx_exact = dS * ds_dX;
-      const float dX = round_to<T>(dx_exact);
+      const float dX = kParts == 1 ? round_to<T>(dx_exact) : dx_exact;
       if constexpr (kKeySums) {
         if (valid) {
           ks.s1 = fmaf(dS, u, ks.s1);
@@ -457,91 +513,131 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily>& sm, 
 }
 
 // m16n8 accumulators of kBlockM columns → A operands (16 × kBlockM), the FA2 register reuse:
-// the C fragments of n-tiles 2kk and 2kk+1 are the A fragment of k-step kk.
-template <typename T, int kHeadDim, int kFamily>
-__device__ __forceinline__ void to_a_operands(const float (&c)[Tile<kHeadDim, kFamily>::kQTiles][4],
-                                              uint32_t (&a)[Tile<kHeadDim, kFamily>::kBlockM / 16][4]) {
+// the C fragments of n-tiles 2kk and 2kk+1 are the A fragment of k-step kk. With kParts > 1 the
+// values are split, c = Σ_part a[.][part] (each part the rounding of what the previous ones leave).
+template <typename T, int kHeadDim, int kFamily, int kParts>
+__device__ __forceinline__ void to_a_operands(const float (&c)[Tile<kHeadDim, kFamily, kParts>::kQTiles][4],
+                                              uint32_t (&a)[Tile<kHeadDim, kFamily, kParts>::kBlockM / 16][kParts][4]) {
 #pragma unroll
-  for (int kk = 0; kk < Tile<kHeadDim, kFamily>::kBlockM / 16; ++kk) {
-    a[kk][0] = pack2<T>(c[2 * kk][0], c[2 * kk][1]);
-    a[kk][1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
-    a[kk][2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
-    a[kk][3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  for (int kk = 0; kk < Tile<kHeadDim, kFamily, kParts>::kBlockM / 16; ++kk) {
+#pragma unroll
+    for (int reg = 0; reg < 4; ++reg) {  // reg: bit 1 = n-tile 2kk / 2kk + 1, bit 0 = elements 0, 1 / 2, 3
+      float x0 = c[2 * kk + (reg >> 1)][2 * (reg & 1)], x1 = c[2 * kk + (reg >> 1)][2 * (reg & 1) + 1];
+#pragma unroll
+      for (int part = 0; part < kParts; ++part) {
+        a[kk][part][reg] = pack2<T>(x0, x1);
+        if (part + 1 < kParts) {
+          const float2 r = unpack2<T>(a[kk][part][reg]);
+          x0 -= r.x, x1 -= r.y;  // exact: the rounding residue is representable
+        }
+      }
+    }
   }
 }
 
-// Same for the rounding residues c − round(c): with to_a_operands, c ≈ hi + lo to ~16 bits.
+// One-part inputs: the rounding residues c − round(c); with to_a_operands, c ≈ hi + lo to ~16 bits.
 template <typename T, int kHeadDim, int kFamily>
 __device__ __forceinline__ void to_a_operands_lo(const float (&c)[Tile<kHeadDim, kFamily>::kQTiles][4],
-                                                 uint32_t (&a)[Tile<kHeadDim, kFamily>::kBlockM / 16][4]) {
+                                                 uint32_t (&a)[Tile<kHeadDim, kFamily>::kBlockM / 16][1][4]) {
   float r[Tile<kHeadDim, kFamily>::kQTiles][4];
 #pragma unroll
   for (int n = 0; n < Tile<kHeadDim, kFamily>::kQTiles; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) r[n][e] = c[n][e] - round_to<T>(c[n][e]);
   }
-  to_a_operands<T, kHeadDim, kFamily>(r, a);
+  to_a_operands<T, kHeadDim, kFamily, 1>(r, a);
 }
 
-// acc (warp's 16 keys × D) += A (16 keys × kBlockM queries, registers) · tile [query][D] (shared memory).
-template <typename T, int kHeadDim, int kFamily>
-__device__ __forceinline__ void acc_mma_kn(float (&acc)[Tile<kHeadDim, kFamily>::kDTiles][4],
-                                           const uint32_t (&a)[Tile<kHeadDim, kFamily>::kBlockM / 16][4], const T* tile) {
+// acc (warp's 16 keys × D) += A (16 keys × kBlockM queries, registers) · tile [query][D] (shared memory,
+// kParts parts q_part apart).
+template <typename T, int kHeadDim, int kFamily, int kParts>
+__device__ __forceinline__ void acc_mma_kn(float (&acc)[Tile<kHeadDim, kFamily, kParts>::kDTiles][4],
+                                           const uint32_t (&a)[Tile<kHeadDim, kFamily, kParts>::kBlockM / 16][kParts][4],
+                                           const T* tile) {
+  using Tl = Tile<kHeadDim, kFamily, kParts>;
   const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int n2 = 0; n2 < Tile<kHeadDim, kFamily>::kDTiles / 2; ++n2) {
+  for (int n2 = 0; n2 < Tl::kDTiles / 2; ++n2) {
 #pragma unroll
-    for (int kk = 0; kk < Tile<kHeadDim, kFamily>::kBlockM / 16; ++kk) {
-      uint32_t b[4];
-      frag_b_kn<kHeadDim>(b, tile, kk * 16, n2 * 16, lane);
-      mma_16816<T>(acc[2 * n2], a[kk], b[0], b[1]);
-      mma_16816<T>(acc[2 * n2 + 1], a[kk], b[2], b[3]);
+    for (int kk = 0; kk < Tl::kBlockM / 16; ++kk) {
+      // one B part at a time, with the A parts it pairs with (mma_parts' products; fragment registers)
+#pragma unroll
+      for (int ib = kParts - 1; ib >= 0; --ib) {
+        uint32_t b[1][4];
+        frag_b_kn<kHeadDim>(b[0], tile + ib * Smem<T, kHeadDim, kFamily, kParts>::q_part, kk * 16, n2 * 16, lane);
+#pragma unroll
+        for (int ia = kParts - 1 - ib; ia >= 0; --ia) {
+          mma_16816<T>(acc[2 * n2], a[kk][ia], b[0][0], b[0][1]);
+          mma_16816<T>(acc[2 * n2 + 1], a[kk][ia], b[0][2], b[0][3]);
+        }
+      }
     }
   }
 }
 
-// A operands (warp's 16 keys × kBlockM queries, e.g. dXᵀ) → a shared memory tile [key][query] like dxt.
-template <typename T, int kHeadDim, int kFamily>
-__device__ __forceinline__ void store_dxt(T* dst, const uint32_t (&ax)[Tile<kHeadDim, kFamily>::kBlockM / 16][4]) {
-  using Tl = Tile<kHeadDim, kFamily>;
+// A operands (warp's 16 keys × kBlockM queries, e.g. dXᵀ) → a shared memory tile [key][query] like dxt
+// (part p at dst + p · dxt_part).
+template <typename T, int kHeadDim, int kFamily, int kParts>
+__device__ __forceinline__ void store_dxt(T* dst, const uint32_t (&ax)[Tile<kHeadDim, kFamily, kParts>::kBlockM / 16][kParts][4]) {
+  using Tl = Tile<kHeadDim, kFamily, kParts>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-  for (int kk = 0; kk < Tl::kBlockM / 16; ++kk) {
+  for (int part = 0; part < kParts; ++part) {
 #pragma unroll
-    for (int reg = 0; reg < 4; ++reg) {  // reg: bit 0 = row g / g+8, bit 1 = query columns +0 / +8
-      const int r = warp * 16 + g + 8 * (reg & 1);
-      *reinterpret_cast<uint32_t*>(dst + swz<Tl::kBlockM>(r, kk * 16 + 8 * (reg >> 1) + 2 * t)) = ax[kk][reg];
+    for (int kk = 0; kk < Tl::kBlockM / 16; ++kk) {
+#pragma unroll
+      for (int reg = 0; reg < 4; ++reg) {  // reg: bit 0 = row g / g+8, bit 1 = query columns +0 / +8
+        const int r = warp * 16 + g + 8 * (reg & 1);
+        *reinterpret_cast<uint32_t*>(dst + part * Smem<T, kHeadDim, kFamily, kParts>::dxt_part +
+                                     swz<Tl::kBlockM>(r, kk * 16 + 8 * (reg >> 1) + 2 * t)) = ax[kk][part][reg];
+      }
     }
   }
 }
 
 // acc (the warp's 16 query rows × kCols columns from col0) += A_ij B_j, with Aᵀ in a tile laid out like
-// dxt and B_j ([key][D]) in shared memory: dQ_i += dX_ij K_j (kernels 1, 2), O_i += P_ij V_j (kernel 0).
-template <typename T, int kHeadDim, int kFamily, int kCols>
+// dxt (kAParts parts dxt_part apart) and B_j ([key][D], kParts parts kv_part apart) in shared memory:
+// dQ_i += dX_ij K_j (kernels 1, 2), O_i += P_ij V_j (kernel 0).
+template <typename T, int kHeadDim, int kFamily, int kParts, int kCols, int kAParts = kParts>
 __device__ __forceinline__ void rows_mma(const T* a_tile, const T* b_tile, float (&acc)[kCols / 8][4], int col0) {
-  using Tl = Tile<kHeadDim, kFamily>;
+  using Tl = Tile<kHeadDim, kFamily, kParts>;
+  using Sm = Smem<T, kHeadDim, kFamily, kParts>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = 16 * (warp % Tl::kRowGroups);
 #pragma unroll
   for (int kk = 0; kk < Tl::kBlockN / 16; ++kk) {
-    uint32_t a[4];
-    frag_a_trans<Tl::kBlockM>(a, a_tile, row0, kk * 16, lane);
+    uint32_t a[kAParts][4];
+#pragma unroll
+    for (int part = 0; part < kAParts; ++part) {
+      frag_a_trans<Tl::kBlockM>(a[part], a_tile + part * Sm::dxt_part, row0, kk * 16, lane);
+    }
 #pragma unroll
     for (int n2 = 0; n2 < kCols / 16; ++n2) {
-      uint32_t b[4];
-      frag_b_kn<kHeadDim>(b, b_tile, kk * 16, col0 + n2 * 16, lane);
-      mma_16816<T>(acc[2 * n2], a, b[0], b[1]);
-      mma_16816<T>(acc[2 * n2 + 1], a, b[2], b[3]);
+      // one B part at a time, with the A parts it pairs with (mma_parts' products; fragment registers)
+      constexpr int kTerms = kAParts > kParts ? kAParts : kParts;
+#pragma unroll
+      for (int ib = kParts - 1; ib >= 0; --ib) {
+        uint32_t b[4];
+        frag_b_kn<kHeadDim>(b, b_tile + ib * Sm::kv_part, kk * 16, col0 + n2 * 16, lane);
+#pragma unroll
+        for (int ia = kAParts - 1; ia >= 0; --ia) {
+          if (ia + ib < kTerms) {
+            mma_16816<T>(acc[2 * n2], a[ia], b[0], b[1]);
+            mma_16816<T>(acc[2 * n2 + 1], a[ia], b[2], b[3]);
+          }
+        }
+      }
     }
   }
 }
 
 // The warp's rows_mma accumulators (16 query rows × kDqCols) → rows i0.. of a (N, D) float32 matrix.
-template <int kHeadDim, int kFamily>
-__device__ __forceinline__ void store_warp_rows(float* dst, const float (&acc)[Tile<kHeadDim, kFamily>::kDqCols / 8][4],
+template <int kHeadDim, int kFamily, int kParts>
+__device__ __forceinline__ void store_warp_rows(float* dst,
+                                                const float (&acc)[Tile<kHeadDim, kFamily, kParts>::kDqCols / 8][4],
                                                 int i0, int N) {
-  using Tl = Tile<kHeadDim, kFamily>;
+  using Tl = Tile<kHeadDim, kFamily, kParts>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int row0 = 16 * (warp % Tl::kRowGroups), col0 = (warp / Tl::kRowGroups) * Tl::kDqCols;
@@ -567,18 +663,31 @@ __device__ __forceinline__ void add_float2(float* dst, float x, float y) {
 #endif
 }
 
+// Rows [row0, row0 + kRows) of every part of a (parts, n_rows, D) input (parts part_stride elements
+// apart) → the parts of a tile (kPartElems elements apart).
+template <typename T, int kRows, int kHeadDim, int kThreads, int kParts, int kPartElems>
+__device__ __forceinline__ void load_parts(T* tile, const T* src, int64_t part_stride, int row0, int n_rows) {
+#pragma unroll
+  for (int part = 0; part < kParts; ++part) {
+    load_tile<T, kRows, kHeadDim, kThreads>(tile + part * kPartElems, src + part * part_stride, row0, n_rows);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kernel 0 (query-parallel): the forward's normalised average O_i = Σ_j P_ij·lift(v_j) in fp32, recomputed
-// from L_i: O_s,i = Σ_j (P_ij λ_j) v_j on tensor cores with P·λ in two terms (hi + lo ≈ 16 bits), and
-// O_0,i = Σ_j P_ij v0_j in fp32. The host pulls dO back through the epilogue at this O (the stored
-// output is rounded to the input dtype, too coarse for the epilogue's Jacobian at large norms) and
-// gets D_i = dO_i·O_i from it. Grid (ceil(N / kBlockM), B·H); no atomics.
+// from L_i: O_s,i = Σ_j (P_ij λ_j) v_j on tensor cores with P·λ in two terms (hi + lo ≈ 16 bits; three
+// parts times the three parts of V for split inputs), and O_0,i = Σ_j P_ij v0_j in fp32. The host pulls
+// dO back through the epilogue at this O (the stored output is rounded to the input dtype, too coarse
+// for the epilogue's Jacobian at large norms) and gets D_i = dO_i·O_i from it. Grid (ceil(N / kBlockM),
+// B·H); no atomics.
 // ---------------------------------------------------------------------------------------------
-template <typename T, int kHeadDim, int kFamily>
-__global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attention_bwd_output_kernel(const BwdParams p) {
-  using Tl = Tile<kHeadDim, kFamily>;
+template <typename T, int kHeadDim, int kFamily, int kParts>
+__global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
+    attention_bwd_output_kernel(const BwdParams p) {
+  using Tl = Tile<kHeadDim, kFamily, kParts>;
+  using Sm = Smem<T, kHeadDim, kFamily, kParts>;
   extern __shared__ __align__(16) char smem_raw[];
-  const Smem<T, kHeadDim, kFamily> sm0(smem_raw);
+  const Sm sm0(smem_raw);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
@@ -590,9 +699,10 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
   const T* k = static_cast<const T*>(p.k) + bhk * M * kHeadDim;
   const T* v = static_cast<const T*>(p.v) + bhk * M * kHeadDim;
 
-  load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm0.q, static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim, i0, N);
+  load_parts<T, Tl::kBlockM, kHeadDim, Tl::kThreads, kParts, Sm::q_part>(
+      sm0.q, static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim, p.q_part_stride, i0, N);
   cp_async_commit();
-  load_row_fields<kHeadDim, kFamily, false>(sm0.row, p, hc, bh, i0);
+  load_row_fields<kHeadDim, kFamily, kParts, false>(sm0.row, p, hc, bh, i0);
   for (int r = threadIdx.x; r < Tl::kWarps * Tl::kBlockM; r += Tl::kThreads) sm0.row_part[r] = 0.f;
 
   float acc[Tl::kDqCols / 8][4];
@@ -603,24 +713,30 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
   }
   const int col0 = (warp / Tl::kRowGroups) * Tl::kDqCols;
   const int j_end = p.causal ? min(M, i0 + Tl::kBlockM) : M;
-  // K_j, V_j and key fields of tile j0 → buffer kv_buf (in flight while the CTA computes the current tile)
+  // K_j, V_j and key fields of tile j0 → buffer kv_buf (with two buffers, in flight while the CTA
+  // computes the current tile)
   auto prefetch = [&](int j0, int kv_buf) {
-    const Smem<T, kHeadDim, kFamily> sb(smem_raw, 0, kv_buf);
-    load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sb.k, k, j0, M);
-    load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sb.v, v, j0, M);
+    const Sm sb(smem_raw, 0, kv_buf);
+    load_parts<T, Tl::kBlockN, kHeadDim, Tl::kThreads, kParts, Sm::kv_part>(sb.k, k, p.kv_part_stride, j0, M);
+    load_parts<T, Tl::kBlockN, kHeadDim, Tl::kThreads, kParts, Sm::kv_part>(sb.v, v, p.kv_part_stride, j0, M);
     cp_async_commit();
-    load_key_fields<kHeadDim, kFamily>(sb.key, p, hc, b, bhk, j0);
+    load_key_fields<kHeadDim, kFamily, kParts>(sb.key, p, hc, b, bhk, j0);
   };
-  prefetch(0, 0);
+  constexpr bool kPrefetch = Tl::kKvBuffers == 2;
+  if (kPrefetch) prefetch(0, 0);
   int kv_buf = 0;
-  for (int j0 = 0; j0 < j_end; j0 += Tl::kBlockN, kv_buf ^= 1) {
+  for (int j0 = 0; j0 < j_end; j0 += Tl::kBlockN, kv_buf ^= (kPrefetch ? 1 : 0)) {
+    if (!kPrefetch) {
+      __syncthreads();  // every warp is done with the previous tile
+      prefetch(j0, 0);
+    }
     cp_async_wait<0>();
     __syncthreads();  // tile j0 has landed, and every warp is done with the previous step's buffers
-    if (j0 + Tl::kBlockN < j_end) prefetch(j0 + Tl::kBlockN, kv_buf ^ 1);
-    const Smem<T, kHeadDim, kFamily> sm(smem_raw, 0, kv_buf);
+    if (kPrefetch && j0 + Tl::kBlockN < j_end) prefetch(j0 + Tl::kBlockN, kv_buf ^ 1);
+    const Sm sm(smem_raw, 0, kv_buf);
 
     float sp[Tl::kQTiles][4], unused[Tl::kQTiles][4];
-    score_mma<T, kHeadDim, kFamily, false>(sm, false, sp, unused);
+    score_mma<T, kHeadDim, kFamily, kParts, false>(sm, false, sp, unused);
     const int r_lo = warp * 16 + g;
 #pragma unroll
     for (int n = 0; n < Tl::kQTiles; ++n) {
@@ -645,19 +761,24 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
         if (g == 0) sm.row_part[warp * Tl::kBlockM + n * 8 + 2 * t + c] += o0[c];
       }
     }
-    // O_s,i += (Pλ)_ij V_j, (Pλ) = hi + lo. dO_i is not loaded in stage 0: its tile holds the lo part.
-    static_assert(Tl::kBlockM * kHeadDim >= Tl::kBlockN * Tl::kBlockM, "the dO_i tile must fit a dxt tile");
-    uint32_t a[Tl::kBlockM / 16][4];
-    to_a_operands<T, kHeadDim, kFamily>(sp, a);
-    store_dxt<T, kHeadDim, kFamily>(sm.dxt, a);
-    to_a_operands_lo<T, kHeadDim, kFamily>(sp, a);
-    store_dxt<T, kHeadDim, kFamily>(sm.dout, a);
-    __syncthreads();
-    rows_mma<T, kHeadDim, kFamily, Tl::kDqCols>(sm.dxt, sm.v, acc, col0);
-    rows_mma<T, kHeadDim, kFamily, Tl::kDqCols>(sm.dout, sm.v, acc, col0);
+    uint32_t a[Tl::kBlockM / 16][kParts][4];
+    to_a_operands<T, kHeadDim, kFamily, kParts>(sp, a);
+    store_dxt<T, kHeadDim, kFamily, kParts>(sm.dxt, a);
+    if constexpr (kParts == 1) {
+      // O_s,i += (Pλ)_ij V_j, (Pλ) = hi + lo. dO_i is not loaded in stage 0: its tile holds the lo part.
+      static_assert(Tl::kBlockM * kHeadDim >= Tl::kBlockN * Tl::kBlockM, "the dO_i tile must fit a dxt tile");
+      to_a_operands_lo<T, kHeadDim, kFamily>(sp, a);
+      store_dxt<T, kHeadDim, kFamily, 1>(sm.dout, a);
+      __syncthreads();
+      rows_mma<T, kHeadDim, kFamily, 1, Tl::kDqCols>(sm.dxt, sm.v, acc, col0);
+      rows_mma<T, kHeadDim, kFamily, 1, Tl::kDqCols>(sm.dout, sm.v, acc, col0);
+    } else {
+      __syncthreads();
+      rows_mma<T, kHeadDim, kFamily, kParts, Tl::kDqCols>(sm.dxt, sm.v, acc, col0);
+    }
   }
   __syncthreads();  // row_part is read below
-  store_warp_rows<kHeadDim, kFamily>(p.o_acc + (size_t)bh * N * kHeadDim, acc, i0, N);
+  store_warp_rows<kHeadDim, kFamily, kParts>(p.o_acc + (size_t)bh * N * kHeadDim, acc, i0, N);
   for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
     if (i0 + r < N) {
       float o0 = 0.f;
@@ -669,13 +790,19 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kernel 1 (key-parallel): grid (ceil(M / kBlockN), B·H).
+// Kernel 1 (key-parallel): grid (ceil(M / kBlockN), B·H). kGrads: every output, or (Tile::kKvTwoPasses)
+// dV_j alone, then dK_j with dQ, the key sums and the scalars.
 // ---------------------------------------------------------------------------------------------
-template <typename T, int kHeadDim, int kFamily>
-__global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attention_bwd_kv_kernel(const BwdParams p) {
-  using Tl = Tile<kHeadDim, kFamily>;
+enum KvGrads : int { KV_ALL = 0, KV_DV = 1, KV_DK = 2 };
+
+template <typename T, int kHeadDim, int kFamily, int kParts, int kGrads>
+__global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
+    attention_bwd_kv_kernel(const BwdParams p) {
+  constexpr bool kDv = kGrads != KV_DK, kDk = kGrads != KV_DV;
+  using Tl = Tile<kHeadDim, kFamily, kParts>;
+  using Sm = Smem<T, kHeadDim, kFamily, kParts>;
   extern __shared__ __align__(16) char smem_raw[];
-  const Smem<T, kHeadDim, kFamily> sm0(smem_raw, 0);
+  const Sm sm0(smem_raw, 0);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
@@ -684,19 +811,24 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
   const int j0 = blockIdx.x * Tl::kBlockN;
   const int N = p.n_queries, M = p.n_keys;
   const HeadConst hc = head_const<kFamily>(p, h);
-  const bool has_lo = p.dout_lo != nullptr;
+  const bool has_lo = kParts == 1 && p.dout_lo != nullptr;
 
   // Load K_j, V_j and the key fields once
-  load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm0.k, static_cast<const T*>(p.k) + bhk * M * kHeadDim, j0, M);
-  load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm0.v, static_cast<const T*>(p.v) + bhk * M * kHeadDim, j0, M);
+  load_parts<T, Tl::kBlockN, kHeadDim, Tl::kThreads, kParts, Sm::kv_part>(
+      sm0.k, static_cast<const T*>(p.k) + bhk * M * kHeadDim, p.kv_part_stride, j0, M);
+  load_parts<T, Tl::kBlockN, kHeadDim, Tl::kThreads, kParts, Sm::kv_part>(
+      sm0.v, static_cast<const T*>(p.v) + bhk * M * kHeadDim, p.kv_part_stride, j0, M);
   cp_async_commit();
-  load_key_fields<kHeadDim, kFamily>(sm0.key, p, hc, b, bhk, j0);
+  load_key_fields<kHeadDim, kFamily, kParts>(sm0.key, p, hc, b, bhk, j0);
 
-  float dk[Tl::kDTiles][4], dv[Tl::kDTiles][4];
+  float dk[kDk ? Tl::kDTiles : 1][4], dv[kDv ? Tl::kDTiles : 1][4];
 #pragma unroll
   for (int n = 0; n < Tl::kDTiles; ++n) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+    for (int e = 0; e < 4; ++e) {
+      if (kDk) dk[kDk ? n : 0][e] = 0.f;
+      if (kDv) dv[kDv ? n : 0][e] = 0.f;
+    }
   }
   KeySums ks;
 
@@ -704,16 +836,19 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
   const int i_begin = p.causal ? (j0 / Tl::kBlockM) * Tl::kBlockM : 0;
   // Q_i, dO_i and the row fields of query tile i0 → buffer buf (cp.async, in flight while the CTA computes)
   auto prefetch = [&](int i0, int buf) {
-    const Smem<T, kHeadDim, kFamily> sb(smem_raw, buf);
+    const Sm sb(smem_raw, buf);
     const size_t offset = (size_t)bh * N * kHeadDim;
-    load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sb.q, static_cast<const T*>(p.q) + offset, i0, N);
-    load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sb.dout, static_cast<const T*>(p.dout_s) + offset, i0, N);
+    load_parts<T, Tl::kBlockM, kHeadDim, Tl::kThreads, kParts, Sm::q_part>(
+        sb.q, static_cast<const T*>(p.q) + offset, p.q_part_stride, i0, N);
+    load_parts<T, Tl::kBlockM, kHeadDim, Tl::kThreads, kParts, Sm::q_part>(
+        sb.dout, static_cast<const T*>(p.dout_s) + offset, p.q_part_stride, i0, N);
     if (has_lo) load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sb.dout_lo, static_cast<const T*>(p.dout_lo) + offset, i0, N);
     cp_async_commit();
-    load_row_fields<kHeadDim, kFamily>(sb.row, p, hc, bh, i0);
+    load_row_fields<kHeadDim, kFamily, kParts>(sb.row, p, hc, bh, i0);
   };
-  // At D = 128 the prefetch's extra registers would spill: load-then-compute there.
-  constexpr bool kPrefetch = kHeadDim == 64;
+  // At D = 128 (and for split inputs, which have one query buffer) the prefetch's extra registers would
+  // spill: load-then-compute there.
+  constexpr bool kPrefetch = kHeadDim == 64 && Tl::kQueryBuffers == 2;
   if (kPrefetch && i_begin < N) prefetch(i_begin, 0);
   int buf = 0;
   for (int i0 = i_begin; i0 < N; i0 += Tl::kBlockM, buf ^= (kPrefetch ? 1 : 0)) {
@@ -721,31 +856,35 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
     cp_async_wait<0>();
     __syncthreads();  // tile i0 has landed, and every warp is done with the previous step's buffers
     if (kPrefetch && i0 + Tl::kBlockM < N) prefetch(i0 + Tl::kBlockM, buf ^ 1);
-    const Smem<T, kHeadDim, kFamily> sm(smem_raw, buf);
+    const Sm sm(smem_raw, buf);
 
     float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
-    tile_step<T, kHeadDim, kFamily, true, false>(sm, hc, i0, j0, p.causal, p.dq_atomic, has_lo, sp, dp, ks);
+    tile_step<T, kHeadDim, kFamily, kParts, kDk, false>(sm, hc, i0, j0, p.causal, kDk && p.dq_atomic, has_lo, sp, dp, ks);
 
     // dV_j += P_ijᵀ dO_i and dK_j += dX_ijᵀ Q_i: the Sᵀ/dPᵀ accumulators become A operands
-    {
-      uint32_t ap[Tl::kBlockM / 16][4];
-      to_a_operands<T, kHeadDim, kFamily>(sp, ap);
-      acc_mma_kn<T, kHeadDim, kFamily>(dv, ap, sm.dout);
-      if (has_lo) {
+    if constexpr (kDv) {
+      uint32_t ap[Tl::kBlockM / 16][kParts][4];
+      to_a_operands<T, kHeadDim, kFamily, kParts>(sp, ap);
+      acc_mma_kn<T, kHeadDim, kFamily, kParts>(dv, ap, sm.dout);
+      if constexpr (kParts == 1) {
+        if (has_lo) {
         // P and dO in two terms each (P_lo·dO_lo is below fp32 noise): the value lift's pull-back
         // dv_s + (v_s/v0)·dv0 cancels at large norms and near the Poincaré boundary.
-        acc_mma_kn<T, kHeadDim, kFamily>(dv, ap, sm.dout_lo);
-        to_a_operands_lo<T, kHeadDim, kFamily>(sp, ap);
-        acc_mma_kn<T, kHeadDim, kFamily>(dv, ap, sm.dout);
+          acc_mma_kn<T, kHeadDim, kFamily, kParts>(dv, ap, sm.dout_lo);
+          to_a_operands_lo<T, kHeadDim, kFamily>(sp, ap);
+          acc_mma_kn<T, kHeadDim, kFamily, kParts>(dv, ap, sm.dout);
+        }
       }
     }
-    uint32_t ax[Tl::kBlockM / 16][4];
-    to_a_operands<T, kHeadDim, kFamily>(dp, ax);
-    acc_mma_kn<T, kHeadDim, kFamily>(dk, ax, sm.q);
+    uint32_t ax[Tl::kBlockM / 16][kParts][4];
+    if constexpr (kDk) {
+      to_a_operands<T, kHeadDim, kFamily, kParts>(dp, ax);
+      acc_mma_kn<T, kHeadDim, kFamily, kParts>(dk, ax, sm.q);
+    }
 
-    if (p.dq_atomic) {
+    if (kDk && p.dq_atomic) {
       // dQ_i += dX_ij K_j (fp32 atomics), R_i and RX_i likewise
-      store_dxt<T, kHeadDim, kFamily>(sm.dxt, ax);
+      store_dxt<T, kHeadDim, kFamily, kParts>(sm.dxt, ax);
       __syncthreads();
       // in chunks of kDqChunk columns, so the chunk's accumulators fit next to dK_j, dV_j
       const int row0 = 16 * (warp % Tl::kRowGroups);
@@ -757,7 +896,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
 #pragma unroll
           for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
         }
-        rows_mma<T, kHeadDim, kFamily, Tl::kDqChunk>(sm.dxt, sm.k, acc, col0);
+        rows_mma<T, kHeadDim, kFamily, kParts, Tl::kDqChunk>(sm.dxt, sm.k, acc, col0);
 #pragma unroll
         for (int n = 0; n < Tl::kDqChunk / 8; ++n) {
 #pragma unroll
@@ -792,16 +931,21 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
       const size_t row = (size_t)bh * M + j;
 #pragma unroll
       for (int n = 0; n < Tl::kDTiles; ++n) {
-        *reinterpret_cast<float2*>(p.dk_acc + row * kHeadDim + n * 8 + 2 * t) = make_float2(dk[n][2 * hh], dk[n][2 * hh + 1]);
-        *reinterpret_cast<float2*>(p.dv_acc + row * kHeadDim + n * 8 + 2 * t) = make_float2(dv[n][2 * hh], dv[n][2 * hh + 1]);
+        if constexpr (kDk) {
+          *reinterpret_cast<float2*>(p.dk_acc + row * kHeadDim + n * 8 + 2 * t) = make_float2(dk[n][2 * hh], dk[n][2 * hh + 1]);
+        }
+        if constexpr (kDv) {
+          *reinterpret_cast<float2*>(p.dv_acc + row * kHeadDim + n * 8 + 2 * t) = make_float2(dv[n][2 * hh], dv[n][2 * hh + 1]);
+        }
       }
-      if (t == 0) {
+      if (kDk && t == 0) {
         p.col_acc[row * 3] = c;
         p.col_acc[row * 3 + 1] = cx;
         p.col_acc[row * 3 + 2] = dv0;
       }
     }
   }
+  if constexpr (!kDk) return;
   // Per-head scalars: one partial per (batch, head, key tile), summed in a fixed order on the host side.
   float s1 = ks.s1, s2 = ks.s2;
 #pragma unroll
@@ -825,11 +969,13 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
 // ---------------------------------------------------------------------------------------------
 // Kernel 2 (query-parallel, deterministic dQ): grid (ceil(N / kBlockM), B·H).
 // ---------------------------------------------------------------------------------------------
-template <typename T, int kHeadDim, int kFamily>
-__global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attention_bwd_q_kernel(const BwdParams p) {
-  using Tl = Tile<kHeadDim, kFamily>;
+template <typename T, int kHeadDim, int kFamily, int kParts>
+__global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
+    attention_bwd_q_kernel(const BwdParams p) {
+  using Tl = Tile<kHeadDim, kFamily, kParts>;
+  using Sm = Smem<T, kHeadDim, kFamily, kParts>;
   extern __shared__ __align__(16) char smem_raw[];
-  const Smem<T, kHeadDim, kFamily> sm(smem_raw);
+  const Sm sm(smem_raw);
   const int warp = threadIdx.x >> 5;
   const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int hk = h / (p.heads / p.kv_heads);
@@ -840,14 +986,16 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
   const T* k = static_cast<const T*>(p.k) + bhk * M * kHeadDim;
   const T* v = static_cast<const T*>(p.v) + bhk * M * kHeadDim;
 
-  load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.q, static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim, i0, N);
-  load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.dout, static_cast<const T*>(p.dout_s) + (size_t)bh * N * kHeadDim, i0, N);
-  const bool has_lo = p.dout_lo != nullptr;
+  load_parts<T, Tl::kBlockM, kHeadDim, Tl::kThreads, kParts, Sm::q_part>(
+      sm.q, static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim, p.q_part_stride, i0, N);
+  load_parts<T, Tl::kBlockM, kHeadDim, Tl::kThreads, kParts, Sm::q_part>(
+      sm.dout, static_cast<const T*>(p.dout_s) + (size_t)bh * N * kHeadDim, p.q_part_stride, i0, N);
+  const bool has_lo = kParts == 1 && p.dout_lo != nullptr;
   if (has_lo) {
     load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.dout_lo, static_cast<const T*>(p.dout_lo) + (size_t)bh * N * kHeadDim, i0, N);
   }
   cp_async_commit();
-  load_row_fields<kHeadDim, kFamily>(sm.row, p, hc, bh, i0);
+  load_row_fields<kHeadDim, kFamily, kParts>(sm.row, p, hc, bh, i0);
   for (int r = threadIdx.x; r < Tl::kWarps * Tl::kBlockM * 2; r += Tl::kThreads) sm.row_part[r] = 0.f;
 
   float acc[Tl::kDqCols / 8][4];
@@ -859,24 +1007,24 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
   KeySums unused;
   const int j_end = p.causal ? min(M, i0 + Tl::kBlockM) : M;
   for (int j0 = 0; j0 < j_end; j0 += Tl::kBlockN) {
-    load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm.k, k, j0, M);
-    load_tile<T, Tl::kBlockN, kHeadDim, Tl::kThreads>(sm.v, v, j0, M);
+    load_parts<T, Tl::kBlockN, kHeadDim, Tl::kThreads, kParts, Sm::kv_part>(sm.k, k, p.kv_part_stride, j0, M);
+    load_parts<T, Tl::kBlockN, kHeadDim, Tl::kThreads, kParts, Sm::kv_part>(sm.v, v, p.kv_part_stride, j0, M);
     cp_async_commit();
-    load_key_fields<kHeadDim, kFamily>(sm.key, p, hc, b, bhk, j0);
+    load_key_fields<kHeadDim, kFamily, kParts>(sm.key, p, hc, b, bhk, j0);
     cp_async_wait<0>();
     __syncthreads();
 
     float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
-    tile_step<T, kHeadDim, kFamily, false, true>(sm, hc, i0, j0, p.causal, true, has_lo, sp, dp, unused);
-    uint32_t ax[Tl::kBlockM / 16][4];
-    to_a_operands<T, kHeadDim, kFamily>(dp, ax);
-    store_dxt<T, kHeadDim, kFamily>(sm.dxt, ax);
+    tile_step<T, kHeadDim, kFamily, kParts, false, true>(sm, hc, i0, j0, p.causal, true, has_lo, sp, dp, unused);
+    uint32_t ax[Tl::kBlockM / 16][kParts][4];
+    to_a_operands<T, kHeadDim, kFamily, kParts>(dp, ax);
+    store_dxt<T, kHeadDim, kFamily, kParts>(sm.dxt, ax);
     __syncthreads();
-    rows_mma<T, kHeadDim, kFamily, Tl::kDqCols>(sm.dxt, sm.k, acc, (warp / Tl::kRowGroups) * Tl::kDqCols);
+    rows_mma<T, kHeadDim, kFamily, kParts, Tl::kDqCols>(sm.dxt, sm.k, acc, (warp / Tl::kRowGroups) * Tl::kDqCols);
     __syncthreads();
   }
 
-  store_warp_rows<kHeadDim, kFamily>(p.dq_acc + (size_t)bh * N * kHeadDim, acc, i0, N);
+  store_warp_rows<kHeadDim, kFamily, kParts>(p.dq_acc + (size_t)bh * N * kHeadDim, acc, i0, N);
   for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
     if (i0 + r < N) {
       float rw = 0.f, rx = 0.f;
@@ -890,45 +1038,53 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily>::kThreads, 1) attentio
   }
 }
 
-template <typename T, int kHeadDim, int kFamily>
+template <typename T, int kHeadDim, int kFamily, int kParts>
 cudaError_t launch(const BwdParams& p, int stage, cudaStream_t stream) {
-  using Tl = Tile<kHeadDim, kFamily>;
+  using Tl = Tile<kHeadDim, kFamily, kParts>;
   constexpr int smem = Tl::template smem_bytes<T>();
+  // kernels 0 and 2 use query buffer 0 only
+  constexpr int smem_one_query_buffer = Tl::template stage0_smem_bytes<T>();
   const dim3 grid_q((p.n_queries + Tl::kBlockM - 1) / Tl::kBlockM, p.batch * p.heads);
   cudaError_t err;
   if (stage == 0) {
-    constexpr int smem0 = Tl::template stage0_smem_bytes<T>();
-    auto output = attention_bwd_output_kernel<T, kHeadDim, kFamily>;
-    err = cudaFuncSetAttribute(output, cudaFuncAttributeMaxDynamicSharedMemorySize, smem0);
+    auto output = attention_bwd_output_kernel<T, kHeadDim, kFamily, kParts>;
+    err = cudaFuncSetAttribute(output, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_one_query_buffer);
     if (err != cudaSuccess) return err;
-    output<<<grid_q, Tl::kThreads, smem0, stream>>>(p);
+    output<<<grid_q, Tl::kThreads, smem_one_query_buffer, stream>>>(p);
     return cudaGetLastError();
   }
-  auto kv = attention_bwd_kv_kernel<T, kHeadDim, kFamily>;
-  err = cudaFuncSetAttribute(kv, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
   const dim3 grid_kv((p.n_keys + Tl::kBlockN - 1) / Tl::kBlockN, p.batch * p.heads);
-  kv<<<grid_kv, Tl::kThreads, smem, stream>>>(p);
-  err = cudaGetLastError();
+  auto run_kv = [&](auto kernel) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return e;
+    kernel<<<grid_kv, Tl::kThreads, smem, stream>>>(p);
+    return cudaGetLastError();
+  };
+  if constexpr (Tl::kKvTwoPasses) {
+    err = run_kv(attention_bwd_kv_kernel<T, kHeadDim, kFamily, kParts, KV_DV>);
+    if (err == cudaSuccess) err = run_kv(attention_bwd_kv_kernel<T, kHeadDim, kFamily, kParts, KV_DK>);
+  } else {
+    err = run_kv(attention_bwd_kv_kernel<T, kHeadDim, kFamily, kParts, KV_ALL>);
+  }
   if (err != cudaSuccess || p.dq_atomic) return err;
-  auto qk = attention_bwd_q_kernel<T, kHeadDim, kFamily>;
-  err = cudaFuncSetAttribute(qk, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  auto qk = attention_bwd_q_kernel<T, kHeadDim, kFamily, kParts>;
+  err = cudaFuncSetAttribute(qk, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_one_query_buffer);
   if (err != cudaSuccess) return err;
-  qk<<<grid_q, Tl::kThreads, smem, stream>>>(p);
+  qk<<<grid_q, Tl::kThreads, smem_one_query_buffer, stream>>>(p);
   return cudaGetLastError();
 }
 
-// All three score families for one (dtype, head dim); instantiated by bwd_hd<D>_<dtype>.cu.
-template <typename T, int kHeadDim>
+// All three score families for one (dtype, head dim, parts); instantiated by bwd_hd<D>_<dtype>.cu.
+template <typename T, int kHeadDim, int kParts>
 cudaError_t launch_for_score(const BwdParams& p, int stage, cudaStream_t stream) {
   switch (p.score) {
     case 0:
     case 1:
-      return launch<T, kHeadDim, FAMILY_DOT>(p, stage, stream);
+      return launch<T, kHeadDim, FAMILY_DOT, kParts>(p, stage, stream);
     case 2:
-      return launch<T, kHeadDim, FAMILY_DISTANCE>(p, stage, stream);
+      return launch<T, kHeadDim, FAMILY_DISTANCE, kParts>(p, stage, stream);
     case 3:
-      return launch<T, kHeadDim, FAMILY_POINCARE>(p, stage, stream);
+      return launch<T, kHeadDim, FAMILY_POINCARE, kParts>(p, stage, stream);
     default:
       return cudaErrorInvalidValue;
   }

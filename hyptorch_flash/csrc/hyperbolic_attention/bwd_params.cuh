@@ -28,6 +28,11 @@ struct BwdParams {
   // dO_s − dout_s rounded to the same dtype (so dO_s ≈ dout_s + dout_lo to ~16 bits), or nullptr when
   // dout_s is exact (the euclidean output: dO = dout).
   const void* dout_lo;
+  // Split float32 inputs (launch dtype BWD_FP32_SPLIT): q, k, v and dout_s each point at part 0 of three
+  // bf16 parts x = hi + mid + lo, part p at p · q_part_stride (q, dout_s) or kv_part_stride (k, v)
+  // elements; dout_lo is nullptr. Unused otherwise.
+  int64_t q_part_stride;
+  int64_t kv_part_stride;
   // Per query row (B, H, N) float32: log-sum-exp (−inf = no visible key), D_i = rowsum(dO_L ∘ O_L),
   // dO_L0 (time part of dO_L), |q|².
   const float* lse;
@@ -84,8 +89,11 @@ struct PrepareParams {
 
 cudaError_t launch_bwd_prepare(const PrepareParams& params, bool is_bf16, cudaStream_t stream);
 
-// Launches stage 0 (recompute O, fills o_acc/o0_acc) or stage 1 (the gradient contractions) for q's
-// dtype (bf16 if is_bf16, else fp16) and head dim on `stream`.
-cudaError_t launch_attention_bwd(const BwdParams& params, int head_dim, bool is_bf16, int stage, cudaStream_t stream);
+// Operand types of the backward kernels: bf16, fp16, or float32 split into three bf16 parts.
+enum BwdDtype : int { BWD_BF16 = 0, BWD_FP16 = 1, BWD_FP32_SPLIT = 2 };
+
+// Launches stage 0 (recompute O, fills o_acc/o0_acc) or stage 1 (the gradient contractions) for the
+// operand type and head dim on `stream`.
+cudaError_t launch_attention_bwd(const BwdParams& params, int head_dim, BwdDtype dtype, int stage, cudaStream_t stream);
 
 }  // namespace hyptorch_flash
