@@ -21,7 +21,7 @@ from hyptorch_flash.layers import (  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
-STEPS, BATCH, BLOCK = 200, 8, 128
+STEPS, BATCH, BLOCK, LR = 200, 8, 128, 3e-3
 CORPUS = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -49,7 +49,7 @@ def loss_curve(backend: str) -> list[float]:
     data = torch.tensor(list(CORPUS.read_bytes()), dtype=torch.long)
     torch.manual_seed(0)
     model = set_attention_backend(TinyLorentzLM().to(DEV), backend)
-    optimizer = geoopt.optim.RiemannianAdam(model.parameters(), lr=3e-3)
+    optimizer = geoopt.optim.RiemannianAdam(model.parameters(), lr=LR)
     batches = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(STEPS):

@@ -156,6 +156,29 @@ __device__ __forceinline__ float fast_rcp(float x) {
   return y;
 }
 
+// sqrt and 1/x for the row/key constants and the arccosh derivative: the SFU approximation (about 1 ulp
+// off), or for split float32 inputs (kAccurate) one Newton step more (within an ulp of the IEEE result,
+// without the IEEE slow path's call and stack frame).
+template <bool kAccurate>
+__device__ __forceinline__ float sqrt_f(float x) {
+  const float s = fast_sqrt(x);
+  if constexpr (!kAccurate) {
+    return s;
+  } else {
+    return s > 0.f ? fmaf(fmaf(-s, s, x), 0.5f * fast_rcp(s), s) : s;  // s + (x − s²)/(2s)
+  }
+}
+
+template <bool kAccurate>
+__device__ __forceinline__ float rcp_f(float x) {
+  const float y = fast_rcp(x);
+  if constexpr (!kAccurate) {
+    return y;
+  } else {
+    return fmaf(y, fmaf(-x, y, 1.f), y);  // y + y(1 − xy); rcp(±inf) = 0 stays 0
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ float round_to(float x) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
@@ -173,7 +196,7 @@ struct HeadConst {
 
 // X_ij, u_ij = s_ij/coef and ∂s/∂X for one score element (see the header comment).
 // qw, kw: q0/k0 (dot, distance) or a_i/b_j (poincare); qsq, ksq: |q|², |k|² (poincare).
-template <int kFamily>
+template <int kFamily, bool kAccurate = false>
 __device__ __forceinline__ void score_terms(float dot, float qw, float qsq, float kw, float ksq, const HeadConst& hc,
                                             float& X, float& u, float& ds_dX) {
   if constexpr (kFamily == FAMILY_DOT) {
@@ -197,9 +220,9 @@ __device__ __forceinline__ void score_terms(float dot, float qw, float qsq, floa
     // arccosh with its argument clamped to ≥ 1 + eps (arccosh' is infinite at 1: the diagonal)
     const float zmin = 1.f + hc.acosh_eps;
     const float zc = fmaxf(z, zmin);
-    const float root = fast_sqrt((zc - 1.f) * (zc + 1.f));
+    const float root = sqrt_f<kAccurate>((zc - 1.f) * (zc + 1.f));
     const float acosh_z = kLn2 * fast_log2(zc + root);  // arccosh(z) = ln(z + sqrt(z² − 1))
-    const float inv_root = fast_rcp(root);
+    const float inv_root = rcp_f<kAccurate>(root);
     float ds_dz;
     if (hc.squared) {
       u = -hc.kappa * acosh_z * acosh_z;
@@ -256,12 +279,12 @@ struct Smem {
 enum RowField : int { ROW_LSE = 0, ROW_DELTA = 1, ROW_DO0 = 2, ROW_W = 3, ROW_SQ = 4 };
 enum KeyField : int { KEY_W = 0, KEY_SQ = 1, KEY_V0 = 2, KEY_LAMBDA = 3, KEY_VISIBLE = 4 };
 
-template <int kFamily>
+template <int kFamily, bool kAccurate = false>
 __device__ __forceinline__ HeadConst head_const(const BwdParams& p, int h) {
   HeadConst hc;
   hc.kappa = p.curvature[h];
-  hc.inv_kappa = fast_rcp(hc.kappa);
-  hc.sqrt_k = fast_sqrt(hc.kappa);
+  hc.inv_kappa = rcp_f<kAccurate>(hc.kappa);
+  hc.sqrt_k = sqrt_f<kAccurate>(hc.kappa);
   hc.coef = p.coef[h];
   hc.acosh_eps = p.acosh_eps;
   hc.squared = p.squared;
@@ -288,9 +311,9 @@ __device__ __forceinline__ void load_row_fields(float* row, const BwdParams& p, 
       sq = p.q_sq[idx];
     }
     if constexpr (kFamily == FAMILY_POINCARE) {
-      w = fast_rcp(1.f - fminf(hc.inv_kappa * sq, 1.f - numerics::BALL_MARGIN_F32));  // a_i
+      w = rcp_f<(kParts > 1)>(1.f - fminf(hc.inv_kappa * sq, 1.f - numerics::BALL_MARGIN_F32));  // a_i
     } else {
-      w = hc.lorentz ? fast_sqrt(hc.kappa + sq) : 0.f;  // q0_i
+      w = hc.lorentz ? sqrt_f<(kParts > 1)>(hc.kappa + sq) : 0.f;  // q0_i
     }
     row[ROW_LSE * Tl::kBlockM + r] = lse;
     row[ROW_DELTA * Tl::kBlockM + r] = delta;
@@ -316,13 +339,13 @@ __device__ __forceinline__ void load_key_fields(float* key, const BwdParams& p, 
     float w, v0, lambda = 1.f;
     if constexpr (kFamily == FAMILY_POINCARE) {
       const float top = 1.f - numerics::BALL_MARGIN_F32;
-      w = fast_rcp(1.f - fminf(hc.inv_kappa * ksq, top));  // b_j
-      const float av = fminf(vsq * hc.inv_kappa, top), inv = fast_rcp(1.f - av);
+      w = rcp_f<(kParts > 1)>(1.f - fminf(hc.inv_kappa * ksq, top));  // b_j
+      const float av = fminf(vsq * hc.inv_kappa, top), inv = rcp_f<(kParts > 1)>(1.f - av);
       v0 = hc.sqrt_k * (1.f + av) * inv;  // Lorentz lift of a ball point: x0 = √k(1 + a)/(1 − a), xs = 2p/(1 − a)
       lambda = 2.f * inv;
     } else {
-      w = hc.lorentz ? fast_sqrt(hc.kappa + ksq) : 0.f;   // k0_j
-      v0 = hc.lorentz ? fast_sqrt(hc.kappa + vsq) : 0.f;  // v0_j
+      w = hc.lorentz ? sqrt_f<(kParts > 1)>(hc.kappa + ksq) : 0.f;   // k0_j
+      v0 = hc.lorentz ? sqrt_f<(kParts > 1)>(hc.kappa + vsq) : 0.f;  // v0_j
     }
     key[KEY_W * Tl::kBlockN + r] = w;
     key[KEY_SQ * Tl::kBlockN + r] = ksq;
@@ -457,7 +480,7 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
       const float qw = sm.row[ROW_W * Tl::kBlockM + ii];
       const float qsq = sm.row[ROW_SQ * Tl::kBlockM + ii];
       float X, u, ds_dX;
-      score_terms<kFamily>(sp[n][e], qw, qsq, kw, ksq, hc, X, u, ds_dX);
+      score_terms<kFamily, (kParts > 1)>(sp[n][e], qw, qsq, kw, ksq, hc, X, u, ds_dX);
       const bool valid = visible && (!causal || j0 + r <= i0 + ii);
       // P_ij = exp(S_ij − L_i)
       const float P = valid ? fast_exp2((hc.coef * u - lse) * kLog2e) : 0.f;
@@ -695,7 +718,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   const size_t bhk = (size_t)b * p.kv_heads + hk;
   const int i0 = blockIdx.x * Tl::kBlockM;
   const int N = p.n_queries, M = p.n_keys;
-  const HeadConst hc = head_const<kFamily>(p, h);
+  const HeadConst hc = head_const<kFamily, (kParts > 1)>(p, h);
   const T* k = static_cast<const T*>(p.k) + bhk * M * kHeadDim;
   const T* v = static_cast<const T*>(p.v) + bhk * M * kHeadDim;
 
@@ -747,7 +770,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
         const int ii = n * 8 + 2 * t + c;
         const int r = r_lo + 8 * hh;
         float X, u, ds_dX;
-        score_terms<kFamily>(sp[n][e], sm.row[ROW_W * Tl::kBlockM + ii], sm.row[ROW_SQ * Tl::kBlockM + ii],
+        score_terms<kFamily, (kParts > 1)>(sp[n][e], sm.row[ROW_W * Tl::kBlockM + ii], sm.row[ROW_SQ * Tl::kBlockM + ii],
                              sm.key[KEY_W * Tl::kBlockN + r], sm.key[KEY_SQ * Tl::kBlockN + r], hc, X, u, ds_dX);
         const bool valid = sm.key[KEY_VISIBLE * Tl::kBlockN + r] != 0.f && (!p.causal || j0 + r <= i0 + ii);
         const float P = valid ? fast_exp2((hc.coef * u - sm.row[ROW_LSE * Tl::kBlockM + ii]) * kLog2e) : 0.f;
@@ -810,7 +833,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   const size_t bhk = (size_t)b * p.kv_heads + hk;
   const int j0 = blockIdx.x * Tl::kBlockN;
   const int N = p.n_queries, M = p.n_keys;
-  const HeadConst hc = head_const<kFamily>(p, h);
+  const HeadConst hc = head_const<kFamily, (kParts > 1)>(p, h);
   const bool has_lo = kParts == 1 && p.dout_lo != nullptr;
 
   // Load K_j, V_j and the key fields once
@@ -982,7 +1005,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   const size_t bhk = (size_t)b * p.kv_heads + hk;
   const int i0 = blockIdx.x * Tl::kBlockM;
   const int N = p.n_queries, M = p.n_keys;
-  const HeadConst hc = head_const<kFamily>(p, h);
+  const HeadConst hc = head_const<kFamily, (kParts > 1)>(p, h);
   const T* k = static_cast<const T*>(p.k) + bhk * M * kHeadDim;
   const T* v = static_cast<const T*>(p.v) + bhk * M * kHeadDim;
 
