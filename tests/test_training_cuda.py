@@ -21,7 +21,9 @@ from hyptorch_flash.layers import (  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
-STEPS, BATCH, BLOCK, LR = 200, 8, 128, 3e-3
+# At lr = 3e-3 this run is chaotic: on an H100 even the two eager backends (reference, blockwise) part by
+# more than 1e-3 after about 120 steps (dev/train_curves.py --lr 3e-3). At 1e-3 they agree to ~5e-6.
+STEPS, BATCH, BLOCK, LR = 200, 8, 128, 1e-3
 CORPUS = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -70,4 +72,4 @@ def test_float32_training_curves_of_cuda_and_blockwise_agree():
     worst = max(range(STEPS), key=rel.__getitem__)
     print(f"max relative loss gap {rel[worst]:.2e} at step {worst}; loss {blockwise[0]:.4f} -> {blockwise[-1]:.4f}")
     assert rel[worst] <= 1e-3, f"step {worst}: cuda {cuda[worst]:.6f} vs blockwise {blockwise[worst]:.6f}"
-    assert blockwise[-1] < 0.75 * blockwise[0], "the model did not learn; the comparison would be vacuous"
+    assert blockwise[-1] < 0.6 * blockwise[0], "the model did not learn; the comparison would be vacuous"

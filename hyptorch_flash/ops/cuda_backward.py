@@ -426,12 +426,24 @@ def slice_plan(batch: int, kv_heads: int, slices_per_pass: int) -> list[tuple[in
 class FusedKernels:
     """The extension's stages behind the interface :func:`backward_in_passes` calls: ``operands`` (what
     the kernels read of q, k, v: float32 as three bf16 parts), ``output`` (stage 0), ``prepare`` (step 1,
-    ``bwd_prepare.cu`` for bf16/fp16, :func:`prepare_backward` for float32) and ``bwd`` (stage 1)."""
+    ``bwd_prepare.cu`` for bf16/fp16, :func:`prepare_backward` for float32) and ``bwd`` (stage 1).
+
+    Split float32 inputs: ``bwd`` first runs the delta pass (extension ``delta``), which recomputes
+    D_i = Σ_j P_ij dP_ij from the very P and dP of stage 1, and uses it instead of step 1's D_i. Step 1's
+    value rests on dO_L·O_L = 0, exact for the exact O but not for stage 0's float32 O; the residue,
+    times the large lifted values, was the float32 gradients' largest error (dq of rows that see few keys).
+    """
 
     def __init__(self, ext):
         self.output = ext.output
-        self.bwd = ext.bwd
+        self._bwd = ext.bwd
+        self._delta = ext.delta
         self._prepare = ext.prepare
+
+    def bwd(self, q, k, v, dout_hi, dout_lo, lse, delta, dout0, *common_and_flag):
+        if q.dim() == 5:  # split float32 inputs
+            delta = self._delta(q, k, v, dout_hi, lse, dout0, *common_and_flag[:-1])
+        return self._bwd(q, k, v, dout_hi, dout_lo, lse, delta, dout0, *common_and_flag)
 
     @staticmethod
     def operands(x: torch.Tensor) -> torch.Tensor:

@@ -182,6 +182,33 @@ std::vector<at::Tensor> bwd(const at::Tensor& q, const at::Tensor& k, const at::
   return {dq_acc, row_acc, dk_acc, dv_acc, col_acc, scalars};
 }
 
+// Stage 2, split float32 inputs only: D_i = Σ_j P_ij dP_ij (B, H, N) float32, from the P and dP that
+// stage 1 recomputes (bwd_kernel.cuh, kernel 2's delta pass). Arguments as for bwd, without delta.
+at::Tensor delta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout_s,
+                 const at::Tensor& lse, const at::Tensor& dout0, const at::Tensor& q_sq, const at::Tensor& k_sq,
+                 const at::Tensor& v_sq, const at::Tensor& curvature, const at::Tensor& coef,
+                 const std::optional<at::Tensor>& key_padding_mask, int64_t score, bool causal, bool squared,
+                 double acosh_eps) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  TORCH_CHECK(q.dim() == 5, "hyptorch_flash_cuda_bwd: the delta pass takes float32 inputs split into parts");
+  const at::Tensor padding = padding_bytes(key_padding_mask);
+  hyptorch_flash::BwdParams p = common_params(q, k, v, lse, q_sq, k_sq, v_sq, curvature, coef, padding, score, causal,
+                                              squared, acosh_eps);
+  operand(dout_s, "dout_s", q.size(-1));
+  TORCH_CHECK(dout_s.sizes() == q.sizes() && dout_s.scalar_type() == q.scalar_type(),
+              "hyptorch_flash_cuda_bwd: dout_s must match q in dtype and shape (parts included)");
+  check_f32(dout0, "dout0", lse.sizes());
+  at::Tensor zero = at::zeros_like(lse);  // dS = P·(dP − 0)
+  at::Tensor out = at::empty_like(lse);
+  p.dout_s = dout_s.data_ptr();
+  p.dout_lo = nullptr;
+  p.delta = zero.data_ptr<float>();
+  p.dout0 = dout0.data_ptr<float>();
+  p.delta_acc = out.data_ptr<float>();
+  launch(p, q, 2);
+  return out;
+}
+
 // Step 1: (dout_hi, dout_lo or None, dout0, delta, dkap_rows) from the upstream gradient and stage 0's O
 // (bwd_prepare.cu). dout (B, H, N, D) in q's dtype, o_s (B, H, N, D) and o0 (B, H, N) float32.
 std::vector<at::Tensor> prepare(const at::Tensor& dout, const at::Tensor& o_s, const at::Tensor& o0,
@@ -225,4 +252,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("output", &output, "Backward stage 0: the forward's normalised average O in float32");
   m.def("prepare", &prepare, "Backward step 1: the upstream gradient pulled back through the centroid epilogue");
   m.def("bwd", &bwd, "Backward stage 1: float32 gradient contractions (see bwd_params.cuh)");
+  m.def("delta", &delta, "Backward stage 2 (split float32 inputs): D_i from the kernels' own P and dP");
 }

@@ -446,8 +446,8 @@ __device__ __forceinline__ void score_mma(const Smem<T, kHeadDim, kFamily, kPart
 // One (Q_i, K_j) step shared by both kernels: recompute S_ijᵀ, P_ijᵀ and dP_ijᵀ for the warp's 16 keys
 // and all kBlockM queries; leave Pᵀ in `sp` and dXᵀ in `dp` (rounded to T for one-part inputs; split
 // inputs split it into parts exactly). Row sums (R_i, RX_i) of the warp go to row_part[warp]
-// (overwritten if !kAccumulateRows, else added); key sums to `ks`.
-template <typename T, int kHeadDim, int kFamily, int kParts, bool kKeySums, bool kAccumulateRows>
+// (overwritten if !kAccumulateRows, else added), or with kRowDs (the delta pass) Σ_j dS_ij; key sums to `ks`.
+template <typename T, int kHeadDim, int kFamily, int kParts, bool kKeySums, bool kAccumulateRows, bool kRowDs = false>
 __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kParts>& sm, const HeadConst& hc, int i0,
                                           int j0, bool causal, bool row_sums, bool has_lo,
                                           float (&sp)[Tile<kHeadDim, kFamily, kParts>::kQTiles][4],
@@ -506,8 +506,12 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
         ks.c[h] = fmaf(dX, kFamily == FAMILY_POINCARE ? 1.f : qw, ks.c[h]);
         if constexpr (kFamily == FAMILY_POINCARE) ks.cx[h] = fmaf(dX, X, ks.cx[h]);
       }
-      r_w[c] = fmaf(dX, kFamily == FAMILY_POINCARE ? 1.f : kw, r_w[c]);
-      if constexpr (kFamily == FAMILY_POINCARE) r_x[c] = fmaf(dX, X, r_x[c]);
+      if constexpr (kRowDs) {
+        r_w[c] += dS;
+      } else {
+        r_w[c] = fmaf(dX, kFamily == FAMILY_POINCARE ? 1.f : kw, r_w[c]);
+        if constexpr (kFamily == FAMILY_POINCARE) r_x[c] = fmaf(dX, X, r_x[c]);
+      }
       sp[n][e] = P;
       dp[n][e] = dX;
     }
@@ -991,8 +995,12 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
 
 // ---------------------------------------------------------------------------------------------
 // Kernel 2 (query-parallel, deterministic dQ): grid (ceil(N / kBlockM), B·H).
+// kDeltaPass (split inputs, before kernel 1): D_i = Σ_j P_ij dP_ij from the same P and dP as kernel 1
+// (run with p.delta = 0, so dS = P·dP) into p.delta_acc, instead of dQ. The identity D_i = dO_L·O_L = 0
+// holds for exact O; at float32 precision the kernels' own Σ_j P_ij dP_ij is what makes dS_ij sum to
+// zero over a row, as the softmax's Jacobian does (rows that see one or a few keys have dS ≈ 0).
 // ---------------------------------------------------------------------------------------------
-template <typename T, int kHeadDim, int kFamily, int kParts>
+template <typename T, int kHeadDim, int kFamily, int kParts, bool kDeltaPass = false>
 __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     attention_bwd_q_kernel(const BwdParams p) {
   using Tl = Tile<kHeadDim, kFamily, kParts>;
@@ -1038,15 +1046,29 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     __syncthreads();
 
     float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
-    tile_step<T, kHeadDim, kFamily, kParts, false, true>(sm, hc, i0, j0, p.causal, true, has_lo, sp, dp, unused);
-    uint32_t ax[Tl::kBlockM / 16][kParts][4];
-    to_a_operands<T, kHeadDim, kFamily, kParts>(dp, ax);
-    store_dxt<T, kHeadDim, kFamily, kParts>(sm.dxt, ax);
-    __syncthreads();
-    rows_mma<T, kHeadDim, kFamily, kParts, Tl::kDqCols>(sm.dxt, sm.k, acc, (warp / Tl::kRowGroups) * Tl::kDqCols);
+    tile_step<T, kHeadDim, kFamily, kParts, false, true, kDeltaPass>(sm, hc, i0, j0, p.causal, true, has_lo, sp, dp,
+                                                                     unused);
+    if constexpr (!kDeltaPass) {
+      uint32_t ax[Tl::kBlockM / 16][kParts][4];
+      to_a_operands<T, kHeadDim, kFamily, kParts>(dp, ax);
+      store_dxt<T, kHeadDim, kFamily, kParts>(sm.dxt, ax);
+      __syncthreads();
+      rows_mma<T, kHeadDim, kFamily, kParts, Tl::kDqCols>(sm.dxt, sm.k, acc, (warp / Tl::kRowGroups) * Tl::kDqCols);
+    }
     __syncthreads();
   }
 
+  if constexpr (kDeltaPass) {
+    for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
+      if (i0 + r < N) {
+        float d = 0.f;
+#pragma unroll
+        for (int w = 0; w < Tl::kWarps; ++w) d += sm.row_part[(w * Tl::kBlockM + r) * 2];
+        p.delta_acc[(size_t)bh * N + i0 + r] = d;
+      }
+    }
+    return;
+  }
   store_warp_rows<kHeadDim, kFamily, kParts>(p.dq_acc + (size_t)bh * N * kHeadDim, acc, i0, N);
   for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
     if (i0 + r < N) {
@@ -1069,6 +1091,17 @@ cudaError_t launch(const BwdParams& p, int stage, cudaStream_t stream) {
   constexpr int smem_one_query_buffer = Tl::template stage0_smem_bytes<T>();
   const dim3 grid_q((p.n_queries + Tl::kBlockM - 1) / Tl::kBlockM, p.batch * p.heads);
   cudaError_t err;
+  if (stage == 2) {  // the delta pass (split inputs only)
+    if constexpr (kParts == 1) {
+      return cudaErrorInvalidValue;
+    } else {
+      auto delta = attention_bwd_q_kernel<T, kHeadDim, kFamily, kParts, true>;
+      err = cudaFuncSetAttribute(delta, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_one_query_buffer);
+      if (err != cudaSuccess) return err;
+      delta<<<grid_q, Tl::kThreads, smem_one_query_buffer, stream>>>(p);
+      return cudaGetLastError();
+    }
+  }
   if (stage == 0) {
     auto output = attention_bwd_output_kernel<T, kHeadDim, kFamily, kParts>;
     err = cudaFuncSetAttribute(output, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_one_query_buffer);
