@@ -380,6 +380,28 @@ __device__ __forceinline__ void mma_parts(float (&acc0)[4], float (&acc1)[4], co
   }
 }
 
+// Split inputs: the tensor cores round an fp32 accumulation toward zero, and that bias grows with every
+// mma into the same registers (the running dK_j, dV_j over all query tiles, S over the head dim). With
+// kParts > 1 each k16 step's part products go to zeroed registers first and are added to the running sums
+// with round-to-nearest fp32 adds (a few percent more instructions, float32 error no longer growing with N).
+__device__ __forceinline__ void add4(float (&acc)[4], const float (&t)[4]) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) acc[e] += t[e];
+}
+
+template <typename T, int kA, int kB, bool kFresh>
+__device__ __forceinline__ void mma_parts_acc(float (&acc0)[4], float (&acc1)[4], const uint32_t (&a)[kA][4],
+                                              const uint32_t (&b)[kB][4]) {
+  if constexpr (kFresh) {
+    float t0[4] = {0.f, 0.f, 0.f, 0.f}, t1[4] = {0.f, 0.f, 0.f, 0.f};
+    mma_parts<T, kA, kB>(t0, t1, a, b);
+    add4(acc0, t0);
+    add4(acc1, t1);
+  } else {
+    mma_parts<T, kA, kB>(acc0, acc1, a, b);
+  }
+}
+
 // S_ijᵀ = K_j Q_iᵀ and dP_ijᵀ = V_j (dO_i + dO_lo,i)ᵀ for the warp's 16 keys (space parts, fp32 accumulate).
 template <typename T, int kHeadDim, int kFamily, int kParts, bool kWithDp = true>
 __device__ __forceinline__ void score_mma(const Smem<T, kHeadDim, kFamily, kParts>& sm, bool has_lo,
@@ -407,7 +429,7 @@ __device__ __forceinline__ void score_mma(const Smem<T, kHeadDim, kFamily, kPart
       uint32_t bq[kParts][4], bo[kParts][4];
 #pragma unroll
       for (int part = 0; part < kParts; ++part) frag_b_nk<kHeadDim>(bq[part], sm.q + part * Sm::q_part, n2 * 16, kk * 16, lane);
-      mma_parts<T, kParts, kParts>(sp[2 * n2], sp[2 * n2 + 1], ak, bq);
+      mma_parts_acc<T, kParts, kParts, false>(sp[2 * n2], sp[2 * n2 + 1], ak, bq);
       if constexpr (kInterleave) {
         frag_b_nk<kHeadDim>(bo[0], sm.dout, n2 * 16, kk * 16, lane);
         mma_parts<T, 1, 1>(dp[2 * n2], dp[2 * n2 + 1], av, bo);
@@ -423,7 +445,7 @@ __device__ __forceinline__ void score_mma(const Smem<T, kHeadDim, kFamily, kPart
         for (int part = 0; part < kParts; ++part) {
           frag_b_nk<kHeadDim>(bo[part], sm.dout + part * Sm::q_part, n2 * 16, kk * 16, lane);
         }
-        mma_parts<T, kParts, kParts>(dp[2 * n2], dp[2 * n2 + 1], av, bo);
+        mma_parts_acc<T, kParts, kParts, false>(dp[2 * n2], dp[2 * n2 + 1], av, bo);
       }
     }
   }
@@ -587,16 +609,24 @@ __device__ __forceinline__ void acc_mma_kn(float (&acc)[Tile<kHeadDim, kFamily, 
   for (int n2 = 0; n2 < Tl::kDTiles / 2; ++n2) {
 #pragma unroll
     for (int kk = 0; kk < Tl::kBlockM / 16; ++kk) {
-      // one B part at a time, with the A parts it pairs with (mma_parts' products; fragment registers)
+      // one B part at a time, with the A parts it pairs with (mma_parts' products; fragment registers),
+      // into zeroed registers first for split inputs (see mma_parts_acc)
+      float t0[4] = {0.f, 0.f, 0.f, 0.f}, t1[4] = {0.f, 0.f, 0.f, 0.f};
+      float(&c0)[4] = kParts > 1 ? t0 : acc[2 * n2];
+      float(&c1)[4] = kParts > 1 ? t1 : acc[2 * n2 + 1];
 #pragma unroll
       for (int ib = kParts - 1; ib >= 0; --ib) {
         uint32_t b[1][4];
         frag_b_kn<kHeadDim>(b[0], tile + ib * Smem<T, kHeadDim, kFamily, kParts>::q_part, kk * 16, n2 * 16, lane);
 #pragma unroll
         for (int ia = kParts - 1 - ib; ia >= 0; --ia) {
-          mma_16816<T>(acc[2 * n2], a[kk][ia], b[0][0], b[0][1]);
-          mma_16816<T>(acc[2 * n2 + 1], a[kk][ia], b[0][2], b[0][3]);
+          mma_16816<T>(c0, a[kk][ia], b[0][0], b[0][1]);
+          mma_16816<T>(c1, a[kk][ia], b[0][2], b[0][3]);
         }
+      }
+      if constexpr (kParts > 1) {
+        add4(acc[2 * n2], t0);
+        add4(acc[2 * n2 + 1], t1);
       }
     }
   }
@@ -641,8 +671,13 @@ __device__ __forceinline__ void rows_mma(const T* a_tile, const T* b_tile, float
     }
 #pragma unroll
     for (int n2 = 0; n2 < kCols / 16; ++n2) {
-      // one B part at a time, with the A parts it pairs with (mma_parts' products; fragment registers)
+      // one B part at a time, with the A parts it pairs with (mma_parts' products; fragment registers),
+      // into zeroed registers first for split inputs (see mma_parts_acc)
       constexpr int kTerms = kAParts > kParts ? kAParts : kParts;
+      constexpr bool kFresh = kAParts > 1 && kParts > 1;
+      float t0[4] = {0.f, 0.f, 0.f, 0.f}, t1[4] = {0.f, 0.f, 0.f, 0.f};
+      float(&c0)[4] = kFresh ? t0 : acc[2 * n2];
+      float(&c1)[4] = kFresh ? t1 : acc[2 * n2 + 1];
 #pragma unroll
       for (int ib = kParts - 1; ib >= 0; --ib) {
         uint32_t b[4];
@@ -650,10 +685,14 @@ __device__ __forceinline__ void rows_mma(const T* a_tile, const T* b_tile, float
 #pragma unroll
         for (int ia = kAParts - 1; ia >= 0; --ia) {
           if (ia + ib < kTerms) {
-            mma_16816<T>(acc[2 * n2], a[ia], b[0], b[1]);
-            mma_16816<T>(acc[2 * n2 + 1], a[ia], b[2], b[3]);
+            mma_16816<T>(c0, a[ia], b[0], b[1]);
+            mma_16816<T>(c1, a[ia], b[2], b[3]);
           }
         }
+      }
+      if constexpr (kFresh) {
+        add4(acc[2 * n2], t0);
+        add4(acc[2 * n2 + 1], t1);
       }
     }
   }
