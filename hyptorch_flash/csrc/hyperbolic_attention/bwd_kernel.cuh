@@ -359,7 +359,16 @@ __device__ __forceinline__ void load_key_fields(float* key, const BwdParams& p, 
 struct KeySums {
   float c[2] = {0.f, 0.f}, cx[2] = {0.f, 0.f}, dv0[2] = {0.f, 0.f};
   float s1 = 0.f, s2 = 0.f;  // Σ dS·u, Σ dX·X
+  float s1_err = 0.f, s2_err = 0.f;  // split inputs: Kahan compensations of s1, s2 (sums over all N queries)
 };
+
+// s + x with Kahan's compensation `err` (Neumaier would not matter here: per-tile partials are small).
+__device__ __forceinline__ void kahan_add(float& s, float& err, float x) {
+  const float y = x - err;
+  const float t = s + y;
+  err = (t - s) - y;
+  s = t;
+}
 
 // acc0, acc1 (two n8 tiles) += Σ A_a·B_b over the part pairs with a + b < max(kA, kB): every product
 // for one-part operands, hi·hi + hi·lo + lo·hi for two, the six that matter for three (mma_split in
@@ -416,7 +425,10 @@ __device__ __forceinline__ void score_mma(const Smem<T, kHeadDim, kFamily, kPart
 #pragma unroll
     for (int e = 0; e < 4; ++e) sp[n][e] = dp[n][e] = 0.f;
   }
-#pragma unroll
+  // split inputs: one k16 step at a time (their part fragments and zeroed accumulators, unrolled over
+  // the head dim, would not fit in registers)
+  constexpr int kUnrollK = kParts > 1 ? 1 : kHeadDim / 16;
+#pragma unroll kUnrollK
   for (int kk = 0; kk < kHeadDim / 16; ++kk) {
     // One-part inputs interleave the S and dP products; split ones finish S first (fragment registers).
     constexpr bool kInterleave = kWithDp && kParts == 1;
@@ -429,7 +441,7 @@ __device__ __forceinline__ void score_mma(const Smem<T, kHeadDim, kFamily, kPart
       uint32_t bq[kParts][4], bo[kParts][4];
 #pragma unroll
       for (int part = 0; part < kParts; ++part) frag_b_nk<kHeadDim>(bq[part], sm.q + part * Sm::q_part, n2 * 16, kk * 16, lane);
-      mma_parts_acc<T, kParts, kParts, false>(sp[2 * n2], sp[2 * n2 + 1], ak, bq);
+      mma_parts_acc<T, kParts, kParts, (kParts > 1)>(sp[2 * n2], sp[2 * n2 + 1], ak, bq);
       if constexpr (kInterleave) {
         frag_b_nk<kHeadDim>(bo[0], sm.dout, n2 * 16, kk * 16, lane);
         mma_parts<T, 1, 1>(dp[2 * n2], dp[2 * n2 + 1], av, bo);
@@ -478,6 +490,10 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int key0 = warp * 16;
+  // this tile's share of the per-head sums (split inputs add it to ks with Kahan's compensation)
+  float tile_s1 = 0.f, tile_s2 = 0.f;
+  float& s1 = kParts > 1 ? tile_s1 : ks.s1;
+  float& s2 = kParts > 1 ? tile_s2 : ks.s2;
 
   score_mma<T, kHeadDim, kFamily, kParts>(sm, has_lo, sp, dp);
 
@@ -513,15 +529,15 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
       const float dX = kParts == 1 ? round_to<T>(dx_exact) : dx_exact;
       if constexpr (kKeySums) {
         if (valid) {
-          ks.s1 = fmaf(dS, u, ks.s1);
-          if constexpr (kFamily == FAMILY_DISTANCE) ks.s2 = fmaf(dX, X, ks.s2);
+          s1 = fmaf(dS, u, s1);
+          if constexpr (kFamily == FAMILY_DISTANCE) s2 = fmaf(dX, X, s2);
           if constexpr (kFamily == FAMILY_POINCARE) {
             // ∂L/∂c at fixed p, q (c = 1/k): Σ dX·X·(1/c + |p|²a_i + |q|²b_j), the a/b terms where
             // unclamped. Unrounded dX: no tensor-core term has to cancel against this one.
             const float top = 1.f - numerics::BALL_MARGIN_F32;
             const float alpha = hc.inv_kappa * qsq <= top ? qsq * qw : 0.f;
             const float beta = hc.inv_kappa * ksq <= top ? ksq * kw : 0.f;
-            ks.s2 = fmaf(dx_exact * X, hc.kappa + alpha + beta, ks.s2);
+            s2 = fmaf(dx_exact * X, hc.kappa + alpha + beta, s2);
           }
         }
         ks.dv0[h] = fmaf(P, do0, ks.dv0[h]);
@@ -558,6 +574,10 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
         }
       }
     }
+  }
+  if constexpr (kKeySums && kParts > 1) {
+    kahan_add(ks.s1, ks.s1_err, tile_s1);
+    kahan_add(ks.s2, ks.s2_err, tile_s2);
   }
 }
 
@@ -1013,7 +1033,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   }
   if constexpr (!kDk) return;
   // Per-head scalars: one partial per (batch, head, key tile), summed in a fixed order on the host side.
-  float s1 = ks.s1, s2 = ks.s2;
+  float s1 = ks.s1 - ks.s1_err, s2 = ks.s2 - ks.s2_err;  // (the compensations are 0 for one-part inputs)
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
     s1 += __shfl_xor_sync(0xffffffffu, s1, off);
