@@ -19,7 +19,7 @@ FlashAttention-2's backward (Dao 2023, Algorithm 2) for every score variant, in 
    recompute P from the saved log-sum-exp, form dX_ij = ∂L/∂X_ij for the variant's inner quantity X
    and return the O(N·D) contractions G, Gk, dV_s, the row/column sums R, RX, C, CX, dv0 and the
    per-head scalars Σ dS·u, Σ dX·X (``bwd_params.cuh``). dQ uses fp32 atomics, or, in deterministic mode,
-   a query-parallel kernel without atomics.
+   a query-parallel kernel without atomics. float32 inputs first run a delta pass (:class:`FusedKernels`).
 3. :func:`finish_gradients` (PyTorch, O(N·D)): the chain rule through the recomputed time coordinates
    (dq_s = G − (q_s/q0)·R, dk_s, dv_s alike), the Poincaré lift factors, the curvature and the score
    coefficient; dK/dV are summed over the query heads of a GQA group.

@@ -26,6 +26,12 @@
 // (dXᵀ tile) and fp32 atomics; the row sums R_i, RX_i likewise. Kernel 2 (query-parallel, the
 // deterministic mode) recomputes the same tiles for one Q_i and loops over K_j, V_j, accumulating dQ_i
 // and the row sums in registers/shared memory in a fixed order: no atomics anywhere.
+//
+// float32 inputs (kParts = 3): q, k, v and dO_s arrive as three bf16 parts each and every product takes
+// the six part products that matter (mma_parts); P and dX are split the same way in registers instead of
+// being rounded. Smaller query tiles (16), one buffer of each tile (no prefetch), kernel 1 in two passes at
+// D = 128 (dV, then dK/dQ), a delta pass of kernel 2 for D_i, part products summed in zeroed registers
+// and added with round-to-nearest, Kahan-compensated per-head sums: see the comments where each is used.
 #pragma once
 
 #include <cstdint>
