@@ -33,7 +33,7 @@ cuda_build.load(); cuda_backward.load_extension()" ;;
     tests) step tests 400 python3 -m pytest -q -p no:warnings tests/test_cuda_forward.py tests/test_cuda_backward.py \
       tests/test_layers_cuda.py tests/test_training_cuda.py ;;
     sanitizer) PYTORCH_NO_CUDA_MEMORY_CACHING=1 step sanitizer 480 compute-sanitizer --tool memcheck \
-      --error-exitcode 1 python3 tests/cuda_sanitizer_cases.py ;;
+      --error-exitcode 1 python3 tests/cuda_sanitizer_cases.py bfloat16 float16 ;;
     sanitizer_fp32) PYTORCH_NO_CUDA_MEMORY_CACHING=1 step sanitizer_fp32 400 compute-sanitizer --tool memcheck \
       --error-exitcode 1 python3 tests/cuda_sanitizer_cases.py float32 ;;
     fwd_quick) step fwd_quick 300 python3 benchmarks/bench_attention.py --quick --out "$OUT/fwd_quick.jsonl" ;;

@@ -35,15 +35,18 @@ def main(dtypes):
                     pad = (torch.rand(B, M, generator=gen) < 0.3).cuda()
                     q, k, v = (x.requires_grad_() for x in (q, k, v))
                     # (1.0, k = 1): the reciprocal path of the distance scores (β·sqrt(k) = 1)
-                    for coef, curv in ((1.3, curvature), (1.0, torch.ones(H, dtype=torch.float64))):
+                    # the second call also runs the deterministic backward (the query-parallel dQ kernel)
+                    for coef, curv, deterministic in ((1.3, curvature, False),
+                                                      (1.0, torch.ones(H, dtype=torch.float64), True)):
                         out = hf.hyperbolic_attention(q, k, v, score=score, output=output, causal=True,
                                                       key_padding_mask=pad, backend="cuda",
                                                       curvature=curv.cuda(), **coefficient_kw(score, coef))
-                        if out.requires_grad:
-                            out.backward(torch.randn_like(out))
+                        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+                        out.backward(torch.randn_like(out))
+                        torch.use_deterministic_algorithms(False)
                         torch.cuda.synchronize()
                         assert torch.isfinite(out).all(), (D, dtype, score, output)
-                        assert all(x.grad is None or torch.isfinite(x.grad).all() for x in (q, k, v))
+                        assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
                     print(f"ok D={D} {dtype} {score}/{output}")
 
 
