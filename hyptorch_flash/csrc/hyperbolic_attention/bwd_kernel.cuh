@@ -164,14 +164,15 @@ __device__ __forceinline__ float fast_rcp(float x) {
 
 // sqrt and 1/x for the row/key constants and the arccosh derivative: the SFU approximation (about 1 ulp
 // off), or for split float32 inputs (kAccurate) one Newton step more (within an ulp of the IEEE result,
-// without the IEEE slow path's call and stack frame).
+// without the IEEE slow path's call and stack frame). 0 and ±inf results are kept as they are (the step
+// would turn them into NaN).
 template <bool kAccurate>
 __device__ __forceinline__ float sqrt_f(float x) {
   const float s = fast_sqrt(x);
   if constexpr (!kAccurate) {
     return s;
   } else {
-    return s > 0.f ? fmaf(fmaf(-s, s, x), 0.5f * fast_rcp(s), s) : s;  // s + (x − s²)/(2s)
+    return s > 0.f && s < CUDART_INF_F ? fmaf(fmaf(-s, s, x), 0.5f * fast_rcp(s), s) : s;  // s + (x − s²)/(2s)
   }
 }
 
@@ -181,7 +182,7 @@ __device__ __forceinline__ float rcp_f(float x) {
   if constexpr (!kAccurate) {
     return y;
   } else {
-    return fmaf(y, fmaf(-x, y, 1.f), y);  // y + y(1 − xy); rcp(±inf) = 0 stays 0
+    return y != 0.f && fabsf(y) < CUDART_INF_F ? fmaf(y, fmaf(-x, y, 1.f), y) : y;  // y + y(1 − xy)
   }
 }
 
