@@ -428,10 +428,12 @@ class FusedKernels:
     the kernels read of q, k, v: float32 as three bf16 parts), ``output`` (stage 0), ``prepare`` (step 1,
     ``bwd_prepare.cu`` for bf16/fp16, :func:`prepare_backward` for float32) and ``bwd`` (stage 1).
 
-    Split float32 inputs: ``bwd`` first runs the delta pass (extension ``delta``), which recomputes
-    D_i = Σ_j P_ij dP_ij from the very P and dP of stage 1, and uses it instead of step 1's D_i. Step 1's
-    value rests on dO_L·O_L = 0, exact for the exact O but not for stage 0's float32 O; the residue,
-    times the large lifted values, was the float32 gradients' largest error (dq of rows that see few keys).
+    Split float32 inputs and the poincare_distance score: ``bwd`` first runs the delta pass (extension
+    ``delta``), which recomputes D_i = Σ_j P_ij dP_ij from the very P and dP of stage 1, and uses it
+    instead of step 1's D_i. Step 1's value rests on dO_L·O_L = 0, exact for the exact O but not for
+    stage 0's float32 O; the residue, times the lifted values, was the float32 gradients' largest error
+    (dq of rows that see few keys) and the fp16 dcoef gap of Poincaré values near the boundary, whose
+    lifts are large. The pass costs about one more stage 0; the other scores in bf16/fp16 skip it.
     """
 
     def __init__(self, ext):
@@ -440,10 +442,11 @@ class FusedKernels:
         self._delta = ext.delta
         self._prepare = ext.prepare
 
-    def bwd(self, q, k, v, dout_hi, dout_lo, lse, delta, dout0, *common_and_flag):
-        if q.dim() == 5:  # split float32 inputs
-            delta = self._delta(q, k, v, dout_hi, lse, dout0, *common_and_flag[:-1])
-        return self._bwd(q, k, v, dout_hi, dout_lo, lse, delta, dout0, *common_and_flag)
+    def bwd(self, q, k, v, dout_hi, dout_lo, lse, delta, dout0, *common_and_deterministic):
+        common = common_and_deterministic[:-1]  # (q_sq, k_sq, v_sq, curvature, coef, padding, score, …)
+        if q.dim() == 5 or common[6] == SCORE_POINCARE:  # split float32 inputs, or the poincare score
+            delta = self._delta(q, k, v, dout_hi, dout_lo, lse, dout0, *common)
+        return self._bwd(q, k, v, dout_hi, dout_lo, lse, delta, dout0, *common_and_deterministic)
 
     @staticmethod
     def operands(x: torch.Tensor) -> torch.Tensor:

@@ -113,6 +113,23 @@ void launch(const hyptorch_flash::BwdParams& p, const at::Tensor& q, int stage) 
   TORCH_CHECK(err == cudaSuccess, "hyptorch_flash_cuda_bwd: kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// dout_s (like q: 4-D, or (3, …) parts) and dout_lo (4-D inputs only, optional) → p, checked.
+void set_dout(hyptorch_flash::BwdParams& p, const at::Tensor& q, const at::Tensor& dout_s,
+              const std::optional<at::Tensor>& dout_lo) {
+  const int64_t D = q.size(-1);
+  operand(dout_s, "dout_s", D);
+  TORCH_CHECK(dout_s.scalar_type() == q.scalar_type() && dout_s.sizes() == q.sizes(),
+              "hyptorch_flash_cuda_bwd: dout_s must match q in dtype and shape (parts included)");
+  if (dout_lo.has_value()) {
+    TORCH_CHECK(q.dim() == 4, "hyptorch_flash_cuda_bwd: split inputs take no dout_lo (dout_s has three parts)");
+    check_4d(*dout_lo, "dout_lo", D);
+    TORCH_CHECK(dout_lo->scalar_type() == q.scalar_type() && dout_lo->sizes() == q.sizes(),
+                "hyptorch_flash_cuda_bwd: dout_lo must match q in dtype and shape");
+  }
+  p.dout_s = dout_s.data_ptr();
+  p.dout_lo = dout_lo.has_value() ? dout_lo->data_ptr() : nullptr;
+}
+
 // Stage 0: the forward's normalised average recomputed in float32, (O_s (B,H,N,D), O_0 (B,H,N)).
 // q, k, v: (B, H|Hkv, rows, D) bf16/fp16, or float32 inputs as (3, B, H|Hkv, rows, D) bf16 parts.
 std::vector<at::Tensor> output(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
@@ -146,15 +163,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& q, const at::Tensor& k, const at::
   hyptorch_flash::BwdParams p = common_params(q, k, v, lse, q_sq, k_sq, v_sq, curvature, coef, padding, score, causal,
                                               squared, acosh_eps);
   const int64_t D = q.size(-1), B = lse.size(0), H = lse.size(1), N = lse.size(2), M = k_sq.size(2);
-  operand(dout_s, "dout_s", D);
-  TORCH_CHECK(dout_s.scalar_type() == q.scalar_type() && dout_s.sizes() == q.sizes(),
-              "hyptorch_flash_cuda_bwd: dout_s must match q in dtype and shape (parts included)");
-  if (dout_lo.has_value()) {
-    TORCH_CHECK(q.dim() == 4, "hyptorch_flash_cuda_bwd: split inputs take no dout_lo (dout_s has three parts)");
-    check_4d(*dout_lo, "dout_lo", D);
-    TORCH_CHECK(dout_lo->scalar_type() == q.scalar_type() && dout_lo->sizes() == q.sizes(),
-                "hyptorch_flash_cuda_bwd: dout_lo must match q in dtype and shape");
-  }
+  set_dout(p, q, dout_s, dout_lo);
   check_f32(delta, "delta", {B, H, N});
   check_f32(dout0, "dout0", {B, H, N});
   const auto f32 = q.options().dtype(at::kFloat);
@@ -167,8 +176,6 @@ std::vector<at::Tensor> bwd(const at::Tensor& q, const at::Tensor& k, const at::
   at::Tensor col_acc = at::empty({B, H, M, 3}, f32);
   const int64_t key_blocks = (M + hyptorch_flash::kBwdBlockN - 1) / hyptorch_flash::kBwdBlockN;
   at::Tensor scalars = at::empty({B, H, key_blocks, 2}, f32);
-  p.dout_s = dout_s.data_ptr();
-  p.dout_lo = dout_lo.has_value() ? dout_lo->data_ptr() : nullptr;
   p.delta = delta.data_ptr<float>();
   p.dout0 = dout0.data_ptr<float>();
   p.dq_acc = dq_acc.data_ptr<float>();
@@ -182,26 +189,24 @@ std::vector<at::Tensor> bwd(const at::Tensor& q, const at::Tensor& k, const at::
   return {dq_acc, row_acc, dk_acc, dv_acc, col_acc, scalars};
 }
 
-// Stage 2, split float32 inputs only: D_i = Σ_j P_ij dP_ij (B, H, N) float32, from the P and dP that
-// stage 1 recomputes (bwd_kernel.cuh, kernel 2's delta pass). Arguments as for bwd, without delta.
+// Stage 2: D_i = Σ_j P_ij dP_ij (B, H, N) float32, from the P and dP that stage 1 recomputes
+// (bwd_kernel.cuh, kernel 2's delta pass), for split float32 inputs and the poincare_distance score.
+// Arguments as for bwd, without delta.
 at::Tensor delta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout_s,
-                 const at::Tensor& lse, const at::Tensor& dout0, const at::Tensor& q_sq, const at::Tensor& k_sq,
-                 const at::Tensor& v_sq, const at::Tensor& curvature, const at::Tensor& coef,
-                 const std::optional<at::Tensor>& key_padding_mask, int64_t score, bool causal, bool squared,
-                 double acosh_eps) {
+                 const std::optional<at::Tensor>& dout_lo, const at::Tensor& lse, const at::Tensor& dout0,
+                 const at::Tensor& q_sq, const at::Tensor& k_sq, const at::Tensor& v_sq, const at::Tensor& curvature,
+                 const at::Tensor& coef, const std::optional<at::Tensor>& key_padding_mask, int64_t score,
+                 bool causal, bool squared, double acosh_eps) {
   const c10::cuda::CUDAGuard guard(q.device());
-  TORCH_CHECK(q.dim() == 5, "hyptorch_flash_cuda_bwd: the delta pass takes float32 inputs split into parts");
+  TORCH_CHECK(q.dim() == 5 || score == hyptorch_flash::SCORE_POINCARE,
+              "hyptorch_flash_cuda_bwd: the delta pass runs split float32 inputs and the poincare_distance score");
   const at::Tensor padding = padding_bytes(key_padding_mask);
   hyptorch_flash::BwdParams p = common_params(q, k, v, lse, q_sq, k_sq, v_sq, curvature, coef, padding, score, causal,
                                               squared, acosh_eps);
-  operand(dout_s, "dout_s", q.size(-1));
-  TORCH_CHECK(dout_s.sizes() == q.sizes() && dout_s.scalar_type() == q.scalar_type(),
-              "hyptorch_flash_cuda_bwd: dout_s must match q in dtype and shape (parts included)");
+  set_dout(p, q, dout_s, dout_lo);
   check_f32(dout0, "dout0", lse.sizes());
   at::Tensor zero = at::zeros_like(lse);  // dS = P·(dP − 0)
   at::Tensor out = at::empty_like(lse);
-  p.dout_s = dout_s.data_ptr();
-  p.dout_lo = nullptr;
   p.delta = zero.data_ptr<float>();
   p.dout0 = dout0.data_ptr<float>();
   p.delta_acc = out.data_ptr<float>();
@@ -252,5 +257,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("output", &output, "Backward stage 0: the forward's normalised average O in float32");
   m.def("prepare", &prepare, "Backward step 1: the upstream gradient pulled back through the centroid epilogue");
   m.def("bwd", &bwd, "Backward stage 1: float32 gradient contractions (see bwd_params.cuh)");
-  m.def("delta", &delta, "Backward stage 2 (split float32 inputs): D_i from the kernels' own P and dP");
+  m.def("delta", &delta, "Backward stage 2 (split float32 inputs, poincare_distance): D_i from the kernels' own P and dP");
 }

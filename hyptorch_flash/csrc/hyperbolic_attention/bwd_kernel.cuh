@@ -1061,7 +1061,8 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
 
 // ---------------------------------------------------------------------------------------------
 // Kernel 2 (query-parallel, deterministic dQ): grid (ceil(N / kBlockM), B·H).
-// kDeltaPass (split inputs, before kernel 1): D_i = Σ_j P_ij dP_ij from the same P and dP as kernel 1
+// kDeltaPass (before kernel 1; split inputs, and the poincare family, whose lifted values grow large
+// near the boundary): D_i = Σ_j P_ij dP_ij from the same P and dP as kernel 1
 // (run with p.delta = 0, so dS = P·dP) into p.delta_acc, instead of dQ. The identity D_i = dO_L·O_L = 0
 // holds for exact O; at float32 precision the kernels' own Σ_j P_ij dP_ij is what makes dS_ij sum to
 // zero over a row, as the softmax's Jacobian does (rows that see one or a few keys have dS ≈ 0).
@@ -1157,8 +1158,8 @@ cudaError_t launch(const BwdParams& p, int stage, cudaStream_t stream) {
   constexpr int smem_one_query_buffer = Tl::template stage0_smem_bytes<T>();
   const dim3 grid_q((p.n_queries + Tl::kBlockM - 1) / Tl::kBlockM, p.batch * p.heads);
   cudaError_t err;
-  if (stage == 2) {  // the delta pass (split inputs only)
-    if constexpr (kParts == 1) {
+  if (stage == 2) {  // the delta pass: split inputs, and the poincare family of bf16/fp16 inputs
+    if constexpr (kParts == 1 && kFamily != FAMILY_POINCARE) {
       return cudaErrorInvalidValue;
     } else {
       auto delta = attention_bwd_q_kernel<T, kHeadDim, kFamily, kParts, true>;

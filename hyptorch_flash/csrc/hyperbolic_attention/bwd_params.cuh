@@ -57,7 +57,7 @@ struct BwdParams {
   float* dv_acc;           // (B, H, M, D)
   float* col_acc;          // (B, H, M, 3)
   float* scalar_partials;  // (B, H, ceil(M / kBwdBlockN), 2)
-  float* delta_acc;        // (B, H, N) the delta pass's D_i = Σ_j P_ij dP_ij (split inputs, stage 2)
+  float* delta_acc;        // (B, H, N) the delta pass's D_i = Σ_j P_ij dP_ij (stage 2)
   int batch, heads, kv_heads, n_queries, n_keys;
   int score;  // 0 euclidean, 1 lorentz_dot, 2 distance, 3 poincare_distance
   bool causal;
@@ -94,8 +94,8 @@ cudaError_t launch_bwd_prepare(const PrepareParams& params, bool is_bf16, cudaSt
 enum BwdDtype : int { BWD_BF16 = 0, BWD_FP16 = 1, BWD_FP32_SPLIT = 2 };
 
 // Launches stage 0 (recompute O, fills o_acc/o0_acc), stage 1 (the gradient contractions) or, for split
-// inputs, stage 2 (the delta pass, fills delta_acc; run with delta = 0 before stage 1) for the operand
-// type and head dim on `stream`.
+// inputs and the poincare_distance score, stage 2 (the delta pass, fills delta_acc; run with delta = 0
+// before stage 1) for the operand type and head dim on `stream`.
 cudaError_t launch_attention_bwd(const BwdParams& params, int head_dim, BwdDtype dtype, int stage, cudaStream_t stream);
 
 }  // namespace hyptorch_flash
