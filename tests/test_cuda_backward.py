@@ -323,22 +323,14 @@ CUDA_CASES = [
 @pytest.mark.parametrize("D,N,M", ((64, 200, 130), (128, 63, 257)))
 @pytest.mark.parametrize("score,output,mode", CUDA_CASES)
 def test_gradients_within_twice_reference_error(score, output, mode, D, N, M, dtype, request):
-    if (score, output, mode, D, dtype) == ("poincare_distance", "lorentz", "gqa_causal_padded", 64, torch.float16):
-        # Known gap, kept visible (strict: it fails the suite once fixed). dev/ab_prepare.py on the H100 (session 4):
-        # dcoef error / scale 6.5e-4 with bwd_prepare.cu, 4.0e-4 with the PyTorch pull-back (which passed, just),
-        # ≤ 2e-5 for seeds 1-3 of the same case and for distance/lorentz. The hyperbolic outputs' D_i relies on
-        # dO_L·O_L = 0, whose two terms are large and cancel for Poincaré-lifted values near the boundary
-        # (|lift| ≈ 13 here); their float32 rounding noise, times u, sums into Σ dS·u.
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "dcoef 9.6e-4 vs floor 7.3e-4 (fp16 unit roundoff): float32 cancellation in dO_L·O_L = 0 for "
-            "Poincare-lifted values; see the comment in the test")))
     if (score, output, mode, D, dtype) == ("poincare_distance", "lorentz", "gqa_causal_padded", 128, torch.float32):
-        # The same variant family in float32 (H100, session 5): dcoef error 1.31e-5 of the scale vs eager
-        # float32's 1.2e-6 (floor 7.7e-6); dq 2.1e-6 (5.4× eager, within the floor). Deterministic (no atomics
-        # in the per-head sums), so strict.
+        # Known gap, kept visible (strict: it fails the suite once fixed). H100, session 5: dcoef error 1.31e-5
+        # of the scale vs eager float32's 1.2e-6 (floor 7.7e-6), with the delta pass; dq 2.1e-6 (5.4× eager,
+        # within the floor). Poincaré-lifted values near the boundary (|lift| ≈ 13) with the lorentz output,
+        # the family whose fp16 case needed the delta pass. Deterministic (no atomics in the per-head sums).
         request.applymarker(pytest.mark.xfail(strict=True, reason=(
             "float32 dcoef 1.3e-5 vs 2 x 1.2e-6 + floor 7.7e-6: Poincare-lifted values near the boundary with the "
-            "lorentz output (the fp16 case above)")))
+            "lorentz output")))
     args, params, kw, dout, fwd, eps, _ = _cuda_inputs(score, output, dtype, N=N, M=M, D=D, mode=mode)
     got = _op(args, params, kw, dout, fwd, eps, deterministic=False)
     # truth: float64 autograd of the reference on the same (rounded) inputs; ref: the reference in `dtype`
