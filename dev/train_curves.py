@@ -14,17 +14,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import test_training_cuda as tt  # noqa: E402
 
-from hyptorch_flash import set_attention_backend  # noqa: E402
-
 
 def step0_grads(backend):
-    data = torch.tensor(list(tt.CORPUS.read_bytes()), dtype=torch.long)
-    torch.manual_seed(0)
-    model = set_attention_backend(tt.TinyLorentzLM().to(tt.DEV), backend)
-    gen = torch.Generator().manual_seed(1)
-    starts = torch.randint(0, len(data) - tt.BLOCK - 1, (tt.BATCH,), generator=gen)
-    x = torch.stack([data[s : s + tt.BLOCK] for s in starts]).to(tt.DEV)
-    y = torch.stack([data[s + 1 : s + tt.BLOCK + 1] for s in starts]).to(tt.DEV)
+    model = tt.seeded_model(backend)
+    x, y = tt.next_batch(tt.corpus(), torch.Generator().manual_seed(1))
     loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
     loss.backward()
     return {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -47,17 +47,31 @@ class TinyLorentzLM(nn.Module):
         return self.head(self.decoder(x))
 
 
-def loss_curve(backend: str) -> list[float]:
-    data = torch.tensor(list(CORPUS.read_bytes()), dtype=torch.long)
+def corpus() -> torch.Tensor:
+    return torch.tensor(list(CORPUS.read_bytes()), dtype=torch.long)
+
+
+def next_batch(data: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BATCH random windows of BLOCK bytes and their next bytes, on DEV."""
+    starts = torch.randint(0, len(data) - BLOCK - 1, (BATCH,), generator=gen)
+    x = torch.stack([data[s : s + BLOCK] for s in starts]).to(DEV)
+    y = torch.stack([data[s + 1 : s + BLOCK + 1] for s in starts]).to(DEV)
+    return x, y
+
+
+def seeded_model(backend: str) -> TinyLorentzLM:
     torch.manual_seed(0)
-    model = set_attention_backend(TinyLorentzLM().to(DEV), backend)
+    return set_attention_backend(TinyLorentzLM().to(DEV), backend)
+
+
+def loss_curve(backend: str) -> list[float]:
+    data = corpus()
+    model = seeded_model(backend)
     optimizer = geoopt.optim.RiemannianAdam(model.parameters(), lr=LR)
     batches = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(STEPS):
-        starts = torch.randint(0, len(data) - BLOCK - 1, (BATCH,), generator=batches)
-        x = torch.stack([data[s : s + BLOCK] for s in starts]).to(DEV)
-        y = torch.stack([data[s + 1 : s + BLOCK + 1] for s in starts]).to(DEV)
+        x, y = next_batch(data, batches)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         optimizer.zero_grad()
         loss.backward()
