@@ -173,7 +173,7 @@ def test_op_time_coordinate(score):
     p, _, v_lifted = attention_probabilities(problem)
     truth_o0 = (p @ v_lifted)[..., 0] if score != "euclidean" else torch.zeros_like(p[..., 0])
     heads = q.shape[1]
-    _, _, o0 = torch.ops.hyptorch_flash.attention_fwd(
+    _, _, o0, _ = torch.ops.hyptorch_flash.attention_fwd(
         q.bfloat16(), k.bfloat16(), v.bfloat16(), cuda_backend._per_head(problem.curvature, heads, q.device),
         cuda_backend._per_head(problem.coef, heads, q.device), kw["key_padding_mask"],
         cuda_backend.SCORE_IDS[score], cuda_backend.OUTPUT_IDS[problem.output], False, False, problem.acosh_margin(),
@@ -214,11 +214,12 @@ def op_args(score_id=2, output_id=1, seed=2):
     )
 
 
+@pytest.mark.parametrize("for_backward", (False, True))
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
-def test_opcheck(dtype):
+def test_opcheck(dtype, for_backward):
     args = list(op_args())
     args[:3] = [x.to(dtype) for x in args[:3]]
-    torch.library.opcheck(torch.ops.hyptorch_flash.attention_fwd, tuple(args),
+    torch.library.opcheck(torch.ops.hyptorch_flash.attention_fwd, (*args, for_backward),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -226,7 +227,7 @@ def test_torch_compile_fullgraph():
     args = op_args()
 
     def fn(q, k, v, curvature, coef, pad):
-        out, lse, o0 = torch.ops.hyptorch_flash.attention_fwd(q, k, v, curvature, coef, pad, *args[6:])
+        out, lse, o0, _ = torch.ops.hyptorch_flash.attention_fwd(q, k, v, curvature, coef, pad, *args[6:])
         return out.float() * 2.0, lse.exp(), o0
 
     compiled = torch.compile(fn, fullgraph=True)

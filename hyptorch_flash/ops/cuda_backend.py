@@ -11,7 +11,11 @@ P_ij = softmax_j(s(q_i, k_j)) over the visible keys, O_i = Σ_j P_ij·lift(v_j),
   (or O_s itself for the euclidean output);
 - ``lse`` ``(B, H, N)`` float32: log Σ_j exp(s_ij), −inf for a row that sees no key;
 - ``o0`` ``(B, H, N)`` float32: Σ_j P_ij v0_j, the time coordinate of the normalised Lorentz
-  average (0 for masked rows and for the euclidean score).
+  average (0 for masked rows and for the euclidean score);
+- ``out_refine``: with ``for_backward=True`` and bf16/fp16 inputs, ``(B, H, N, Dv)`` int8 codes that
+  refine ``out`` to ~16 bits (:func:`.cuda_backward.refined_output`), and P enters P·V as hi + lo so
+  that the output is that accurate: the fused backward evaluates the epilogue's Jacobian there.
+  Otherwise an empty tensor (float32 inputs have a float32 output).
 
 Head dims up to 128 run natively at 64 or 128 (smaller ones are zero-padded, which changes no norm,
 dot product or distance). bf16/fp16 run as they are; float32 inputs are split into three bf16 parts
@@ -53,36 +57,42 @@ def _pad_to(x: torch.Tensor, dim: int) -> torch.Tensor:
 def _fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, curvature: torch.Tensor, coef: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor], score: int, output: int, causal: bool, squared: bool,
-    acosh_eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acosh_eps: float, for_backward: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dv = v.shape[-1]
     dim = _padded_head_dim(q.shape[-1], dv)
     q, k, v = (_pad_to(x, dim) for x in (q, k, v))  # strided views are read in place (binding.cpp)
-    out, lse, o0 = cuda_build.load().fwd(
+    out, lse, o0, out_refine = cuda_build.load().fwd(
         q, k, v, curvature.contiguous(), coef.contiguous(), key_padding_mask, score, output, causal, squared,
-        float(acosh_eps),
+        float(acosh_eps), for_backward,
     )
-    return out[..., :dv].contiguous() if dv != dim else out, lse, o0
+    if dv != dim:
+        out = out[..., :dv].contiguous()
+        out_refine = out_refine[..., :dv].contiguous() if out_refine.numel() else out_refine
+    return out, lse, o0, out_refine
 
 
 @torch.library.custom_op("hyptorch_flash::attention_fwd", mutates_args=(), device_types="cuda")
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, curvature: torch.Tensor, coef: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor], score: int, output: int, causal: bool, squared: bool,
-    acosh_eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acosh_eps: float, for_backward: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward. q ``(B,H,N,D)``, k ``(B,Hkv,M,D)``, v ``(B,Hkv,M,Dv)`` space coordinates (bf16/fp16/fp32),
     curvature and coef float32 ``(H,)``, key_padding_mask bool ``(B,M)`` (True = padded) or None;
-    score/output ids as ``SCORE_IDS``/``OUTPUT_IDS``. Returns ``(out, lse, o0)`` (module docstring)."""
-    return _fwd(q, k, v, curvature, coef, key_padding_mask, score, output, causal, squared, acosh_eps)
+    score/output ids as ``SCORE_IDS``/``OUTPUT_IDS``; ``for_backward``: also what the fused backward needs.
+    Returns ``(out, lse, o0, out_refine)`` (module docstring)."""
+    return _fwd(q, k, v, curvature, coef, key_padding_mask, score, output, causal, squared, acosh_eps, for_backward)
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, curvature, coef, key_padding_mask, score, output, causal, squared, acosh_eps):
+def _attention_fwd_fake(q, k, v, curvature, coef, key_padding_mask, score, output, causal, squared, acosh_eps,
+                        for_backward=False):
     B, H, N, _ = q.shape
     out = q.new_empty((B, H, N, v.shape[-1]))
     stats = q.new_empty((B, H, N), dtype=torch.float32)
-    return out, stats, torch.empty_like(stats)
+    refine_shape = out.shape if for_backward and q.dtype != torch.float32 else (0,)
+    return out, stats, torch.empty_like(stats), q.new_empty(refine_shape, dtype=torch.int8)
 
 
 def _per_head(x: torch.Tensor, heads: int, device) -> torch.Tensor:
@@ -134,12 +144,13 @@ def run(problem: AttentionProblem):
     curvature = _per_head(problem.curvature, heads, q.device)
     # The custom op is what torch.compile traces and what carries the autograd formula; an eager call
     # that needs no gradient skips its Python dispatch overhead (which shows at short N).
-    traced = torch.compiler.is_compiling() or _needs_grad(problem)
+    needs_grad = _needs_grad(problem)
+    traced = torch.compiler.is_compiling() or needs_grad
     op = torch.ops.hyptorch_flash.attention_fwd if traced else _fwd
-    out, lse, _ = op(
+    out, lse, _, _ = op(
         q, problem.k, problem.v, curvature, _per_head(problem.coef, heads, q.device),
         problem.mask.key_padding_mask, SCORE_IDS[problem.variant.name], OUTPUT_IDS[problem.output],
-        problem.mask.causal, problem.squared, problem.acosh_margin(),
+        problem.mask.causal, problem.squared, problem.acosh_margin(), needs_grad,
     )
     if problem.full_output:
         out = geometry.lift(out, geometry.heads_view(curvature)).to(q.dtype)

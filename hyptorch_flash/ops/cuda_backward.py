@@ -1,20 +1,21 @@
 """The fused backward of the ``cuda`` backend: custom op ``hyptorch_flash::attention_bwd``.
 
-FlashAttention-2's backward (Dao 2023, Algorithm 2) for every score variant, in four steps:
+FlashAttention-2's backward (Dao 2023, Algorithm 2) for every score variant, in three steps:
 
-0. Stage-0 kernel: recompute the forward's normalised Lorentz average O_L = Σ_j P_ij·lift(v_j) in fp32
-   from the saved log-sum-exp (the stored output is rounded to the input dtype; the epilogue's Jacobian
-   at that rounded point costs several ulps in every gradient and more in dcurvature). The op still
-   takes the forward's ``out`` and ``o0`` (its contract with ``attention_fwd``) but does not read them.
 1. ``csrc/hyperbolic_attention/bwd_prepare.cu`` (one warp per query row; :func:`prepare_backward` is the
    same math in PyTorch, its CPU reference): pull the upstream gradient back through the centroid
-   epilogue's per-row Jacobian, dO_L = Jᵀ·dout (closed forms in :func:`epilogue_pullback`), and
-   D_i = rowsum(dO_L ∘ O_L), which is 0 for the hyperbolic outputs (the epilogue is scale-invariant).
-   dO_s goes to the kernels as two terms in the input dtype (hi + lo ≈ 16 significant bits): at large
-   norms dP_ij = dO_s·v_j + dO_0·v0_j and dv_s + (v_s/v0)·dv0 cancel by orders of magnitude, and one
-   rounding of dO_s would not survive that. float32 inputs: q, k, v and dO_s go to the kernels as three
-   bf16 parts each (:func:`split_bf16_parts`, the forward's split), every tensor-core product taking
-   the six part products that matter, so the contractions keep float32 accuracy; step 1 runs in PyTorch.
+   epilogue's per-row Jacobian at the forward's output y, dO_L = Jᵀ·dout (closed forms in
+   :func:`epilogue_pullback`), and D_i = rowsum(dO_L ∘ O_L), which is 0 for the hyperbolic outputs (the
+   epilogue is scale-invariant). The Jacobian needs y to ~16 bits: bf16/fp16 forwards run for the
+   backward (``for_backward=True``) return int8 codes that refine the rounded output
+   (:func:`refined_output`) and feed P to P·V as hi + lo so that O is that accurate (one rounding of P
+   leaves O off by ~2^-9 of a term, which the Jacobian amplifies at large norms); float32 has a float32
+   output. dO_s goes to the kernels as two terms in the input dtype (hi + lo ≈ 16 significant bits): at
+   large norms dP_ij = dO_s·v_j + dO_0·v0_j and dv_s + (v_s/v0)·dv0 cancel by orders of magnitude, and
+   one rounding of dO_s would not survive that. float32 inputs: q, k, v and dO_s go to the kernels as
+   three bf16 parts each (:func:`split_bf16_parts`, the forward's split), every tensor-core product
+   taking the six part products that matter, so the contractions keep float32 accuracy; step 1 runs in
+   PyTorch.
 2. Stage-1 kernels (``csrc/hyperbolic_attention/bwd_kernel.cuh``, extension ``hyptorch_flash_cuda_bwd``):
    recompute P from the saved log-sum-exp, form dX_ij = ∂L/∂X_ij for the variant's inner quantity X
    and return the O(N·D) contractions G, Gk, dV_s, the row/column sums R, RX, C, CX, dv0 and the
@@ -24,7 +25,7 @@ FlashAttention-2's backward (Dao 2023, Algorithm 2) for every score variant, in 
    (dq_s = G − (q_s/q0)·R, dk_s, dv_s alike), the Poincaré lift factors, the curvature and the score
    coefficient; dK/dV are summed over the query heads of a GQA group.
 
-The four steps run over passes of (batch element, key head) slices (:func:`backward_in_passes`,
+The steps run over passes of (batch element, key head) slices (:func:`backward_in_passes`,
 :func:`slice_plan`) so that the float32 scratch stays a small share of the memory training holds anyway.
 
 :func:`contractions_reference` computes step 2 with dense PyTorch math, so steps 1 and 3 (and the
@@ -37,7 +38,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import geometry, numerics
+from .. import numerics
 from . import cuda_build
 
 EXTENSION_NAME = "hyptorch_flash_cuda_bwd"
@@ -75,6 +76,32 @@ def _squares(x: torch.Tensor) -> torch.Tensor:
     split path (the time coordinates sqrt(k + |x|²) enter cancelling differences at large norms)."""
     acc = torch.float64 if x.dtype in (torch.float32, torch.float64) else torch.float32
     return x.to(acc, copy=True).square_().sum(-1).to(_stats_dtype(x.dtype)).contiguous()
+
+
+# refine codes: y ≈ hi + code·2^(e − shift), 2^e the power of two of |hi| (device_primitives.cuh: refine_code)
+REFINE_SHIFT = {torch.bfloat16: 15, torch.float16: 18}
+
+
+def _refine_step(hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``hi`` → (2^(e − shift) per element as float32, mask of the elements that carry a code)."""
+    h = hi.float()
+    e = (h.view(torch.int32) >> 23) & 0xFF
+    usable = (e > 0) & (e < 0xFF)
+    step = torch.ldexp(torch.ones_like(h), (e - 127 - REFINE_SHIFT[hi.dtype]).to(torch.float32))
+    return torch.where(usable, step, torch.zeros_like(step)), usable
+
+
+def refine_codes(y: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """int8 codes of ``y`` (float32) against ``hi`` = y rounded to bf16/fp16: what the forward kernel writes."""
+    step, usable = _refine_step(hi)
+    code = ((y.float() - hi.float()) / torch.where(usable, step, torch.ones_like(step))).round_().clamp_(-127, 127)
+    return torch.where(usable, code, torch.zeros_like(code)).to(torch.int8)
+
+
+def refined_output(out: torch.Tensor, out_refine: torch.Tensor) -> torch.Tensor:
+    """float32 y = out + code·2^(e − shift): the bf16/fp16 output refined to 15/18 significant bits."""
+    step, _ = _refine_step(out)
+    return out.float() + out_refine.float() * step
 
 
 def _sources():
@@ -150,30 +177,23 @@ def epilogue_pullback(dout: torch.Tensor, out: torch.Tensor, o0: torch.Tensor, c
     return do_s.masked_fill_(~valid, 0.0), torch.where(valid, do_0, zero).squeeze(-1), o_s, dkap
 
 
-def prepare_backward(dout, o_s, o0, curvature, output: int, dtype: torch.dtype):
-    """Kernel inputs of step 1 from the upstream gradient and the fp32 average ``O = (o0, o_s)``.
+def prepare_backward(dout, y, o0, curvature, output: int, dtype: torch.dtype):
+    """Kernel inputs of step 1 from the upstream gradient and the forward's output.
 
-    ``o_s`` ``(B,H,N,D)``, ``o0`` ``(B,H,N)``: the forward's normalised Σ_j P_ij·lift(v_j) (recomputed
-    by the stage-0 kernel). Returns ``dout_hi``, ``dout_lo`` (``dtype``; ``dout_lo`` is None for the
-    euclidean output, whose dO = dout is exact), ``dout0``, ``delta`` (``(B,H,N)``, float32; float64
-    when ``dtype`` is float64) and the epilogue's curvature gradient ``(H,)``. float32: ``dout_hi`` is
-    dO_s as three bf16 parts ``(3,B,H,N,D)`` (:func:`split_bf16_parts`) and ``dout_lo`` is None.
-    D_i = rowsum(dO_L ∘ O_L): for the hyperbolic outputs dO_L·O_L = 0 exactly (the epilogue is
-    scale-invariant), so only the residue of splitting dO_s into hi + lo (or parts) is left.
+    ``y`` ``(B,H,N,D)``: the forward's output to ~16 bits or better (float32 output, or
+    :func:`refined_output`), ``o0`` ``(B,H,N)`` its O_0. Returns ``dout_hi``, ``dout_lo`` (``dtype``;
+    ``dout_lo`` is None for the euclidean output, whose dO = dout is exact), ``dout0``, ``delta``
+    (``(B,H,N)``, float32; float64 when ``dtype`` is float64) and the epilogue's curvature gradient ``(H,)``.
+    float32: ``dout_hi`` is dO_s as three bf16 parts ``(3,B,H,N,D)`` (:func:`split_bf16_parts`) and
+    ``dout_lo`` is None. D_i = rowsum(dO_L ∘ O_L): for the hyperbolic outputs dO_L·O_L = 0 exactly (the
+    epilogue is scale-invariant), so only the residue of splitting dO_s into hi + lo (or parts) is left.
     """
     stats = _stats_dtype(dtype)
-    o_s, o0 = o_s.to(stats), o0.to(stats)
-    if output == OUTPUT_EUCLIDEAN:
-        y = o_s
-    else:
-        y = geometry.centroid_epilogue(torch.cat([o0.unsqueeze(-1), o_s], -1), curvature.to(stats).view(1, -1, 1, 1),
-                                       {OUTPUT_LORENTZ: "lorentz", OUTPUT_KLEIN: "klein", OUTPUT_POINCARE: "poincare"}[output])
-    do_s, do_0, o_rebuilt, dkap = epilogue_pullback(dout.to(stats), y, o0, curvature, output)
-    del y  # float32 (B,H,N,D): free before the next ones are made
+    do_s, do_0, o_rebuilt, dkap = epilogue_pullback(dout.to(stats), y.to(stats), o0.to(stats), curvature, output)
     split = dtype == torch.float32
     dout_hi = split_bf16_parts(do_s) if split else do_s.to(dtype)
     if output == OUTPUT_EUCLIDEAN:
-        return dout_hi, None, do_0.to(stats), (do_s * o_s).sum(-1), dkap
+        return dout_hi, None, do_0.to(stats), (do_s * o_rebuilt).sum(-1), dkap
     if split:
         dout_lo = None
         residue = dout_hi[0].to(stats).add_(dout_hi[1].to(stats)).add_(dout_hi[2].to(stats)).sub_(do_s)
@@ -393,8 +413,9 @@ def _pad_to(x: torch.Tensor, dim: int) -> torch.Tensor:
 # The backward runs over passes of (batch element, key head) slices so that its scratch stays a small
 # share of what training holds anyway (q, k, v, out and their gradients): at most
 # max(SCRATCH_FLOOR_BYTES, SCRATCH_FRACTION × those bytes). Scratch per slice is estimated as
-# SCRATCH_BUFFERS_PER_HEAD float32 (max(N, M), D) buffers per query head, an upper estimate (stage 0's O,
-# dO as hi + lo, the four float32 contractions; about 3.3 measured at N = 16384 in one pass).
+# SCRATCH_BUFFERS_PER_HEAD float32 (max(N, M), D) buffers per query head, an upper estimate (dO as hi + lo,
+# the four float32 contractions, PyTorch temporaries of step 3; about 3.3 measured at N = 16384 in one pass,
+# with a float32 O that the backward no longer makes).
 # Each pass also carries at least MIN_PASS_WORK of N·M·D (summed over its query heads): every pass costs
 # the host tens of PyTorch launches, which short passes cannot hide (H100, B=2, H=16, N=4096, D=64,
 # with the pull-back still in PyTorch: 4 passes took 9.4 ms against 7.6 ms for one).
@@ -425,19 +446,19 @@ def slice_plan(batch: int, kv_heads: int, slices_per_pass: int) -> list[tuple[in
 
 class FusedKernels:
     """The extension's stages behind the interface :func:`backward_in_passes` calls: ``operands`` (what
-    the kernels read of q, k, v: float32 as three bf16 parts), ``output`` (stage 0), ``prepare`` (step 1,
-    ``bwd_prepare.cu`` for bf16/fp16, :func:`prepare_backward` for float32) and ``bwd`` (stage 1).
+    the kernels read of q, k, v: float32 as three bf16 parts), ``prepare`` (step 1, ``bwd_prepare.cu``
+    for bf16/fp16, :func:`prepare_backward` for float32) and ``bwd`` (stage 1).
 
     Split float32 inputs and the poincare_distance score: ``bwd`` first runs the delta pass (extension
     ``delta``), which recomputes D_i = Σ_j P_ij dP_ij from the very P and dP of stage 1, and uses it
-    instead of step 1's D_i. Step 1's value rests on dO_L·O_L = 0, exact for the exact O but not for
-    stage 0's float32 O; the residue, times the lifted values, was the float32 gradients' largest error
+    instead of step 1's D_i. Step 1's value rests on dO_L·O_L = 0, exact for the exact O but not for the
+    forward's float32 O; the residue, times the lifted values, was the float32 gradients' largest error
     (dq of rows that see few keys) and the fp16 dcoef gap of Poincaré values near the boundary, whose
-    lifts are large. The pass costs about one more stage 0; the other scores in bf16/fp16 skip it.
+    lifts are large. The pass costs about one more query-parallel sweep; the other scores in bf16/fp16
+    skip it.
     """
 
     def __init__(self, ext):
-        self.output = ext.output
         self._bwd = ext.bwd
         self._delta = ext.delta
         self._prepare = ext.prepare
@@ -452,16 +473,28 @@ class FusedKernels:
     def operands(x: torch.Tensor) -> torch.Tensor:
         return split_bf16_parts(x) if x.dtype == torch.float32 else x
 
-    def prepare(self, dout, o_s, o0, curvature, output: int, dtype: torch.dtype):
+    def prepare(self, dout, out, out_refine, o0, curvature, output: int, dtype: torch.dtype):
         if dtype == torch.float32:
-            return prepare_backward(dout, o_s, o0, curvature, output, dtype)
-        dout_hi, dout_lo, dout0, delta, dkap_rows = self._prepare(dout, o_s, o0, curvature, output)
+            return prepare_backward(dout, out, o0, curvature, output, dtype)
+        dout_hi, dout_lo, dout0, delta, dkap_rows = self._prepare(dout, out, out_refine, o0, curvature, output)
         return dout_hi, None if output == OUTPUT_EUCLIDEAN else dout_lo, dout0, delta, dkap_rows.sum((0, 2))
 
 
-def _backward_pass(kernels, dout, q, k, v, lse, curvature, coef, key_padding_mask, score, output, causal, squared,
-                   acosh_eps, deterministic):
-    """Steps 0-3 on one pass; ``kernels`` has ``operands``, ``output``, ``prepare`` and ``bwd`` (:class:`FusedKernels`).
+def _check_forward_outputs(q, out, out_refine, o0):
+    B, H, N, _ = q.shape
+    if out.shape[:3] != (B, H, N) or o0.shape != (B, H, N) or out.dtype != q.dtype:
+        raise ValueError(f"hyptorch_flash: the forward's out {tuple(out.shape)} {out.dtype} and o0 {tuple(o0.shape)} "
+                         f"do not match q {tuple(q.shape)} {q.dtype}")
+    if q.dtype in REFINE_SHIFT and out_refine.shape != out.shape:
+        raise RuntimeError(
+            "hyptorch_flash: the fused backward of bf16/fp16 inputs needs the forward's refinement codes "
+            f"(out_refine of shape {tuple(out.shape)}, got {tuple(out_refine.shape)}): run "
+            "hyptorch_flash::attention_fwd with for_backward=True")
+
+
+def _backward_pass(kernels, dout, q, k, v, out, out_refine, lse, o0, curvature, coef, key_padding_mask, score, output,
+                   causal, squared, acosh_eps, deterministic):
+    """Steps 1-3 on one pass; ``kernels`` has ``operands``, ``prepare`` and ``bwd`` (:class:`FusedKernels`).
 
     Returns (dq, dk, dv) in the inputs' dtype and (dcurvature, dcoef) ``(H,)`` in the statistics dtype
     (float32; float64 for float64 inputs, the CPU tests' dense stand-in for the kernels).
@@ -474,11 +507,9 @@ def _backward_pass(kernels, dout, q, k, v, lse, curvature, coef, key_padding_mas
               float(acosh_eps))
     lse = lse.contiguous()
     q_in, k_in, v_in = (kernels.operands(x) for x in (qp, kp, vp))
-    # out and o0 (the forward's rounded output) are not used: the epilogue's Jacobian needs O in fp32
-    o_s, o_0 = kernels.output(q_in, k_in, v_in, lse, *common)
-    dout_hi, dout_lo, dout0, delta, dcurv_epilogue = kernels.prepare(_pad_to(dout, dim), o_s, o_0, curv, output,
-                                                                     q.dtype)
-    del o_s, o_0  # float32 (B,H,N,D): not needed by stage 1
+    refine = _pad_to(out_refine, dim) if out_refine.numel() else out_refine
+    dout_hi, dout_lo, dout0, delta, dcurv_epilogue = kernels.prepare(_pad_to(dout, dim), _pad_to(out, dim), refine,
+                                                                     o0.contiguous(), curv, output, q.dtype)
     acc = kernels.bwd(q_in, k_in, v_in, dout_hi.contiguous(), None if dout_lo is None else dout_lo.contiguous(), lse,
                       delta.contiguous(), dout0.contiguous(), *common, deterministic)
     del dout_hi, dout_lo, q_in, k_in, v_in
@@ -487,14 +518,16 @@ def _backward_pass(kernels, dout, q, k, v, lse, curvature, coef, key_padding_mas
     return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]], dcurv, dcoef
 
 
-def backward_in_passes(kernels, dout, q, k, v, lse, curvature, coef, key_padding_mask, score: int, output: int,
-                       causal: bool, squared: bool, acosh_eps: float, deterministic: bool,
+def backward_in_passes(kernels, dout, q, k, v, out, out_refine, lse, o0, curvature, coef, key_padding_mask,
+                       score: int, output: int, causal: bool, squared: bool, acosh_eps: float, deterministic: bool,
                        scratch_bytes: Optional[int] = None):
     """The op's gradients, computed over the passes of :func:`slice_plan` (module notes above).
 
+    ``out``, ``out_refine``, ``lse``, ``o0``: the forward's outputs (``out_refine`` empty for float32).
     ``scratch_bytes``: an explicit scratch budget (tests, benchmarks), taken as is (no MIN_PASS_WORK).
     Passes run one after the other in a fixed order, so the deterministic mode stays bit-identical.
     """
+    _check_forward_outputs(q, out, out_refine, o0)
     B, H, N, _ = q.shape
     Hkv, M = k.shape[1], k.shape[2]
     group = H // Hkv
@@ -510,8 +543,8 @@ def backward_in_passes(kernels, dout, q, k, v, lse, curvature, coef, key_padding
     plan = slice_plan(B, Hkv, slices)
     flags = (score, output, causal, squared, acosh_eps, deterministic)
     if len(plan) == 1:
-        dq, dk, dv, dcurv, dcoef = _backward_pass(kernels, dout, q, k, v, lse, curvature, coef, key_padding_mask,
-                                                  *flags)
+        dq, dk, dv, dcurv, dcoef = _backward_pass(kernels, dout, q, k, v, out, out_refine, lse, o0, curvature, coef,
+                                                  key_padding_mask, *flags)
         return dq.contiguous(), dk.contiguous(), dv.contiguous(), dcurv.to(curvature.dtype), dcoef.to(coef.dtype)
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     dcurv = torch.zeros(H, dtype=_stats_dtype(q.dtype), device=q.device)
@@ -519,8 +552,9 @@ def backward_in_passes(kernels, dout, q, k, v, lse, curvature, coef, key_padding
     for b0, b1, h0, h1 in plan:
         b, hk, hq = slice(b0, b1), slice(h0, h1), slice(h0 * group, h1 * group)
         pad = None if key_padding_mask is None else key_padding_mask[b]
-        g = _backward_pass(kernels, dout[b, hq], q[b, hq], k[b, hk], v[b, hk], lse[b, hq], curvature[hq], coef[hq],
-                           pad, *flags)
+        refine = out_refine[b, hq] if out_refine.numel() else out_refine
+        g = _backward_pass(kernels, dout[b, hq], q[b, hq], k[b, hk], v[b, hk], out[b, hq], refine, lse[b, hq],
+                           o0[b, hq], curvature[hq], coef[hq], pad, *flags)
         dq[b, hq], dk[b, hk], dv[b, hk] = g[:3]
         dcurv[hq] += g[3]
         dcoef[hq] += g[4]
@@ -529,22 +563,23 @@ def backward_in_passes(kernels, dout, q, k, v, lse, curvature, coef, key_padding
 
 @torch.library.custom_op("hyptorch_flash::attention_bwd", mutates_args=(), device_types="cuda")
 def attention_bwd(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    o0: torch.Tensor, curvature: torch.Tensor, coef: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-    score: int, output: int, causal: bool, squared: bool, acosh_eps: float, deterministic: bool,
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    out_refine: torch.Tensor, lse: torch.Tensor, o0: torch.Tensor, curvature: torch.Tensor, coef: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor], score: int, output: int, causal: bool, squared: bool, acosh_eps: float,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``hyptorch_flash::attention_fwd`` w.r.t. ``(q, k, v, curvature, coef)``.
 
     ``dout`` ``(B,H,N,Dv)``: gradient of ``out``; the other arguments are the forward's inputs and
-    outputs (``out`` and ``o0`` are part of the contract with ``attention_fwd`` but not read: stage 0
-    recomputes O in float32). ``deterministic=True`` computes dQ without atomics (bit-identical across runs).
+    outputs, from a forward run with ``for_backward=True`` (bf16/fp16 need its ``out_refine``).
+    ``deterministic=True`` computes dQ without atomics (bit-identical across runs).
     """
-    return backward_in_passes(FusedKernels(load_extension()), dout, q, k, v, lse, curvature, coef, key_padding_mask, score, output,
-                              causal, squared, acosh_eps, deterministic)
+    return backward_in_passes(FusedKernels(load_extension()), dout, q, k, v, out, out_refine, lse, o0, curvature, coef,
+                              key_padding_mask, score, output, causal, squared, acosh_eps, deterministic)
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(dout, q, k, v, out, lse, o0, curvature, coef, key_padding_mask, score, output, causal,
-                        squared, acosh_eps, deterministic):
+def _attention_bwd_fake(dout, q, k, v, out, out_refine, lse, o0, curvature, coef, key_padding_mask, score, output,
+                        causal, squared, acosh_eps, deterministic):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(curvature),
             torch.empty_like(coef))

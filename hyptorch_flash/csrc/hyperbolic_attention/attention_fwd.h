@@ -31,6 +31,10 @@ struct FwdParams {
   void* out;
   float* lse;
   float* o0;
+  // (B, H, N, D) int8 or nullptr (parts == 1 only): the output's refinement codes for the backward
+  // (device_primitives.cuh: refine_code). When set, P also enters P·V as hi + lo, so that O, and the
+  // output, are accurate to ~16 bits (the backward's epilogue Jacobian is evaluated there).
+  int8_t* out_refine;
   // Scratch (B, H, kKeyRecordFields, Mpad) float32, written by the prologue kernel.
   float* key_records;
   // Per query head (H,) float32: curvature k_h > 0 and the score coefficient (scale or β).

@@ -253,6 +253,10 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   constexpr int kSteps = Tile::kSteps, kScoreTiles = Tile::kScoreTiles, kOutTiles = Tile::kOutTiles;
   constexpr int kRows = Tile::kRows, kRowTiles = Tile::kRowTiles;
   constexpr int kRecFloats = kKeyRecordFields * kBlockN;
+  // bf16/fp16 for the backward (p.out_refine set): P enters P·V as hi + lo (two products), not rounded
+  // once. The backward pulls its gradient back through the epilogue at this O; with P rounded once O is
+  // off by ~2^-9 of a term, which the epilogue's Jacobian at large norms amplifies.
+  const bool p_hi_lo = kParts == 1 && p.out_refine != nullptr;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   // Tiles (kParts copies each: part-major), K/V double-buffered: sK[stage][part][key][dim].
@@ -582,7 +586,8 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
 
     // O_i += P_ij V_j: the S fragment becomes the A operand (Poincaré: P scaled by the value lift 2/(1 − c|v|²)).
     // A operands of keys 16·kk … 16·kk + 15 (P split into kParts terms), and O_0 += P_ij v0_j.
-    auto p_operands = [&](int kk, auto& a) {
+    // residue (bf16/fp16 only): the rounding residue of P instead of P, the lo term of P = hi + lo.
+    auto p_operands = [&](int kk, uint32_t (&a)[kRowTiles][kParts][4], bool residue) {
 #pragma unroll
       for (int rt = 0; rt < kRowTiles; ++rt) {
         float w[8];
@@ -598,6 +603,10 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
         for (int e = 0; e < 4; ++e) {
           uint32_t parts[kParts];
           split_pack2<T, kParts>(parts, w[2 * e], w[2 * e + 1]);
+          if (kParts == 1 && residue) {
+            const float2 r = unpack2<T>(parts[0]);
+            parts[0] = pack2<T>(w[2 * e] - r.x, w[2 * e + 1] - r.y);  // the subtraction is exact
+          }
 #pragma unroll
           for (int part = 0; part < kParts; ++part) a[rt][part][e] = parts[part];
         }
@@ -633,16 +642,20 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
     if constexpr (kParts == 1) {
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        uint32_t a[kRowTiles][kParts][4];
-        p_operands(kk, a);
+        // P, then (p_hi_lo) its rounding residue: one term at a time keeps the registers of one A fragment
+#pragma unroll 1
+        for (int term = 0; term < (p_hi_lo ? 2 : 1); ++term) {
+          uint32_t a[kRowTiles][kParts][4];
+          p_operands(kk, a, term == 1);
 #pragma unroll
-        for (int np = 0; np < kOutTiles / 2; ++np) {
-          uint32_t vf0[kParts][2], vf1[kParts][2];
-          v_operands(kk, np, vf0, vf1);
+          for (int np = 0; np < kOutTiles / 2; ++np) {
+            uint32_t vf0[kParts][2], vf1[kParts][2];
+            v_operands(kk, np, vf0, vf1);
 #pragma unroll
-          for (int rt = 0; rt < kRowTiles; ++rt) {
-            mma_split<T, kParts>(acc_o[rt][2 * np], acc_o[rt][2 * np], a[rt], vf0);
-            mma_split<T, kParts>(acc_o[rt][2 * np + 1], acc_o[rt][2 * np + 1], a[rt], vf1);
+            for (int rt = 0; rt < kRowTiles; ++rt) {
+              mma_split<T, kParts>(acc_o[rt][2 * np], acc_o[rt][2 * np], a[rt], vf0);
+              mma_split<T, kParts>(acc_o[rt][2 * np + 1], acc_o[rt][2 * np + 1], a[rt], vf1);
+            }
           }
         }
       }
@@ -653,7 +666,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
       // itself were the accumulator.
       uint32_t a[kBlockN / 16][kRowTiles][kParts][4];
 #pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) p_operands(kk, a[kk]);
+      for (int kk = 0; kk < kBlockN / 16; ++kk) p_operands(kk, a[kk], false);
 #pragma unroll
       for (int np = 0; np < kOutTiles / 2; ++np) {
         float pv[kRowTiles][2][4] = {}, pv_small[kRowTiles][2][4] = {};
@@ -714,11 +727,21 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
     const int row = i0 + warp_row + rt * 16 + g + 8 * (r & 1);
     if (row < N) {
       OutT* out_row = static_cast<OutT*>(p.out) + ((size_t)bh * N + row) * kHeadDim;
+      int8_t* refine_row = p.out_refine + ((size_t)bh * N + row) * kHeadDim;  // used when p_hi_lo
 #pragma unroll
       for (int n = 0; n < kOutTiles; ++n) {
         const float x0 = acc_o[rt][n][e0] * factor, x1 = acc_o[rt][n][e0 + 1] * factor;
-        if constexpr (kParts == 1) *reinterpret_cast<uint32_t*>(out_row + n * 8 + 2 * t) = pack2<T>(x0, x1);
-        else *reinterpret_cast<float2*>(out_row + n * 8 + 2 * t) = make_float2(x0, x1);
+        if constexpr (kParts == 1) {
+          const uint32_t hi = pack2<T>(x0, x1);
+          *reinterpret_cast<uint32_t*>(out_row + n * 8 + 2 * t) = hi;
+          if (p_hi_lo) {
+            const float2 h2 = unpack2<T>(hi);
+            *reinterpret_cast<char2*>(refine_row + n * 8 + 2 * t) =
+                make_char2(refine_code<T>(x0, h2.x), refine_code<T>(x1, h2.y));
+          }
+        } else {
+          *reinterpret_cast<float2*>(out_row + n * 8 + 2 * t) = make_float2(x0, x1);
+        }
       }
       if (t == 0) {
         // L_i = ln Σ_j exp(S_ij) = (exp_scale·m_i + log2 l_i)·ln 2

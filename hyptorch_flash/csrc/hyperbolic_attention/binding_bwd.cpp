@@ -46,7 +46,7 @@ void check_f32(const at::Tensor& x, const char* name, at::IntArrayRef shape) {
               ", got ", x.scalar_type(), " ", x.sizes());
 }
 
-// Fills the fields shared by both stages; the caller sets the stage's own pointers.
+// Fills the fields shared by the stages; the caller sets the stage's own pointers.
 hyptorch_flash::BwdParams common_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                         const at::Tensor& lse, const at::Tensor& q_sq, const at::Tensor& k_sq,
                                         const at::Tensor& v_sq, const at::Tensor& curvature, const at::Tensor& coef,
@@ -130,28 +130,9 @@ void set_dout(hyptorch_flash::BwdParams& p, const at::Tensor& q, const at::Tenso
   p.dout_lo = dout_lo.has_value() ? dout_lo->data_ptr() : nullptr;
 }
 
-// Stage 0: the forward's normalised average recomputed in float32, (O_s (B,H,N,D), O_0 (B,H,N)).
-// q, k, v: (B, H|Hkv, rows, D) bf16/fp16, or float32 inputs as (3, B, H|Hkv, rows, D) bf16 parts.
-std::vector<at::Tensor> output(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
-                               const at::Tensor& q_sq, const at::Tensor& k_sq, const at::Tensor& v_sq,
-                               const at::Tensor& curvature, const at::Tensor& coef,
-                               const std::optional<at::Tensor>& key_padding_mask, int64_t score, bool causal,
-                               bool squared, double acosh_eps) {
-  const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor padding = padding_bytes(key_padding_mask);
-  hyptorch_flash::BwdParams p = common_params(q, k, v, lse, q_sq, k_sq, v_sq, curvature, coef, padding, score, causal,
-                                              squared, acosh_eps);
-  const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor o = at::empty({lse.size(0), lse.size(1), lse.size(2), q.size(-1)}, f32);  // lse is (B, H, N), checked
-  at::Tensor o0 = at::empty(lse.sizes(), f32);
-  p.o_acc = o.data_ptr<float>();
-  p.o0_acc = o0.data_ptr<float>();
-  launch(p, q, 0);
-  return {o, o0};
-}
-
 // Stage 1: returns (dq_acc, row_acc, dk_acc, dv_acc, col_acc, scalar_partials), all float32.
-// Split float32 inputs: q, k, v and dout_s as (3, …) bf16 parts (see output), no dout_lo.
+// q, k, v: (B, H|Hkv, rows, D) bf16/fp16, or float32 inputs as (3, B, H|Hkv, rows, D) bf16 parts; split
+// inputs take dout_s as parts too and no dout_lo.
 std::vector<at::Tensor> bwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout_s,
                             const std::optional<at::Tensor>& dout_lo, const at::Tensor& lse, const at::Tensor& delta,
                             const at::Tensor& dout0, const at::Tensor& q_sq, const at::Tensor& k_sq,
@@ -214,17 +195,23 @@ at::Tensor delta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   return out;
 }
 
-// Step 1: (dout_hi, dout_lo or None, dout0, delta, dkap_rows) from the upstream gradient and stage 0's O
-// (bwd_prepare.cu). dout (B, H, N, D) in q's dtype, o_s (B, H, N, D) and o0 (B, H, N) float32.
-std::vector<at::Tensor> prepare(const at::Tensor& dout, const at::Tensor& o_s, const at::Tensor& o0,
-                                const at::Tensor& curvature, int64_t output) {
+// Step 1: (dout_hi, dout_lo or None, dout0, delta, dkap_rows) from the upstream gradient and the forward's
+// output (bwd_prepare.cu). dout and out (B, H, N, D) in one dtype (bf16/fp16), out_refine (B, H, N, D) int8
+// (the forward's refinement codes of out), o0 (B, H, N) float32.
+std::vector<at::Tensor> prepare(const at::Tensor& dout, const at::Tensor& out, const at::Tensor& out_refine,
+                                const at::Tensor& o0, const at::Tensor& curvature, int64_t output) {
   const c10::cuda::CUDAGuard guard(dout.device());
   const int64_t D = dout.size(-1);
   TORCH_CHECK(D == 64 || D == 128, "hyptorch_flash_cuda_bwd: head dim must be 64 or 128, got ", D);
   check_4d(dout, "dout", D);
+  check_4d(out, "out", D);
+  check_4d(out_refine, "out_refine", D);
   const auto dtype = dout.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "hyptorch_flash_cuda_bwd: dout must be bf16 or fp16");
-  check_f32(o_s, "o_s", dout.sizes());
+  TORCH_CHECK(out.scalar_type() == dtype && out.sizes() == dout.sizes(),
+              "hyptorch_flash_cuda_bwd: out must match dout in dtype and shape");
+  TORCH_CHECK(out_refine.scalar_type() == at::kChar && out_refine.sizes() == dout.sizes(),
+              "hyptorch_flash_cuda_bwd: out_refine must be int8 of dout's shape (the forward's for_backward output)");
   check_f32(o0, "o0", {dout.size(0), dout.size(1), dout.size(2)});
   check_f32(curvature, "curvature", {dout.size(1)});
   TORCH_CHECK(output >= 0 && output <= 3, "hyptorch_flash_cuda_bwd: output id must be 0..3, got ", output);
@@ -232,7 +219,8 @@ std::vector<at::Tensor> prepare(const at::Tensor& dout, const at::Tensor& o_s, c
   at::Tensor lo = output == hyptorch_flash::OUTPUT_EUCLIDEAN ? at::Tensor() : at::empty_like(dout);
   at::Tensor dout0 = at::empty_like(o0), delta = at::empty_like(o0), dkap_rows = at::empty_like(o0);
   hyptorch_flash::PrepareParams p{};
-  p.o_s = o_s.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.out_refine = out_refine.data_ptr<int8_t>();
   p.o0 = o0.data_ptr<float>();
   p.dout = dout.data_ptr();
   p.curvature = curvature.data_ptr<float>();
@@ -254,7 +242,6 @@ std::vector<at::Tensor> prepare(const at::Tensor& dout, const at::Tensor& o_s, c
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("output", &output, "Backward stage 0: the forward's normalised average O in float32");
   m.def("prepare", &prepare, "Backward step 1: the upstream gradient pulled back through the centroid epilogue");
   m.def("bwd", &bwd, "Backward stage 1: float32 gradient contractions (see bwd_params.cuh)");
   m.def("delta", &delta, "Backward stage 2 (split float32 inputs, poincare_distance): D_i from the kernels' own P and dP");

@@ -17,8 +17,7 @@
 // pairs of the input dtype: at large norms (and near the Poincaré boundary) the space and time parts of
 // dP_ij and of the value lift's pull-back cancel by orders of magnitude.
 //
-// Stage 0 = kernel 0 (query-parallel) recomputes the forward's fp32 average O; the host derives dO_L
-// and D_i from it. Stage 1:
+// The host derives dO_L and D_i from the forward's output (refined to ~16 bits, see bwd_prepare.cu).
 // Layout (kernel 1, key-parallel): one CTA = 4 warps = one K_j/V_j tile of 64 keys of one (batch,
 // query head); warp w owns keys 16w..16w+15 and computes S_ijᵀ = K_j Q_iᵀ and dP_ijᵀ = V_j dO_iᵀ for
 // all kBlockM queries (mma.sync.m16n8k16, fp32 accumulate), so Pᵀ and dXᵀ stay in registers as the A
@@ -58,7 +57,7 @@ template <int kHeadDim, int kFamily, int kParts = 1>
 struct Tile {
   static constexpr bool kSplit = kParts > 1;
   static constexpr int kBlockN = kBwdBlockN;               // keys per CTA (kernel 1) / per step (kernel 2)
-  // queries per step (kernel 1) / per CTA (kernels 0, 2); 16 at D = 128 keeps kernel 1 within 255
+  // queries per step (kernel 1) / per CTA (kernel 2); 16 at D = 128 keeps kernel 1 within 255
   // registers (dK_j and dV_j alone take 128 per thread there)
   // (and 32 for the arccosh scores at D = 64, whose element-wise work needs more registers; 16 for split
   // inputs, whose operand fragments come in three parts)
@@ -75,19 +74,18 @@ struct Tile {
   static constexpr int kDqChunk = kDqChunkMax < kDqCols ? kDqChunkMax : kDqCols;
   static constexpr int kRowFields = 5;  // L_i, D_i, dO0_i, w_i (q0 or a_i), |q_i|²
   static constexpr int kKeyFields = 5;  // w_j (k0 or b_j), |k_j|², v0_j, λ_j, visible
-  // Split inputs triple every tile: one K_j/V_j buffer and one query buffer then (no prefetch), so the
-  // D = 128 tiles fit in shared memory.
-  static constexpr int kKvBuffers = kSplit ? 1 : 2;
+  // Split inputs triple every tile: one query buffer then (no prefetch), so the D = 128 tiles fit in
+  // shared memory.
   // Split inputs at D = 128: kernel 1 runs twice, once for dV_j and once for dK_j (and dQ), as dK_j, dV_j
   // and the three-part fragments do not fit in 255 registers together.
   static constexpr bool kKvTwoPasses = kSplit && kHeadDim == 128;
   static constexpr int kQueryBuffers = kSplit ? 1 : 2;
   // tiles of kBlockM × D per query buffer: Q_i and dO_i parts, plus dO_i-lo for one part
   static constexpr int kQueryTiles = kSplit ? 2 * kParts : 3;
-  // float fields (key fields ×2, row_part, scal, row fields ×2), padded to 16 bytes: the second Q_i/dO_i
+  // float fields (key fields, row_part, scal, row fields ×2), padded to 16 bytes: the second Q_i/dO_i
   // buffer follows them (see Smem)
   static constexpr int kFloats =
-      (2 * kRowFields * kBlockM + 2 * kKeyFields * kBlockN + kWarps * kBlockM * 2 + kWarps * 2 + 3) / 4 * 4;
+      (2 * kRowFields * kBlockM + kKeyFields * kBlockN + kWarps * kBlockM * 2 + kWarps * 2 + 3) / 4 * 4;
   // one Q_i / dO_i / dO_i-lo buffer
   template <typename T>
   static constexpr int query_buffer_bytes() {
@@ -95,12 +93,12 @@ struct Tile {
   }
   template <typename T>
   static constexpr int smem_bytes() {
-    return kParts * (kKvBuffers * 2 * kBlockN * kHeadDim + kBlockN * kBlockM) * (int)sizeof(T) +
+    return kParts * (2 * kBlockN * kHeadDim + kBlockN * kBlockM) * (int)sizeof(T) +
            kQueryBuffers * query_buffer_bytes<T>() + kFloats * (int)sizeof(float);
   }
-  // kernels 0 and 2 use one query buffer: the second one, last in the layout, is not allocated (more CTAs per SM)
+  // kernel 2 uses one query buffer: the second one, last in the layout, is not allocated (more CTAs per SM)
   template <typename T>
-  static constexpr int stage0_smem_bytes() {
+  static constexpr int one_query_buffer_smem_bytes() {
     return smem_bytes<T>() - (kQueryBuffers - 1) * query_buffer_bytes<T>();
   }
 };
@@ -262,18 +260,17 @@ struct Smem {
   float* row_part;  // [kWarps][kBlockM][2]: per-warp partial row sums (R_i, RX_i)
   float* scal;      // [kWarps][2]
   // buf selects one of the two Q_i/dO_i/row-field buffers (kernel 1 prefetches the next query tile into
-  // the other while it computes), kv_buf one of the two K_j/V_j/key-field buffers (kernel 0 likewise
-  // prefetches the next key tile); dxt is single. Layout: K/V ×2 | dxt | Q/dO/dO-lo buffer 0 | floats |
-  // Q/dO/dO-lo buffer 1 (last, so kernels 0 and 2, which use buffer 0 only, allocate stage0_smem_bytes).
-  // Split inputs have one buffer of each (buf = kv_buf = 0).
-  __device__ explicit Smem(char* base, int buf = 0, int kv_buf = 0) {
-    k = reinterpret_cast<T*>(base) + kv_buf * 2 * kParts * kv_part;
+  // the other while it computes); K/V and dxt are single. Layout: K/V | dxt | Q/dO/dO-lo buffer 0 |
+  // floats | Q/dO/dO-lo buffer 1 (last, so kernel 2, which uses buffer 0 only, allocates
+  // one_query_buffer_smem_bytes). Split inputs have one query buffer (buf = 0).
+  __device__ explicit Smem(char* base, int buf = 0) {
+    k = reinterpret_cast<T*>(base);
     v = k + kParts * kv_part;
-    dxt = reinterpret_cast<T*>(base) + Tl::kKvBuffers * 2 * kParts * kv_part;
+    dxt = v + kParts * kv_part;
     T* const query0 = dxt + kParts * dxt_part;
     float* floats = reinterpret_cast<float*>(query0 + Tl::kQueryTiles * q_part);
-    key = floats + kv_buf * Tl::kKeyFields * Tl::kBlockN;
-    row_part = floats + 2 * Tl::kKeyFields * Tl::kBlockN;
+    key = floats;
+    row_part = floats + Tl::kKeyFields * Tl::kBlockN;
     scal = row_part + Tl::kWarps * Tl::kBlockM * 2;
     row = scal + Tl::kWarps * 2 + buf * Tl::kRowFields * Tl::kBlockM;
     static_assert(Tl::kFloats * sizeof(float) % sizeof(T) == 0, "buffer 1 must start on a T boundary");
@@ -301,7 +298,7 @@ __device__ __forceinline__ HeadConst head_const(const BwdParams& p, int h) {
 
 // Row fields of Q_i (rows i0..i0+kBlockM-1 of head bh); rows ≥ N and rows that see no key get L = +inf,
 // so every P_ij of theirs is exp2(−inf) = 0.
-template <int kHeadDim, int kFamily, int kParts, bool kReadDelta = true>
+template <int kHeadDim, int kFamily, int kParts>
 __device__ __forceinline__ void load_row_fields(float* row, const BwdParams& p, const HeadConst& hc, size_t bh, int i0) {
   using Tl = Tile<kHeadDim, kFamily, kParts>;
   for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
@@ -311,10 +308,8 @@ __device__ __forceinline__ void load_row_fields(float* row, const BwdParams& p, 
       const size_t idx = bh * p.n_queries + i;
       const float l = p.lse[idx];
       lse = l == -CUDART_INF_F ? CUDART_INF_F : l;
-      if constexpr (kReadDelta) {  // kernel 0 runs before D_i and dO exist
-        delta = p.delta[idx];
-        do0 = p.dout0[idx];
-      }
+      delta = p.delta[idx];
+      do0 = p.dout0[idx];
       sq = p.q_sq[idx];
     }
     if constexpr (kFamily == FAMILY_POINCARE) {
@@ -682,7 +677,7 @@ __device__ __forceinline__ void store_dxt(T* dst, const uint32_t (&ax)[Tile<kHea
 
 // acc (the warp's 16 query rows × kCols columns from col0) += A_ij B_j, with Aᵀ in a tile laid out like
 // dxt (kAParts parts dxt_part apart) and B_j ([key][D], kParts parts kv_part apart) in shared memory:
-// dQ_i += dX_ij K_j (kernels 1, 2), O_i += P_ij V_j (kernel 0).
+// dQ_i += dX_ij K_j (kernels 1, 2).
 template <typename T, int kHeadDim, int kFamily, int kParts, int kCols, int kAParts = kParts>
 __device__ __forceinline__ void rows_mma(const T* a_tile, const T* b_tile, float (&acc)[kCols / 8][4], int col0) {
   using Tl = Tile<kHeadDim, kFamily, kParts>;
@@ -763,122 +758,6 @@ __device__ __forceinline__ void load_parts(T* tile, const T* src, int64_t part_s
 #pragma unroll
   for (int part = 0; part < kParts; ++part) {
     load_tile<T, kRows, kHeadDim, kThreads>(tile + part * kPartElems, src + part * part_stride, row0, n_rows);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Kernel 0 (query-parallel): the forward's normalised average O_i = Σ_j P_ij·lift(v_j) in fp32, recomputed
-// from L_i: O_s,i = Σ_j (P_ij λ_j) v_j on tensor cores with P·λ in two terms (hi + lo ≈ 16 bits; three
-// parts times the three parts of V for split inputs), and O_0,i = Σ_j P_ij v0_j in fp32. The host pulls
-// dO back through the epilogue at this O (the stored output is rounded to the input dtype, too coarse
-// for the epilogue's Jacobian at large norms) and gets D_i = dO_i·O_i from it. Grid (ceil(N / kBlockM),
-// B·H); no atomics.
-// ---------------------------------------------------------------------------------------------
-template <typename T, int kHeadDim, int kFamily, int kParts>
-__global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
-    attention_bwd_output_kernel(const BwdParams p) {
-  using Tl = Tile<kHeadDim, kFamily, kParts>;
-  using Sm = Smem<T, kHeadDim, kFamily, kParts>;
-  extern __shared__ __align__(16) char smem_raw[];
-  const Sm sm0(smem_raw);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
-  const int hk = h / (p.heads / p.kv_heads);
-  const size_t bhk = (size_t)b * p.kv_heads + hk;
-  const int i0 = blockIdx.x * Tl::kBlockM;
-  const int N = p.n_queries, M = p.n_keys;
-  const HeadConst hc = head_const<kFamily, (kParts > 1)>(p, h);
-  const T* k = static_cast<const T*>(p.k) + bhk * M * kHeadDim;
-  const T* v = static_cast<const T*>(p.v) + bhk * M * kHeadDim;
-
-  load_parts<T, Tl::kBlockM, kHeadDim, Tl::kThreads, kParts, Sm::q_part>(
-      sm0.q, static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim, p.q_part_stride, i0, N);
-  cp_async_commit();
-  load_row_fields<kHeadDim, kFamily, kParts, false>(sm0.row, p, hc, bh, i0);
-  for (int r = threadIdx.x; r < Tl::kWarps * Tl::kBlockM; r += Tl::kThreads) sm0.row_part[r] = 0.f;
-
-  float acc[Tl::kDqCols / 8][4];
-#pragma unroll
-  for (int n = 0; n < Tl::kDqCols / 8; ++n) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
-  }
-  const int col0 = (warp / Tl::kRowGroups) * Tl::kDqCols;
-  const int j_end = p.causal ? min(M, i0 + Tl::kBlockM) : M;
-  // K_j, V_j and key fields of tile j0 → buffer kv_buf (with two buffers, in flight while the CTA
-  // computes the current tile)
-  auto prefetch = [&](int j0, int kv_buf) {
-    const Sm sb(smem_raw, 0, kv_buf);
-    load_parts<T, Tl::kBlockN, kHeadDim, Tl::kThreads, kParts, Sm::kv_part>(sb.k, k, p.kv_part_stride, j0, M);
-    load_parts<T, Tl::kBlockN, kHeadDim, Tl::kThreads, kParts, Sm::kv_part>(sb.v, v, p.kv_part_stride, j0, M);
-    cp_async_commit();
-    load_key_fields<kHeadDim, kFamily, kParts>(sb.key, p, hc, b, bhk, j0);
-  };
-  constexpr bool kPrefetch = Tl::kKvBuffers == 2;
-  if (kPrefetch) prefetch(0, 0);
-  int kv_buf = 0;
-  for (int j0 = 0; j0 < j_end; j0 += Tl::kBlockN, kv_buf ^= (kPrefetch ? 1 : 0)) {
-    if (!kPrefetch) {
-      __syncthreads();  // every warp is done with the previous tile
-      prefetch(j0, 0);
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // tile j0 has landed, and every warp is done with the previous step's buffers
-    if (kPrefetch && j0 + Tl::kBlockN < j_end) prefetch(j0 + Tl::kBlockN, kv_buf ^ 1);
-    const Sm sm(smem_raw, 0, kv_buf);
-
-    float sp[Tl::kQTiles][4], unused[Tl::kQTiles][4];
-    score_mma<T, kHeadDim, kFamily, kParts, false>(sm, false, sp, unused);
-    const int r_lo = warp * 16 + g;
-#pragma unroll
-    for (int n = 0; n < Tl::kQTiles; ++n) {
-      float o0[2] = {0.f, 0.f};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int hh = e >> 1, c = e & 1;
-        const int ii = n * 8 + 2 * t + c;
-        const int r = r_lo + 8 * hh;
-        float X, u, ds_dX;
-        score_terms<kFamily, (kParts > 1)>(sp[n][e], sm.row[ROW_W * Tl::kBlockM + ii], sm.row[ROW_SQ * Tl::kBlockM + ii],
-                             sm.key[KEY_W * Tl::kBlockN + r], sm.key[KEY_SQ * Tl::kBlockN + r], hc, X, u, ds_dX);
-        const bool valid = sm.key[KEY_VISIBLE * Tl::kBlockN + r] != 0.f && (!p.causal || j0 + r <= i0 + ii);
-        const float P = valid ? fast_exp2((hc.coef * u - sm.row[ROW_LSE * Tl::kBlockM + ii]) * kLog2e) : 0.f;
-        o0[c] = fmaf(P, sm.key[KEY_V0 * Tl::kBlockN + r], o0[c]);
-        sp[n][e] = P * sm.key[KEY_LAMBDA * Tl::kBlockN + r];
-      }
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-#pragma unroll
-        for (int off = 4; off < 32; off <<= 1) o0[c] += __shfl_xor_sync(0xffffffffu, o0[c], off);
-        if (g == 0) sm.row_part[warp * Tl::kBlockM + n * 8 + 2 * t + c] += o0[c];
-      }
-    }
-    uint32_t a[Tl::kBlockM / 16][kParts][4];
-    to_a_operands<T, kHeadDim, kFamily, kParts>(sp, a);
-    store_dxt<T, kHeadDim, kFamily, kParts>(sm.dxt, a);
-    if constexpr (kParts == 1) {
-      // O_s,i += (Pλ)_ij V_j, (Pλ) = hi + lo. dO_i is not loaded in stage 0: its tile holds the lo part.
-      static_assert(Tl::kBlockM * kHeadDim >= Tl::kBlockN * Tl::kBlockM, "the dO_i tile must fit a dxt tile");
-      to_a_operands_lo<T, kHeadDim, kFamily>(sp, a);
-      store_dxt<T, kHeadDim, kFamily, 1>(sm.dout, a);
-      __syncthreads();
-      rows_mma<T, kHeadDim, kFamily, 1, Tl::kDqCols>(sm.dxt, sm.v, acc, col0);
-      rows_mma<T, kHeadDim, kFamily, 1, Tl::kDqCols>(sm.dout, sm.v, acc, col0);
-    } else {
-      __syncthreads();
-      rows_mma<T, kHeadDim, kFamily, kParts, Tl::kDqCols>(sm.dxt, sm.v, acc, col0);
-    }
-  }
-  __syncthreads();  // row_part is read below
-  store_warp_rows<kHeadDim, kFamily, kParts>(p.o_acc + (size_t)bh * N * kHeadDim, acc, i0, N);
-  for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
-    if (i0 + r < N) {
-      float o0 = 0.f;
-#pragma unroll
-      for (int w = 0; w < Tl::kWarps; ++w) o0 += sm0.row_part[w * Tl::kBlockM + r];
-      p.o0_acc[(size_t)bh * N + i0 + r] = o0;
-    }
   }
 }
 
@@ -1154,8 +1033,8 @@ template <typename T, int kHeadDim, int kFamily, int kParts>
 cudaError_t launch(const BwdParams& p, int stage, cudaStream_t stream) {
   using Tl = Tile<kHeadDim, kFamily, kParts>;
   constexpr int smem = Tl::template smem_bytes<T>();
-  // kernels 0 and 2 use query buffer 0 only
-  constexpr int smem_one_query_buffer = Tl::template stage0_smem_bytes<T>();
+  // kernel 2 uses query buffer 0 only
+  constexpr int smem_one_query_buffer = Tl::template one_query_buffer_smem_bytes<T>();
   const dim3 grid_q((p.n_queries + Tl::kBlockM - 1) / Tl::kBlockM, p.batch * p.heads);
   cudaError_t err;
   if (stage == 2) {  // the delta pass: split inputs, and the poincare family of bf16/fp16 inputs
@@ -1169,13 +1048,7 @@ cudaError_t launch(const BwdParams& p, int stage, cudaStream_t stream) {
       return cudaGetLastError();
     }
   }
-  if (stage == 0) {
-    auto output = attention_bwd_output_kernel<T, kHeadDim, kFamily, kParts>;
-    err = cudaFuncSetAttribute(output, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_one_query_buffer);
-    if (err != cudaSuccess) return err;
-    output<<<grid_q, Tl::kThreads, smem_one_query_buffer, stream>>>(p);
-    return cudaGetLastError();
-  }
+  if (stage != 1) return cudaErrorInvalidValue;
   const dim3 grid_kv((p.n_keys + Tl::kBlockN - 1) / Tl::kBlockN, p.batch * p.heads);
   auto run_kv = [&](auto kernel) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);

@@ -48,9 +48,6 @@ struct BwdParams {
   // (B, M) uint8, nonzero = padded key; nullptr when there is no padding mask.
   const uint8_t* key_padding;
   // Outputs (float32), see the header comment. dq_acc and row_acc must be zeroed when dq_atomic.
-  // Stage 0 outputs: the forward's normalised average recomputed in fp32, O_s (B, H, N, D) and O_0 (B, H, N).
-  float* o_acc;
-  float* o0_acc;
   float* dq_acc;           // (B, H, N, D)
   float* row_acc;          // (B, H, N, 2)
   float* dk_acc;           // (B, H, M, D)
@@ -74,8 +71,9 @@ constexpr int kBwdBlockN = 64;
 // Step 1 of the backward (bwd_prepare.cu): the upstream gradient pulled back through the centroid
 // epilogue, per query row (B·H·N rows of head_dim ∈ {32, 64, 96, 128} values; contiguous).
 struct PrepareParams {
-  const float* o_s;        // (rows, head_dim) stage 0's O_s
-  const float* o0;         // (rows,) stage 0's O_0
+  const void* out;         // (rows, head_dim) the forward's output, bf16/fp16
+  const int8_t* out_refine;  // (rows, head_dim) its refinement codes (the forward's for_backward output)
+  const float* o0;         // (rows,) the forward's O_0
   const void* dout;        // (rows, head_dim) upstream gradient, bf16/fp16
   const float* curvature;  // (heads,)
   void* dout_hi;           // (rows, head_dim) outputs, the inputs' dtype
@@ -93,9 +91,9 @@ cudaError_t launch_bwd_prepare(const PrepareParams& params, bool is_bf16, cudaSt
 // Operand types of the backward kernels: bf16, fp16, or float32 split into three bf16 parts.
 enum BwdDtype : int { BWD_BF16 = 0, BWD_FP16 = 1, BWD_FP32_SPLIT = 2 };
 
-// Launches stage 0 (recompute O, fills o_acc/o0_acc), stage 1 (the gradient contractions) or, for split
-// inputs and the poincare_distance score, stage 2 (the delta pass, fills delta_acc; run with delta = 0
-// before stage 1) for the operand type and head dim on `stream`.
+// Launches stage 1 (the gradient contractions) or, for split inputs and the poincare_distance score,
+// stage 2 (the delta pass, fills delta_acc; run with delta = 0 before stage 1) for the operand type and
+// head dim on `stream`.
 cudaError_t launch_attention_bwd(const BwdParams& params, int head_dim, BwdDtype dtype, int stage, cudaStream_t stream);
 
 }  // namespace hyptorch_flash

@@ -1,12 +1,12 @@
 // Backward step 1 on the GPU: pull the upstream gradient back through the centroid epilogue, one warp
 // per query row (hyptorch_flash/ops/cuda_backward.py: prepare_backward is the same math in PyTorch and
-// the CPU reference of this kernel). With O = (O_0, O_s) the stage-0 average in float32, g = dout,
-// κ = curvature of the row's head, w = O_0 (1 for a row that saw no key):
-//   y     = the epilogue of O (lorentz √κ·O_s/n, klein √κ·O_s/O_0, poincare √κ·O_s/(O_0 + n), n² = O_0² − |O_s|²)
+// the CPU reference of this kernel). With y = the forward's output refined to ~16 bits (out + its
+// refinement codes, device_primitives.cuh), w = the forward's O_0 (1 for a row that saw no key),
+// g = dout, κ = curvature of the row's head:
 //   dO_s, dO_0 = Jᵀ·g (closed forms in epilogue_pullback), Ô_s = O_s rebuilt from y
 //   dout_hi = round(dO_s), dout_lo = round(dO_s − dout_hi), D_i = Σ ((hi + lo) − dO_s)·Ô_s
 //   dκ_i  = (g·y)/(2κ) (the epilogue's own curvature term; summed per head by the caller)
-// Euclidean output: dout_hi = g, D_i = Σ g·O_s, no lo part, dO_0 = dκ_i = 0.
+// Euclidean output (y = O_s): dout_hi = g, D_i = Σ g·y, no lo part, dO_0 = dκ_i = 0.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -28,14 +28,15 @@ __global__ void __launch_bounds__(kPrepareWarps * 32) bwd_prepare_kernel(const P
   for (int64_t row = (int64_t)blockIdx.x * kPrepareWarps + (threadIdx.x >> 5); row < p.rows; row += n_warps) {
     const int h = (int)((row / p.n_queries) % p.heads);
     const float kap = p.curvature[h];
-    const float* o_s = p.o_s + row * p.head_dim;
+    const T* out = static_cast<const T*>(p.out) + row * p.head_dim;
+    const int8_t* refine = p.out_refine + row * p.head_dim;
     const T* dout = static_cast<const T*>(p.dout) + row * p.head_dim;
     T* hi = static_cast<T*>(p.dout_hi) + row * p.head_dim;
-    float o[kMaxPerLane], g[kMaxPerLane];
+    float y[kMaxPerLane], g[kMaxPerLane];
 #pragma unroll
     for (int m = 0; m < kMaxPerLane; ++m) {
       const bool in = m < per_lane;
-      o[m] = in ? o_s[lane + 32 * m] : 0.f;
+      y[m] = in ? refined_value<T>(to_float(out[lane + 32 * m]), refine[lane + 32 * m]) : 0.f;
       g[m] = in ? to_float(dout[lane + 32 * m]) : 0.f;
     }
     if (p.output == OUTPUT_EUCLIDEAN) {
@@ -43,7 +44,7 @@ __global__ void __launch_bounds__(kPrepareWarps * 32) bwd_prepare_kernel(const P
 #pragma unroll
       for (int m = 0; m < kMaxPerLane; ++m) {
         if (m < per_lane) hi[lane + 32 * m] = from_float<T>(g[m]);
-        dot = fmaf(g[m], o[m], dot);
+        dot = fmaf(g[m], y[m], dot);
       }
       dot = warp_sum(dot);
       if (lane == 0) {
@@ -57,21 +58,10 @@ __global__ void __launch_bounds__(kPrepareWarps * 32) bwd_prepare_kernel(const P
     const bool valid = o0_raw > 0.f;
     const float w = valid ? o0_raw : 1.f;
     const float sk = sqrtf(kap);
-    // y = the epilogue of O (geometry.centroid_epilogue)
-    float o_sq = 0.f;
-#pragma unroll
-    for (int m = 0; m < kMaxPerLane; ++m) o_sq = fmaf(o[m], o[m], o_sq);
-    o_sq = valid ? warp_sum(o_sq) : 0.f;
-    float denom = w;  // klein
-    if (p.output != OUTPUT_KLEIN) {
-      const float s_norm = sqrtf(fmaxf(o_sq, numerics::MIN_SQ_NORM_F32));
-      const float n = sqrtf(fmaxf((w - s_norm) * (w + s_norm), numerics::MIN_SQ_NORM_F32));
-      denom = p.output == OUTPUT_LORENTZ ? n : w + n;
-    }
-    float y[kMaxPerLane], gy = 0.f, y_sq = 0.f;
+    float gy = 0.f, y_sq = 0.f;
 #pragma unroll
     for (int m = 0; m < kMaxPerLane; ++m) {
-      y[m] = valid ? sk * o[m] / denom : 0.f;
+      if (!valid) y[m] = 0.f;
       gy = fmaf(g[m], y[m], gy);
       y_sq = fmaf(y[m], y[m], y_sq);
     }

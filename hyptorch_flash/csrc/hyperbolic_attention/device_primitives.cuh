@@ -108,6 +108,31 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
+// An output value x stored as hi = x rounded to T plus an 8-bit refinement code of the rounding residue,
+// x ≈ hi + code·2^(e − kRefineShift), 2^e the power of two of |hi|: the forward writes it for the backward,
+// which needs the output to ~16 bits (hyptorch_flash/ops/cuda_backward.py: refined_output is the decoder).
+// |x − hi| ≤ ulp(hi)/2 = 2^(e − 8) (bf16) or 2^(e − 11) (fp16), so the code lies in [−128, 128] (clamped to
+// ±127) and hi + code·2^(e − kRefineShift) carries 15 (bf16) or 18 (fp16) significant bits. Code 0 where hi
+// is 0, inf or NaN (and fp16 subnormals clamp).
+template <typename T>
+constexpr int kRefineShift = 15;
+template <>
+constexpr int kRefineShift<__half> = 18;
+
+template <typename T>
+__device__ __forceinline__ int8_t refine_code(float x, float hi) {
+  const int e = (__float_as_int(hi) >> 23) & 0xFF;
+  if (e == 0 || e == 0xFF) return 0;
+  const float code = rintf(ldexpf(x - hi, kRefineShift<T> + 127 - e));  // x − hi is exact
+  return static_cast<int8_t>(fminf(fmaxf(code, -127.f), 127.f));
+}
+
+template <typename T>
+__device__ __forceinline__ float refined_value(float hi, int8_t code) {
+  const int e = (__float_as_int(hi) >> 23) & 0xFF;
+  return (e == 0 || e == 0xFF) ? hi : hi + ldexpf(static_cast<float>(code), e - 127 - kRefineShift<T>);
+}
+
 // SFU approximations (one MUFU op each). ex2(−inf) = 0.
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
