@@ -322,9 +322,10 @@ def _cuda_inputs(score, output, dtype, **case):
     out64 = call(*(x.double() for x in args), curvature, coef, kw, "reference")
     eps = hf.numerics.acosh_margin(torch.float32)
     params = (curvature.float(), coef.float())
-    fwd = torch.ops.hyptorch_flash.attention_fwd(*args, *params, kw["key_padding_mask"], SCORE_IDS[score],
-                                                 OUTPUT_IDS[output], kw["causal"], kw["squared"], eps, True)
-    return args, params, kw, dout.to(dtype), fwd, eps, out64
+    out, lse, o0, out_refine = torch.ops.hyptorch_flash.attention_fwd(
+        *args, *params, kw["key_padding_mask"], SCORE_IDS[score], OUTPUT_IDS[output], kw["causal"], kw["squared"], eps,
+        True)
+    return args, params, kw, dout.to(dtype), (out, out_refine, lse, o0), eps, out64
 
 
 def _op(args, params, kw, dout, fwd, eps, deterministic):

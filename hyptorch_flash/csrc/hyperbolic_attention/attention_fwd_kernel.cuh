@@ -640,24 +640,32 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
       }
     };
     if constexpr (kParts == 1) {
+      // O_i += (P or its rounding residue) V_j for keys 16·kk … 16·kk + 15
+      auto pv_term = [&](int kk, bool residue) {
+        uint32_t a[kRowTiles][kParts][4];
+        p_operands(kk, a, residue);
 #pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        // P, then (p_hi_lo) its rounding residue: one term at a time keeps the registers of one A fragment
-#pragma unroll 1
-        for (int term = 0; term < (p_hi_lo ? 2 : 1); ++term) {
-          uint32_t a[kRowTiles][kParts][4];
-          p_operands(kk, a, term == 1);
+        for (int np = 0; np < kOutTiles / 2; ++np) {
+          uint32_t vf0[kParts][2], vf1[kParts][2];
+          v_operands(kk, np, vf0, vf1);
 #pragma unroll
-          for (int np = 0; np < kOutTiles / 2; ++np) {
-            uint32_t vf0[kParts][2], vf1[kParts][2];
-            v_operands(kk, np, vf0, vf1);
-#pragma unroll
-            for (int rt = 0; rt < kRowTiles; ++rt) {
-              mma_split<T, kParts>(acc_o[rt][2 * np], acc_o[rt][2 * np], a[rt], vf0);
-              mma_split<T, kParts>(acc_o[rt][2 * np + 1], acc_o[rt][2 * np + 1], a[rt], vf1);
-            }
+          for (int rt = 0; rt < kRowTiles; ++rt) {
+            mma_split<T, kParts>(acc_o[rt][2 * np], acc_o[rt][2 * np], a[rt], vf0);
+            mma_split<T, kParts>(acc_o[rt][2 * np + 1], acc_o[rt][2 * np + 1], a[rt], vf1);
           }
         }
+      };
+      // Two copies of the loop, so the inference path (one rounding of P) is what it was without the option;
+      // the hi + lo one takes one term at a time (not unrolled: at D = 128 both would spill registers).
+      if (p_hi_lo) {
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+#pragma unroll 1
+          for (int term = 0; term < 2; ++term) pv_term(kk, term == 1);
+        }
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) pv_term(kk, false);
       }
     } else {
       // Split float32: the tile's P_ij V_j is summed in fresh registers (large and small part products
