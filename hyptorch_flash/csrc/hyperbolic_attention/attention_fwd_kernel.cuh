@@ -243,7 +243,9 @@ __device__ __forceinline__ void split_pack2(uint32_t (&out)[kParts], float x0, f
   }
 }
 
-template <typename T, int kHeadDim, bool kDistance, int kParts>
+// kHiLoP (bf16/fp16 for the backward, p.out_refine set): see p_hi_lo below; a template parameter so that
+// the inference kernel carries no trace of it (same code and registers).
+template <typename T, int kHeadDim, bool kDistance, int kParts, bool kHiLoP = false>
 __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads,
                                   FwdTile<kHeadDim, kDistance, kParts>::kMinBlocks)
     attention_fwd_kernel(const FwdParams p) {
@@ -256,7 +258,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   // bf16/fp16 for the backward (p.out_refine set): P enters P·V as hi + lo (two products), not rounded
   // once. The backward pulls its gradient back through the epilogue at this O; with P rounded once O is
   // off by ~2^-9 of a term, which the epilogue's Jacobian at large norms amplifies.
-  const bool p_hi_lo = kParts == 1 && p.out_refine != nullptr;
+  constexpr bool p_hi_lo = kParts == 1 && kHiLoP;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   // Tiles (kParts copies each: part-major), K/V double-buffered: sK[stage][part][key][dim].
@@ -655,9 +657,8 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
           }
         }
       };
-      // Two copies of the loop, so the inference path (one rounding of P) is what it was without the option;
-      // the hi + lo one takes one term at a time (not unrolled: at D = 128 both would spill registers).
-      if (p_hi_lo) {
+      // hi + lo: one term at a time (at D = 128 the loop is not unrolled: both terms would spill registers)
+      if constexpr (p_hi_lo && kHeadDim > 64) {
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
 #pragma unroll 1
@@ -665,7 +666,10 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
         }
       } else {
 #pragma unroll
-        for (int kk = 0; kk < kBlockN / 16; ++kk) pv_term(kk, false);
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          pv_term(kk, false);
+          if constexpr (p_hi_lo) pv_term(kk, true);
+        }
       }
     } else {
       // Split float32: the tile's P_ij V_j is summed in fresh registers (large and small part products
@@ -742,7 +746,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
         if constexpr (kParts == 1) {
           const uint32_t hi = pack2<T>(x0, x1);
           *reinterpret_cast<uint32_t*>(out_row + n * 8 + 2 * t) = hi;
-          if (p_hi_lo) {
+          if constexpr (p_hi_lo) {
             const float2 h2 = unpack2<T>(hi);
             *reinterpret_cast<char2*>(refine_row + n * 8 + 2 * t) =
                 make_char2(refine_code<T>(x0, h2.x), refine_code<T>(x1, h2.y));

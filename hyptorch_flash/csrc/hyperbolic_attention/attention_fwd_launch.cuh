@@ -11,7 +11,11 @@ template <typename T, int kHeadDim, bool kDistance, int kParts>
 cudaError_t launch_fwd_main(const FwdParams& p, cudaStream_t stream) {
   using Tile = FwdTile<kHeadDim, kDistance, kParts>;
   constexpr int smem = Tile::template smem_bytes<T>();
-  auto kernel = attention_fwd_kernel<T, kHeadDim, kDistance, kParts>;
+  // bf16/fp16 run for the backward (out_refine set): the hi + lo P·V variant
+  auto kernel = attention_fwd_kernel<T, kHeadDim, kDistance, kParts, false>;
+  if constexpr (kParts == 1) {
+    if (p.out_refine != nullptr) kernel = attention_fwd_kernel<T, kHeadDim, kDistance, kParts, true>;
+  }
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid((p.n_queries + Tile::kBlockM - 1) / Tile::kBlockM, p.batch * p.heads);
