@@ -70,8 +70,10 @@ class Emulated(DenseKernels):
     def __init__(self, kw, dtype, source):
         super().__init__(kw)
         self.dtype, self.source = dtype, source.split("+")[0]
-        # "+delta": the delta pass for every score; otherwise for poincare_distance only (FusedKernels' policy)
-        self.delta_pass = source.endswith("+delta") or kw["score"] == "poincare_distance"
+        # "+delta": the delta pass for every score, "+nodelta": for none; otherwise for poincare_distance only
+        # (FusedKernels' policy)
+        self.delta_pass = source.endswith("+delta") or (kw["score"] == "poincare_distance"
+                                                          and not source.endswith("+nodelta"))
 
     def prepare(self, dout, out, out_refine, o0, curvature, output, dtype):
         # the driver's out is exact here; the emulated source gives O, hence y
@@ -91,7 +93,10 @@ class Emulated(DenseKernels):
 
 
 def main():
-    sources = tuple(sys.argv[1:]) or ("stage0", "fwd32", "fwd8", "out")
+    args = sys.argv[1:]
+    only = args.pop(args.index("--score") + 1) if "--score" in args else None  # one score family
+    args = [a for a in args if a != "--score"]
+    sources = tuple(args) or ("stage0", "fwd32", "fwd8", "out")
     worst = {s: 0.0 for s in sources}
     for dtype in (torch.bfloat16, torch.float16):
         for D, N, M in ((64, 200, 130), (128, 63, 257)):
