@@ -1,12 +1,17 @@
 """CPU emulation: can the backward use the forward's own output instead of recomputing O (stage 0)?
 
 For the CUDA gradient grid (bf16/fp16), the dense float64 model of the stage-1 kernels (dX rounded to the
-dtype like the tensor-core operands) is fed the average O from three sources:
-  stage0  O in float32 from exact P (what the stage-0 kernel computes, hi + lo P),
+dtype like the tensor-core operands) is fed the average O from one of these sources:
+  stage0  O in float32 from exact P (what the removed stage-0 kernel computed, hi + lo P),
   fwd32   the forward kernel's O: P·λ rounded to the dtype for the PV product, then y in float32,
   fwd8    fwd32's y stored as dtype hi + an 8-bit refinement of the rounding residual,
-  out     y rounded to the dtype (the forward's output alone).
-Prints err / (2·err_ref + floor) per gradient (≤ 1 passes the CUDA test's bar).
+  out     y rounded to the dtype (the forward's output alone);
+  hilo…   the same with P·λ as hi + lo in the dtype (hilo = hilofwd32; hilofwd8 is what the library does).
+Suffix +delta: D_i from the backward's own P and dP (the delta pass) for every score, +nodelta: for none
+(default: poincare_distance only, the library's policy). --score NAME keeps one score.
+Prints err / (2·err_ref + floor) per gradient (≤ 1 passes the CUDA test's bar), e.g.
+
+    python dev/emulate_saved_output.py stage0 fwd32 hilo hilofwd8 hiloout
 """
 import sys
 import torch
@@ -100,7 +105,7 @@ def main():
     worst = {s: 0.0 for s in sources}
     for dtype in (torch.bfloat16, torch.float16):
         for D, N, M in ((64, 200, 130), (128, 63, 257)):
-            for score, output, mode in CUDA_CASES:
+            for score, output, mode in [c for c in CUDA_CASES if only in (None, c[0])]:
                 leaves, kw, dout = make_grad_case(score, output, N=N, M=M, D=D, mode=mode)
                 args = [x.detach().to(dtype).double() for x in leaves[:3]]
                 params = [x.detach() for x in leaves[3:]]
