@@ -86,9 +86,10 @@ def cuda_backend(score):
     return backend_method("cuda", score)
 
 
-def backend_method(name, score="lorentz_dot"):
+def backend_method(name, score="lorentz_dot", out_dtype=None):
     def run(x: Inputs):
-        return hf.hyperbolic_attention(x.q, x.k, x.v, backend=name, check_inputs=False, **x.score_kwargs(score))
+        return hf.hyperbolic_attention(x.q, x.k, x.v, backend=name, check_inputs=False, out_dtype=out_dtype,
+                                       **x.score_kwargs(score))
     return run
 
 
@@ -266,7 +267,9 @@ def accuracy_at_norm(norm, D, out_rows, N=1024, B=2, H=16):
     """Max error relative to max |output| for bf16 inputs with |x_s| = norm, per method."""
     x = make_inputs(B, H, N, D, norm=norm)
     truth = truth_of(x, "lorentz_dot")
-    for name, fn in (("cuda/lorentz_dot", cuda_backend("lorentz_dot")), ("eager_bf16", eager_same_dtype),
+    for name, fn in (("cuda/lorentz_dot", cuda_backend("lorentz_dot")),
+                     ("cuda/lorentz_dot out_dtype=float32", backend_method("cuda", out_dtype=torch.float32)),
+                     ("eager_bf16", eager_same_dtype),
                      ("(a) sdpa_lorentz_pad", sdpa_lorentz_pad), ("(b) flex_rank1", flex_rank1),
                      ("(d) reference", backend_method("reference"))):
         row = dict(env_info(), method=name, kind="accuracy", norm=norm, B=B, H=H, N=N, D=D, dtype="bfloat16")
@@ -367,7 +370,7 @@ def main():
               f"{r.get('rel_err', float('nan')):9.2e} {r.get('error', '')}")
     for r in rows:
         if r.get("kind") == "accuracy":
-            print(f"accuracy |x_s|={r['norm']} D={r['D']} {r['method']:24s} rel_err {r.get('rel_err', float('nan')):.2e} "
+            print(f"accuracy |x_s|={r['norm']} D={r['D']} {r['method']:36s} rel_err {r.get('rel_err', float('nan')):.2e} "
                   f"{r.get('error', '')}")
     if args.profile:
         profile()

@@ -30,7 +30,7 @@ for name in "$@"; do
   case $name in
     build) step build 300 python3 -c "from hyptorch_flash.ops import cuda_build, cuda_backward
 cuda_build.load(); cuda_backward.load_extension()" ;;
-    tests) step tests 400 python3 -m pytest -q -p no:warnings tests/test_cuda_forward.py tests/test_cuda_backward.py \
+    tests) step tests 400 python3 -m pytest -q -p no:warnings tests/test_cuda_forward.py tests/test_cuda_backward.py tests/test_out_dtype.py \
       tests/test_layers_cuda.py tests/test_training_cuda.py ;;
     sanitizer) PYTORCH_NO_CUDA_MEMORY_CACHING=1 step sanitizer 480 compute-sanitizer --tool memcheck \
       --error-exitcode 1 python3 tests/cuda_sanitizer_cases.py bfloat16 float16 ;;

@@ -1,6 +1,6 @@
 """A/B of the forward kernel's speed in one process (GPU): the extension built from an older copy of the
 forward sources against the current one, same inputs, interleaved timings (CUDA events, median of 7 × 10
-calls). Also the current kernel run for the backward (for_backward=True: P·V with P as hi + lo, the
+calls). Also the current kernel run for the backward (refine_output=True: P·V with P as hi + lo, the
 output's refinement codes).
 
     git show REV:<file> for the forward sources → dev/old_fwd_src/, then: python dev/ab_forward_speed.py
@@ -43,7 +43,7 @@ def main():
             args = (q, k, v, curv, coef if score != 2 else torch.ones(H, device="cuda"), None, score, output, False,
                     False, 1e-6)
             runs = {"old": lambda: old.fwd(*args), "new": lambda: new.fwd(*args, False),
-                    "new for_backward": lambda: new.fwd(*args, True)}
+                    "new refine_output": lambda: new.fwd(*args, True)}
             for fn in runs.values():
                 fn()
             ms = {key: [] for key in runs}

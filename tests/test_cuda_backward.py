@@ -13,13 +13,12 @@ autograd through ``hyperbolic_attention(backend="cuda")``. float32 runs the spli
 """
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
 import hyptorch_flash as hf
 from hyptorch_flash.ops import cuda_backward as cb
+from hyptorch_flash.ops import output_refinement as refinement
 from hyptorch_flash.ops.problem import build_problem
 from hyptorch_flash.ops.reference import attention_probabilities
 
@@ -147,7 +146,7 @@ class DenseKernels:
 
     def prepare(self, dout, out, out_refine, o0, curvature, output, dtype):
         self.passes += 1
-        y = cb.refined_output(out, out_refine) if out_refine.numel() else out
+        y = refinement.refined_output(out, out_refine) if out_refine.numel() else out
         return cb.prepare_backward(dout, y, o0, curvature, output, dtype)
 
     def bwd(self, q, k, v, dout_hi, dout_lo, lse, delta, dout0, q_sq, k_sq, v_sq, curvature, coef, key_padding_mask,
@@ -163,7 +162,7 @@ def forward_outputs(q, k, v, curvature, coef, kw, dtype=None):
     out = call(q, k, v, curvature, coef, kw, "reference").detach()
     lse, _, o0, _ = forward_stats(q, k, v, curvature, coef, kw)
     hi = out.to(dtype)
-    refine = cb.refine_codes(out.float(), hi) if dtype in cb.REFINE_SHIFT else torch.empty(0, dtype=torch.int8)
+    refine = refinement.refine_codes(out.float(), hi) if dtype in refinement.REFINE_SHIFT else torch.empty(0, dtype=torch.int8)
     return hi, refine, lse, o0
 
 
@@ -256,44 +255,14 @@ def test_float32_split_path_reproduces_autograd(score, output, mode):
             assert err <= 5e-6 * scale, f"{score}/{output}/{mode} {name}: error {err:.3e} (scale {scale:.3e})"
 
 
-@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
-def test_refine_codes_round_trip(dtype):
-    """y (float32) → hi = y rounded to the dtype + int8 code → hi + code·2^(e − shift): within one step of y
-    (2^-15 (bf16) / 2^-18 (fp16) of |hi|'s power of two; half a step but where the residue is within half a
-    step of the ±128 a code cannot hold) over a wide range of magnitudes, signs and zeros; fp16 subnormals
-    are only never worse than the rounded value."""
-    gen = torch.Generator().manual_seed(4)
-    lo_exp = -12 if dtype == torch.float16 else -60
-    y = torch.randn(20000, generator=gen) * torch.exp2(torch.randint(lo_exp, 14, (20000,), generator=gen).float())
-    y[:10] = 0.0
-    hi = y.to(dtype)
-    code = cb.refine_codes(y, hi)
-    assert code.dtype == torch.int8 and (code[:10] == 0).all()
-    got = cb.refined_output(hi, code)
-    pow2 = torch.exp2(torch.floor(torch.log2(hi.float().abs().clamp_min(1e-38))))
-    err = (got.double() - y.double()).abs()
-    step = pow2.double() * 2.0 ** -cb.REFINE_SHIFT[dtype]
-    normal = hi.float().abs() >= torch.finfo(dtype).tiny  # fp16 subnormals have a coarser ulp: codes clamp there
-    assert (err <= step * (1 + 1e-6))[normal].all()
-    assert (err <= step / 2 * (1 + 1e-6))[normal].float().mean() > 0.99
-    assert (err <= (hi.double() - y.double()).abs()).all()  # never worse than the rounded value
-
-
-def test_refine_shift_matches_header():
-    """The decoder's shifts are the forward kernel's (device_primitives.cuh, kRefineShift)."""
-    text = (cb.cuda_build.CSRC / "device_primitives.cuh").read_text()
-    assert re.search(r"constexpr int kRefineShift = (\d+);", text).group(1) == str(cb.REFINE_SHIFT[torch.bfloat16])
-    assert re.search(r"constexpr int kRefineShift<__half> = (\d+);", text).group(1) == str(cb.REFINE_SHIFT[torch.float16])
-
-
 def test_backward_needs_the_refinement_codes():
-    """bf16 inputs with a forward run without for_backward (empty out_refine): a clear error, no silent
+    """bf16 inputs with a forward run without refine_output (empty out_refine): a clear error, no silent
     fall-back to the rounded output."""
     leaves, kw, dout = make_grad_case("distance", "lorentz")
     q, k, v, curvature, coef = (x.detach() for x in leaves)
     out, _, lse, o0 = forward_outputs(q, k, v, curvature, coef, kw)
     args = [x.bfloat16() for x in (q, k, v, out)]
-    with pytest.raises(RuntimeError, match="for_backward=True"):
+    with pytest.raises(RuntimeError, match="refine_output=True"):
         cb.backward_in_passes(DenseKernels(kw), dout.bfloat16(), *args, torch.empty(0, dtype=torch.int8), lse.float(),
                               o0.float(), curvature.float(), coef.float(), None, 2, 1, False, False, 1e-6, False)
 
@@ -346,7 +315,7 @@ def test_kernel_contractions_match_dense_model(score, D):
     common = (sq(q), sq(k), sq(v), *params, kw["key_padding_mask"], SCORE_IDS[score], kw["causal"], False, eps)
     ext = cb.load_extension()
     out, refine, lse, o0 = fwd
-    dout_hi, dout_lo, dout0, delta, _ = cb.prepare_backward(dout, cb.refined_output(out, refine), o0, params[0],
+    dout_hi, dout_lo, dout0, delta, _ = cb.prepare_backward(dout, refinement.refined_output(out, refine), o0, params[0],
                                                             OUTPUT_IDS[output], q.dtype)
     got = ext.bwd(q, k, v, dout_hi, dout_lo, lse, delta, dout0, *common, False)
     want = cb.contractions_reference(q, k, v, dout_hi, dout_lo, lse, delta, dout0, *params, kw["key_padding_mask"],
@@ -370,13 +339,13 @@ def test_kernel_contractions_match_dense_model(score, D):
 def test_refined_output_is_accurate(score, output, dtype):
     """The forward run for the backward: out refined by its codes is the float64 output to 2^-15 (bf16) /
     2^-17 (fp16) of its scale, what the backward's epilogue Jacobian needs (H100: ≤ 1.4e-5 / 1.4e-6); the
-    rounded output alone is ~2^-9 / 2^-12 off. Without for_backward the codes are empty."""
+    rounded output alone is ~2^-9 / 2^-12 off. Without refine_output the codes are empty."""
     args, params, kw, dout, fwd, eps, out64 = _cuda_inputs(score, output, dtype, N=300, M=260, D=64,
                                                            mode="gqa_causal_padded")
     out, refine, _, _ = fwd
     assert refine.dtype == torch.int8 and refine.shape == out.shape
     scale = max(out64.abs().max().item(), 1e-3)
-    err = (cb.refined_output(out, refine).double() - out64).abs().max().item() / scale
+    err = (refinement.refined_output(out, refine).double() - out64).abs().max().item() / scale
     err_rounded = (out.double() - out64).abs().max().item() / scale
     print(f"{score}/{output} {dtype}: refined {err:.2e}, rounded {err_rounded:.2e} of the scale")
     assert err <= (2.0**-15 if dtype == torch.bfloat16 else 2.0**-17), (err, err_rounded)
@@ -446,7 +415,7 @@ def test_prepare_kernel_matches_pytorch(score, output, D, dtype):
     out, refine, _, o0 = fwd
     oid = OUTPUT_IDS[output]
     got = cb.FusedKernels(cb.load_extension()).prepare(dout.contiguous(), out, refine, o0, params[0], oid, dtype)
-    y = cb.refined_output(out, refine)
+    y = refinement.refined_output(out, refine)
     want = cb.prepare_backward(dout, y, o0, params[0], oid, dtype)
     if output == "euclidean":
         assert got[1] is None and want[1] is None and torch.equal(got[0], dout)

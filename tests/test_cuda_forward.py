@@ -214,12 +214,12 @@ def op_args(score_id=2, output_id=1, seed=2):
     )
 
 
-@pytest.mark.parametrize("for_backward", (False, True))
+@pytest.mark.parametrize("refine_output", (False, True))
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
-def test_opcheck(dtype, for_backward):
+def test_opcheck(dtype, refine_output):
     args = list(op_args())
     args[:3] = [x.to(dtype) for x in args[:3]]
-    torch.library.opcheck(torch.ops.hyptorch_flash.attention_fwd, (*args, for_backward),
+    torch.library.opcheck(torch.ops.hyptorch_flash.attention_fwd, (*args, refine_output),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -32,6 +32,7 @@ def hyperbolic_attention(
     acosh_eps: Optional[float] = None,
     power=None,
     value_map: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ):
     r"""Hyperbolic multi-head attention: softmax over a hyperbolic score, centroid aggregation.
 
@@ -45,7 +46,7 @@ def hyperbolic_attention(
             ``full_lorentz=True`` they are full ``(..., D+1)`` Lorentz points, checked to lie on H_k.
             For ``poincare_distance`` they are points of geoopt ``PoincareBall(c=1/k)``; for
             ``euclidean`` plain vectors. dtype float64/float32/float16/bfloat16 (the math runs in
-            float32 or better; the output has the input dtype).
+            float32 or better; the output has the input dtype unless ``out_dtype`` says otherwise).
         score: ``"lorentz_dot"`` s = (2/τ)<q,k>_L (HyboNet/Hypformer); ``"distance"`` s = −β·d(q,k)
             (or −β·d² with ``squared=True``), d = sqrt(k)·arccosh(−<q,k>_L/k) with the argument clamped
             to ≥ 1 + ``acosh_eps``; ``"poincare_distance"`` s = −β·d_P(q,k); ``"euclidean"`` s = q·k/τ;
@@ -78,6 +79,12 @@ def hyperbolic_attention(
             :func:`attention_backend` context, then ``$HYPTORCH_FLASH_BACKEND``, then ``"auto"``.
         check_inputs: validate values (NaN/Inf, curvature sign, points on the manifold / in the
             ball). Costs a device sync; shapes, dtypes and devices are always checked.
+        out_dtype: the output's dtype (default: the inputs'). A wider one keeps what the math computed
+            instead of rounding it to the inputs' dtype, e.g. ``torch.float32`` for bf16 inputs whose
+            output feeds a float32 residual stream: the PyTorch backends return their float32 result;
+            ``cuda`` returns its float32 result refined to 15 (bf16) / 18 (fp16) significant bits (the
+            kernel then also feeds P to P·V in two terms, as under autograd: about +45 % kernel time).
+            The kernels compute in float32, so ``float64`` adds no precision there.
 
     Rows whose keys are all masked return the origin (zero space part; for ``linear``, plus the
     value-map term) with zero gradient.
@@ -93,7 +100,7 @@ def hyperbolic_attention(
         q, k, v, score=score, output=output, curvature=curvature, tau=tau, scale=scale, beta=beta,
         squared=squared, causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
         full_lorentz=full_lorentz, check_inputs=check_inputs, acosh_eps=acosh_eps, return_lse=return_lse,
-        power=power, value_map=value_map,
+        power=power, value_map=value_map, out_dtype=out_dtype,
     )
     out, lse = backends.select_backend(problem, backend).run(problem)
     return (out, lse) if return_lse else out

@@ -1,8 +1,9 @@
 """Autograd of ``hyptorch_flash::attention_fwd``: the fused backward op ``hyptorch_flash::attention_bwd``.
 
 Registered with ``torch.library.register_autograd`` (so eager autograd and ``torch.compile`` both see
-it); the forward (run with ``for_backward=True``) saves q, k, v, out, its refinement codes, lse and o0 —
-O(N·D) — and the backward recomputes P from lse.
+it); the forward (run with ``refine_output=True``: bf16/fp16 backwards need the refinement codes, and
+raise without them) saves q, k, v, out, its refinement codes, lse and o0 — O(N·D) — and the backward
+recomputes P from lse.
 ``torch.use_deterministic_algorithms(True)`` selects the backward's atomic-free mode.
 
 Imported by :mod:`.cuda_backend`, which then lets the ``cuda`` backend run inputs that require grad.
@@ -19,23 +20,17 @@ from . import cuda_backward  # noqa: F401 - registers hyptorch_flash::attention_
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, curvature, coef, key_padding_mask, score, out_id, causal, squared, acosh_eps, for_backward = inputs
+    q, k, v, curvature, coef, key_padding_mask, score, out_id, causal, squared, acosh_eps, refine_output = inputs
     out, lse, o0, out_refine = output
     ctx.save_for_backward(q, k, v, out, out_refine, lse, o0, curvature, coef)
     ctx.key_padding_mask = key_padding_mask
     ctx.flags = (score, out_id, causal, squared, acosh_eps)
-    ctx.for_backward = for_backward
     ctx.set_materialize_grads(False)  # unused outputs give None, so a real lse/o0 gradient is detectable
 
 
 def _backward(ctx, dout, _dlse, _do0, _drefine):
     q, k, v, out, out_refine, lse, o0, curvature, coef = ctx.saved_tensors
     score, out_id, causal, squared, acosh_eps = ctx.flags
-    if not ctx.for_backward:
-        raise RuntimeError(
-            "hyptorch_flash cuda backend: hyptorch_flash::attention_fwd ran with for_backward=False, so it did "
-            "not compute what the fused backward needs; call it with for_backward=True to differentiate it"
-        )
     if _dlse is not None or _do0 is not None:
         raise NotImplementedError(
             "hyptorch_flash cuda backend: gradients through the log-sum-exp or o0 outputs of "

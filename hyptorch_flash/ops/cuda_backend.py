@@ -12,10 +12,10 @@ P_ij = softmax_j(s(q_i, k_j)) over the visible keys, O_i = Σ_j P_ij·lift(v_j),
 - ``lse`` ``(B, H, N)`` float32: log Σ_j exp(s_ij), −inf for a row that sees no key;
 - ``o0`` ``(B, H, N)`` float32: Σ_j P_ij v0_j, the time coordinate of the normalised Lorentz
   average (0 for masked rows and for the euclidean score);
-- ``out_refine``: with ``for_backward=True`` and bf16/fp16 inputs, ``(B, H, N, Dv)`` int8 codes that
-  refine ``out`` to ~16 bits (:func:`.cuda_backward.refined_output`), and P enters P·V as hi + lo so
-  that the output is that accurate: the fused backward evaluates the epilogue's Jacobian there.
-  Otherwise an empty tensor (float32 inputs have a float32 output).
+- ``out_refine``: with ``refine_output=True`` and bf16/fp16 inputs, ``(B, H, N, Dv)`` int8 codes that
+  refine ``out`` to 15/18 significant bits (:mod:`.output_refinement`), and P enters P·V as hi + lo so
+  that the output is that accurate: the fused backward evaluates the epilogue's Jacobian there, and
+  ``out_dtype=torch.float32`` returns it. Otherwise an empty tensor (float32 inputs have a float32 output).
 
 Head dims up to 128 run natively at 64 or 128 (smaller ones are zero-padded, which changes no norm,
 dot product or distance). bf16/fp16 run as they are; float32 inputs are split into three bf16 parts
@@ -32,8 +32,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import geometry
+from .. import geometry, numerics
 from . import cuda_build
+from .output_refinement import REFINE_SHIFT, refined_output
 from .problem import AttentionProblem
 
 SCORE_IDS = {"euclidean": 0, "lorentz_dot": 1, "distance": 2, "poincare_distance": 3}
@@ -57,14 +58,14 @@ def _pad_to(x: torch.Tensor, dim: int) -> torch.Tensor:
 def _fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, curvature: torch.Tensor, coef: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor], score: int, output: int, causal: bool, squared: bool,
-    acosh_eps: float, for_backward: bool = False,
+    acosh_eps: float, refine_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dv = v.shape[-1]
     dim = _padded_head_dim(q.shape[-1], dv)
     q, k, v = (_pad_to(x, dim) for x in (q, k, v))  # strided views are read in place (binding.cpp)
     out, lse, o0, out_refine = cuda_build.load().fwd(
         q, k, v, curvature.contiguous(), coef.contiguous(), key_padding_mask, score, output, causal, squared,
-        float(acosh_eps), for_backward,
+        float(acosh_eps), refine_output,
     )
     if dv != dim:
         out = out[..., :dv].contiguous()
@@ -76,22 +77,23 @@ def _fwd(
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, curvature: torch.Tensor, coef: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor], score: int, output: int, causal: bool, squared: bool,
-    acosh_eps: float, for_backward: bool = False,
+    acosh_eps: float, refine_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused forward. q ``(B,H,N,D)``, k ``(B,Hkv,M,D)``, v ``(B,Hkv,M,Dv)`` space coordinates (bf16/fp16/fp32),
     curvature and coef float32 ``(H,)``, key_padding_mask bool ``(B,M)`` (True = padded) or None;
-    score/output ids as ``SCORE_IDS``/``OUTPUT_IDS``; ``for_backward``: also what the fused backward needs.
+    score/output ids as ``SCORE_IDS``/``OUTPUT_IDS``; ``refine_output``: also return the refinement codes
+    (what the fused backward of bf16/fp16 inputs needs).
     Returns ``(out, lse, o0, out_refine)`` (module docstring)."""
-    return _fwd(q, k, v, curvature, coef, key_padding_mask, score, output, causal, squared, acosh_eps, for_backward)
+    return _fwd(q, k, v, curvature, coef, key_padding_mask, score, output, causal, squared, acosh_eps, refine_output)
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, curvature, coef, key_padding_mask, score, output, causal, squared, acosh_eps,
-                        for_backward=False):
+                        refine_output=False):
     B, H, N, _ = q.shape
     out = q.new_empty((B, H, N, v.shape[-1]))
     stats = q.new_empty((B, H, N), dtype=torch.float32)
-    refine_shape = out.shape if for_backward and q.dtype != torch.float32 else (0,)
+    refine_shape = out.shape if refine_output and q.dtype != torch.float32 else (0,)
     return out, stats, torch.empty_like(stats), q.new_empty(refine_shape, dtype=torch.int8)
 
 
@@ -147,14 +149,18 @@ def run(problem: AttentionProblem):
     needs_grad = _needs_grad(problem)
     traced = torch.compiler.is_compiling() or needs_grad
     op = torch.ops.hyptorch_flash.attention_fwd if traced else _fwd
-    out, lse, _, _ = op(
+    # a wider out_dtype than bf16/fp16 inputs: return the output refined to 15/18 bits instead of rounded
+    refined = problem.out_dtype != q.dtype and q.dtype in REFINE_SHIFT
+    out, lse, _, out_refine = op(
         q, problem.k, problem.v, curvature, _per_head(problem.coef, heads, q.device),
         problem.mask.key_padding_mask, SCORE_IDS[problem.variant.name], OUTPUT_IDS[problem.output],
-        problem.mask.causal, problem.squared, problem.acosh_margin(), needs_grad,
+        problem.mask.causal, problem.squared, problem.acosh_margin(), needs_grad or refined,
     )
+    if refined:
+        out = refined_output(out, out_refine)
     if problem.full_output:
-        out = geometry.lift(out, geometry.heads_view(curvature)).to(q.dtype)
-    return out, lse
+        out = geometry.lift(out.to(numerics.compute_dtype(out.dtype)), geometry.heads_view(curvature))
+    return out.to(problem.out_dtype), lse
 
 
 # The backward helper's module registers autograd for the op and flips BACKWARD_REGISTERED.

@@ -7,8 +7,8 @@ FlashAttention-2's backward (Dao 2023, Algorithm 2) for every score variant, in 
    epilogue's per-row Jacobian at the forward's output y, dO_L = Jᵀ·dout (closed forms in
    :func:`epilogue_pullback`), and D_i = rowsum(dO_L ∘ O_L), which is 0 for the hyperbolic outputs (the
    epilogue is scale-invariant). The Jacobian needs y to ~16 bits: bf16/fp16 forwards run for the
-   backward (``for_backward=True``) return int8 codes that refine the rounded output
-   (:func:`refined_output`) and feed P to P·V as hi + lo so that O is that accurate (one rounding of P
+   backward (``refine_output=True``) return int8 codes that refine the rounded output
+   (:func:`.output_refinement.refined_output`) and feed P to P·V as hi + lo so that O is that accurate (one rounding of P
    leaves O off by ~2^-9 of a term, which the Jacobian amplifies at large norms); float32 has a float32
    output. dO_s goes to the kernels as two terms in the input dtype (hi + lo ≈ 16 significant bits): at
    large norms dP_ij = dO_s·v_j + dO_0·v0_j and dv_s + (v_s/v0)·dv0 cancel by orders of magnitude, and
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from .. import numerics
 from . import cuda_build
+from .output_refinement import REFINE_SHIFT
 
 EXTENSION_NAME = "hyptorch_flash_cuda_bwd"
 SCORE_EUCLIDEAN, SCORE_LORENTZ_DOT, SCORE_DISTANCE, SCORE_POINCARE = 0, 1, 2, 3
@@ -76,32 +77,6 @@ def _squares(x: torch.Tensor) -> torch.Tensor:
     split path (the time coordinates sqrt(k + |x|²) enter cancelling differences at large norms)."""
     acc = torch.float64 if x.dtype in (torch.float32, torch.float64) else torch.float32
     return x.to(acc, copy=True).square_().sum(-1).to(_stats_dtype(x.dtype)).contiguous()
-
-
-# refine codes: y ≈ hi + code·2^(e − shift), 2^e the power of two of |hi| (device_primitives.cuh: refine_code)
-REFINE_SHIFT = {torch.bfloat16: 15, torch.float16: 18}
-
-
-def _refine_step(hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 ``hi`` → (2^(e − shift) per element as float32, mask of the elements that carry a code)."""
-    h = hi.float()
-    e = (h.view(torch.int32) >> 23) & 0xFF
-    usable = (e > 0) & (e < 0xFF)
-    step = torch.ldexp(torch.ones_like(h), (e - 127 - REFINE_SHIFT[hi.dtype]).to(torch.float32))
-    return torch.where(usable, step, torch.zeros_like(step)), usable
-
-
-def refine_codes(y: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """int8 codes of ``y`` (float32) against ``hi`` = y rounded to bf16/fp16: what the forward kernel writes."""
-    step, usable = _refine_step(hi)
-    code = ((y.float() - hi.float()) / torch.where(usable, step, torch.ones_like(step))).round_().clamp_(-127, 127)
-    return torch.where(usable, code, torch.zeros_like(code)).to(torch.int8)
-
-
-def refined_output(out: torch.Tensor, out_refine: torch.Tensor) -> torch.Tensor:
-    """float32 y = out + code·2^(e − shift): the bf16/fp16 output refined to 15/18 significant bits."""
-    step, _ = _refine_step(out)
-    return out.float() + out_refine.float() * step
 
 
 def _sources():
@@ -181,7 +156,7 @@ def prepare_backward(dout, y, o0, curvature, output: int, dtype: torch.dtype):
     """Kernel inputs of step 1 from the upstream gradient and the forward's output.
 
     ``y`` ``(B,H,N,D)``: the forward's output to ~16 bits or better (float32 output, or
-    :func:`refined_output`), ``o0`` ``(B,H,N)`` its O_0. Returns ``dout_hi``, ``dout_lo`` (``dtype``;
+    :func:`.output_refinement.refined_output`), ``o0`` ``(B,H,N)`` its O_0. Returns ``dout_hi``, ``dout_lo`` (``dtype``;
     ``dout_lo`` is None for the euclidean output, whose dO = dout is exact), ``dout0``, ``delta``
     (``(B,H,N)``, float32; float64 when ``dtype`` is float64) and the epilogue's curvature gradient ``(H,)``.
     float32: ``dout_hi`` is dO_s as three bf16 parts ``(3,B,H,N,D)`` (:func:`split_bf16_parts`) and
@@ -489,7 +464,7 @@ def _check_forward_outputs(q, out, out_refine, o0):
         raise RuntimeError(
             "hyptorch_flash: the fused backward of bf16/fp16 inputs needs the forward's refinement codes "
             f"(out_refine of shape {tuple(out.shape)}, got {tuple(out_refine.shape)}): run "
-            "hyptorch_flash::attention_fwd with for_backward=True")
+            "hyptorch_flash::attention_fwd with refine_output=True")
 
 
 def _backward_pass(kernels, dout, q, k, v, out, out_refine, lse, o0, curvature, coef, key_padding_mask, score, output,
@@ -571,7 +546,7 @@ def attention_bwd(
     """Gradients of ``hyptorch_flash::attention_fwd`` w.r.t. ``(q, k, v, curvature, coef)``.
 
     ``dout`` ``(B,H,N,Dv)``: gradient of ``out``; the other arguments are the forward's inputs and
-    outputs, from a forward run with ``for_backward=True`` (bf16/fp16 need its ``out_refine``).
+    outputs, from a forward run with ``refine_output=True`` (bf16/fp16 need its ``out_refine``).
     ``deterministic=True`` computes dQ without atomics (bit-identical across runs).
     """
     return backward_in_passes(FusedKernels(load_extension()), dout, q, k, v, out, out_refine, lse, o0, curvature, coef,

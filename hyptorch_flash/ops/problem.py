@@ -30,7 +30,8 @@ class AttentionProblem:
     ``(H,)`` tensors (k > 0; ``coef`` is the score's scale, β, or the focusing power p of ``linear``).
     ``full_output`` asks for the Lorentz output with its time coordinate, ``(B, H, N, Dv+1)``.
     ``value_map`` (``linear`` only, N = M): Hypformer's value-mapping term, added per query to the
-    output's space part before the time coordinate is recomputed.
+    output's space part before the time coordinate is recomputed. ``out_dtype``: the output's dtype
+    (default: the inputs').
     """
 
     q: torch.Tensor
@@ -46,6 +47,11 @@ class AttentionProblem:
     full_output: bool = False
     return_lse: bool = False  # the caller receives the LSE (and may differentiate through it)
     value_map: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    out_dtype: Optional[torch.dtype] = None
+
+    def __post_init__(self):
+        if self.out_dtype is None:
+            self.out_dtype = self.q.dtype
 
     @property
     def num_heads(self) -> int:
@@ -83,18 +89,18 @@ class AttentionProblem:
         return {"squared": self.squared, "acosh_eps": self.acosh_margin()}
 
     def finish(self, o: torch.Tensor) -> torch.Tensor:
-        """Epilogue shared by the PyTorch backends: ``o`` = Σ_j P_ij·lift(v_j) → output in the input dtype."""
+        """Epilogue shared by the PyTorch backends: ``o`` = Σ_j P_ij·lift(v_j) → output in ``out_dtype``."""
         if self.output == "euclidean":
-            return o.to(self.q.dtype)
+            return o.to(self.out_dtype)
         curv = geometry.heads_view(self.curvature.to(o.dtype))
         if self.variant.aggregation == "space":  # o = Σ_j w_ij v_j (space coordinates), Hypformer
             if self.value_map is not None:
                 o = o + self.value_term().to(o.dtype)
-            return space_epilogue(o, curv, self.output, self.full_output).to(self.q.dtype)
+            return space_epilogue(o, curv, self.output, self.full_output).to(self.out_dtype)
         y = geometry.centroid_epilogue(o, curv, self.output)
         if self.full_output:
             y = geometry.lift(y, curv)
-        return y.to(self.q.dtype)
+        return y.to(self.out_dtype)
 
 
     def value_term(self) -> torch.Tensor:
@@ -202,6 +208,7 @@ def _normalise_attn_mask(attn_mask, B, H, N, M, device) -> torch.Tensor:
 def build_problem(
     q, k, v, *, score, output, curvature, tau, scale, beta, squared, causal, attn_mask,
     key_padding_mask, full_lorentz, check_inputs, acosh_eps, return_lse=False, power=None, value_map=None,
+    out_dtype=None,
 ) -> AttentionProblem:
     """Validate the arguments of :func:`hyperbolic_attention` and return the problem description."""
     variant = get_variant(score)
@@ -254,6 +261,9 @@ def build_problem(
             raise _err(f"key_padding_mask must have shape (B, M) = {(B, M)}, got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != q.device:
             raise _err(f"key_padding_mask is on {key_padding_mask.device} but the inputs are on {q.device}")
+    if out_dtype is not None and out_dtype not in numerics.FLOAT_DTYPES:
+        raise TypeError(f"hyptorch_flash.hyperbolic_attention: out_dtype must be one of {numerics.FLOAT_DTYPES} "
+                        f"or None (the inputs' dtype), got {out_dtype!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"hyptorch_flash.hyperbolic_attention: causal must be a bool, got {type(causal).__name__}")
     if acosh_eps is not None and not (isinstance(acosh_eps, (int, float)) and acosh_eps > 0):
@@ -283,4 +293,5 @@ def build_problem(
         squared=bool(squared), acosh_eps=acosh_eps,
         mask=MaskSpec(causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask),
         full_output=bool(full_lorentz) and output == "lorentz", return_lse=bool(return_lse), value_map=value_map,
+        out_dtype=out_dtype,
     )

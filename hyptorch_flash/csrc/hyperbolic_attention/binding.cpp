@@ -58,13 +58,13 @@ KernelInput kernel_input(const at::Tensor& x) {
   return {view, view, {view.stride(0), view.stride(1), view.stride(2), 0}};
 }
 
-// for_backward: bf16/fp16 also return the output's refinement codes (B, H, N, D) int8 for the backward
+// refine_output: bf16/fp16 also return the output's refinement codes (B, H, N, D) int8 for the backward
 // (attention_fwd.h: out_refine); otherwise, and for float32 (whose output is float32), an empty tensor.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                                    const at::Tensor& curvature, const at::Tensor& coef,
                                                    const std::optional<at::Tensor>& key_padding_mask, int64_t score,
                                                    int64_t output, bool causal, bool squared, double acosh_eps,
-                                                   bool for_backward) {
+                                                   bool refine_output) {
   const int64_t D = q_in.size(-1);
   TORCH_CHECK(D == 64 || D == 128, "hyptorch_flash_cuda.fwd: head dim must be 64 or 128 (pad first), got ", D);
   check_input(q_in, "q", D);
@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor&
   at::Tensor out = at::empty(q.sizes(), q_in.options());
   at::Tensor lse = at::empty({B, H, N}, f32);
   at::Tensor o0 = at::empty({B, H, N}, f32);
-  const bool refine = for_backward && dtype != at::kFloat;
+  const bool refine = refine_output && dtype != at::kFloat;
   at::Tensor out_refine = at::empty(refine ? q.sizes() : at::IntArrayRef{0}, q.options().dtype(at::kChar));
   const int64_t m_padded = (M + hyptorch_flash::kKeyRecordPad - 1) / hyptorch_flash::kKeyRecordPad * hyptorch_flash::kKeyRecordPad;
   at::Tensor records = at::empty({B, H, hyptorch_flash::kKeyRecordFields, m_padded}, f32);
@@ -152,5 +152,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "Fused hyperbolic attention forward -> (out, lse, o0, out_refine)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("curvature"), py::arg("coef"), py::arg("key_padding_mask"), py::arg("score"),
         py::arg("output"), py::arg("causal"), py::arg("squared"), py::arg("acosh_eps"),
-        py::arg("for_backward"));
+        py::arg("refine_output"));
 }

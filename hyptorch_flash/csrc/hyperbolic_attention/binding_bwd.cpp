@@ -211,7 +211,7 @@ std::vector<at::Tensor> prepare(const at::Tensor& dout, const at::Tensor& out, c
   TORCH_CHECK(out.scalar_type() == dtype && out.sizes() == dout.sizes(),
               "hyptorch_flash_cuda_bwd: out must match dout in dtype and shape");
   TORCH_CHECK(out_refine.scalar_type() == at::kChar && out_refine.sizes() == dout.sizes(),
-              "hyptorch_flash_cuda_bwd: out_refine must be int8 of dout's shape (the forward's for_backward output)");
+              "hyptorch_flash_cuda_bwd: out_refine must be int8 of dout's shape (the forward's refine_output output)");
   check_f32(o0, "o0", {dout.size(0), dout.size(1), dout.size(2)});
   check_f32(curvature, "curvature", {dout.size(1)});
   TORCH_CHECK(output >= 0 && output <= 3, "hyptorch_flash_cuda_bwd: output id must be 0..3, got ", output);

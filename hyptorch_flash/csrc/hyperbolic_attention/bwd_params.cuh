@@ -72,7 +72,7 @@ constexpr int kBwdBlockN = 64;
 // epilogue, per query row (B·H·N rows of head_dim ∈ {32, 64, 96, 128} values; contiguous).
 struct PrepareParams {
   const void* out;         // (rows, head_dim) the forward's output, bf16/fp16
-  const int8_t* out_refine;  // (rows, head_dim) its refinement codes (the forward's for_backward output)
+  const int8_t* out_refine;  // (rows, head_dim) its refinement codes (the forward's refine_output output)
   const float* o0;         // (rows,) the forward's O_0
   const void* dout;        // (rows, head_dim) upstream gradient, bf16/fp16
   const float* curvature;  // (heads,)
