@@ -8,9 +8,9 @@ FlashAttention-2's backward (Dao 2023, Algorithm 2) for every score variant, in 
    :func:`epilogue_pullback`), and D_i = rowsum(dO_L ∘ O_L), which is 0 for the hyperbolic outputs (the
    epilogue is scale-invariant). The Jacobian needs y to ~16 bits: bf16/fp16 forwards run for the
    backward (``refine_output=True``) return int8 codes that refine the rounded output
-   (:func:`.output_refinement.refined_output`) and feed P to P·V as hi + lo so that O is that accurate (one rounding of P
-   leaves O off by ~2^-9 of a term, which the Jacobian amplifies at large norms); float32 has a float32
-   output. dO_s goes to the kernels as two terms in the input dtype (hi + lo ≈ 16 significant bits): at
+   (:func:`.output_refinement.refined_output`) and feed P to P·V as hi + lo so that O is that accurate
+   (one rounding of P leaves O off by ~2^-9 of a term, which the Jacobian amplifies at large norms);
+   float32 has a float32 output. dO_s goes to the kernels as two terms in the input dtype (hi + lo ≈ 16 significant bits): at
    large norms dP_ij = dO_s·v_j + dO_0·v0_j and dv_s + (v_s/v0)·dv0 cancel by orders of magnitude, and
    one rounding of dO_s would not survive that. float32 inputs: q, k, v and dO_s go to the kernels as
    three bf16 parts each (:func:`split_bf16_parts`, the forward's split), every tensor-core product
@@ -156,9 +156,10 @@ def prepare_backward(dout, y, o0, curvature, output: int, dtype: torch.dtype):
     """Kernel inputs of step 1 from the upstream gradient and the forward's output.
 
     ``y`` ``(B,H,N,D)``: the forward's output to ~16 bits or better (float32 output, or
-    :func:`.output_refinement.refined_output`), ``o0`` ``(B,H,N)`` its O_0. Returns ``dout_hi``, ``dout_lo`` (``dtype``;
-    ``dout_lo`` is None for the euclidean output, whose dO = dout is exact), ``dout0``, ``delta``
-    (``(B,H,N)``, float32; float64 when ``dtype`` is float64) and the epilogue's curvature gradient ``(H,)``.
+    :func:`.output_refinement.refined_output`), ``o0`` ``(B,H,N)`` its O_0. Returns ``dout_hi``,
+    ``dout_lo`` (``dtype``; ``dout_lo`` is None for the euclidean output, whose dO = dout is exact),
+    ``dout0``, ``delta`` (``(B,H,N)``, float32; float64 when ``dtype`` is float64) and the epilogue's
+    curvature gradient ``(H,)``.
     float32: ``dout_hi`` is dO_s as three bf16 parts ``(3,B,H,N,D)`` (:func:`split_bf16_parts`) and
     ``dout_lo`` is None. D_i = rowsum(dO_L ∘ O_L): for the hyperbolic outputs dO_L·O_L = 0 exactly (the
     epilogue is scale-invariant), so only the residue of splitting dO_s into hi + lo (or parts) is left.

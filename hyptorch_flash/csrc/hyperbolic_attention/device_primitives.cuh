@@ -110,7 +110,7 @@ __device__ __forceinline__ __half from_float<__half>(float x) { return __float2h
 
 // An output value x stored as hi = x rounded to T plus an 8-bit refinement code of the rounding residue,
 // x ≈ hi + code·2^(e − kRefineShift), 2^e the power of two of |hi|: the forward writes it for the backward,
-// which needs the output to ~16 bits (hyptorch_flash/ops/cuda_backward.py: refined_output is the decoder).
+// which needs the output to ~16 bits, and for out_dtype=float32 (hyptorch_flash/ops/output_refinement.py).
 // |x − hi| ≤ ulp(hi)/2 = 2^(e − 8) (bf16) or 2^(e − 11) (fp16), so the code lies in [−128, 128] (clamped to
 // ±127) and hi + code·2^(e − kRefineShift) carries 15 (bf16) or 18 (fp16) significant bits. Code 0 where hi
 // is 0, inf or NaN (and fp16 subnormals clamp).
