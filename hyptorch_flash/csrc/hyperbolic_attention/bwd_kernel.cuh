@@ -101,18 +101,6 @@ struct Tile {
   static constexpr int one_query_buffer_smem_bytes() {
     return smem_bytes<T>() - (kQueryBuffers - 1) * query_buffer_bytes<T>();
   }
-  // kernel 2 prefetches the next K_j/V_j tile and its key fields into a second buffer (bf16/fp16; split
-  // inputs would need three parts of each, which do not fit at D = 128), placed after what it allocates
-  // anyway
-  static constexpr bool kQKernelPrefetch = !kSplit;
-  template <typename T>
-  static constexpr int kv_buffer_bytes() {
-    return kParts * 2 * kBlockN * kHeadDim * (int)sizeof(T) + kKeyFields * kBlockN * (int)sizeof(float);
-  }
-  template <typename T>
-  static constexpr int q_kernel_smem_bytes() {
-    return one_query_buffer_smem_bytes<T>() + (kQKernelPrefetch ? kv_buffer_bytes<T>() : 0);
-  }
 };
 
 // Element offset of (row, col) in a tile of kCols 16-bit columns whose 16-byte chunks are XOR-swizzled,
@@ -272,18 +260,16 @@ struct Smem {
   float* row_part;  // [kWarps][kBlockM][2]: per-warp partial row sums (R_i, RX_i)
   float* scal;      // [kWarps][2]
   // buf selects one of the two Q_i/dO_i/row-field buffers (kernel 1 prefetches the next query tile into
-  // the other while it computes), kv_buf one of kernel 2's two K_j/V_j/key-field buffers (it prefetches
-  // the next key tile likewise); dxt is single. Layout: K/V 0 | dxt | Q/dO/dO-lo buffer 0 | floats (key
-  // fields 0, …) | Q/dO/dO-lo buffer 1 (kernel 1) or K/V 1 + key fields 1 (kernel 2). Split inputs have
-  // one query buffer (buf = 0) and one K/V buffer (kv_buf = 0).
-  __device__ explicit Smem(char* base, int buf = 0, int kv_buf = 0) {
-    T* const kv1 = reinterpret_cast<T*>(base + Tl::template one_query_buffer_smem_bytes<T>());
-    k = kv_buf == 0 ? reinterpret_cast<T*>(base) : kv1;
+  // the other while it computes); K/V and dxt are single. Layout: K/V | dxt | Q/dO/dO-lo buffer 0 |
+  // floats | Q/dO/dO-lo buffer 1 (last, so kernel 2, which uses buffer 0 only, allocates
+  // one_query_buffer_smem_bytes). Split inputs have one query buffer (buf = 0).
+  __device__ explicit Smem(char* base, int buf = 0) {
+    k = reinterpret_cast<T*>(base);
     v = k + kParts * kv_part;
-    dxt = reinterpret_cast<T*>(base) + 2 * kParts * kv_part;
+    dxt = v + kParts * kv_part;
     T* const query0 = dxt + kParts * dxt_part;
     float* floats = reinterpret_cast<float*>(query0 + Tl::kQueryTiles * q_part);
-    key = kv_buf == 0 ? floats : reinterpret_cast<float*>(kv1 + 2 * kParts * kv_part);
+    key = floats;
     row_part = floats + Tl::kKeyFields * Tl::kBlockN;
     scal = row_part + Tl::kWarps * Tl::kBlockM * 2;
     row = scal + Tl::kWarps * 2 + buf * Tl::kRowFields * Tl::kBlockM;
@@ -966,7 +952,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   using Tl = Tile<kHeadDim, kFamily, kParts>;
   using Sm = Smem<T, kHeadDim, kFamily, kParts>;
   extern __shared__ __align__(16) char smem_raw[];
-  const Sm sm0(smem_raw);
+  const Sm sm(smem_raw);
   const int warp = threadIdx.x >> 5;
   const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int hk = h / (p.heads / p.kv_heads);
@@ -978,16 +964,16 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   const T* v = static_cast<const T*>(p.v) + bhk * M * kHeadDim;
 
   load_parts<T, Tl::kBlockM, kHeadDim, Tl::kThreads, kParts, Sm::q_part>(
-      sm0.q, static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim, p.q_part_stride, i0, N);
+      sm.q, static_cast<const T*>(p.q) + (size_t)bh * N * kHeadDim, p.q_part_stride, i0, N);
   load_parts<T, Tl::kBlockM, kHeadDim, Tl::kThreads, kParts, Sm::q_part>(
-      sm0.dout, static_cast<const T*>(p.dout_s) + (size_t)bh * N * kHeadDim, p.q_part_stride, i0, N);
+      sm.dout, static_cast<const T*>(p.dout_s) + (size_t)bh * N * kHeadDim, p.q_part_stride, i0, N);
   const bool has_lo = kParts == 1 && p.dout_lo != nullptr;
   if (has_lo) {
-    load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm0.dout_lo, static_cast<const T*>(p.dout_lo) + (size_t)bh * N * kHeadDim, i0, N);
+    load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sm.dout_lo, static_cast<const T*>(p.dout_lo) + (size_t)bh * N * kHeadDim, i0, N);
   }
   cp_async_commit();
-  load_row_fields<kHeadDim, kFamily, kParts>(sm0.row, p, hc, bh, i0);
-  for (int r = threadIdx.x; r < Tl::kWarps * Tl::kBlockM * 2; r += Tl::kThreads) sm0.row_part[r] = 0.f;
+  load_row_fields<kHeadDim, kFamily, kParts>(sm.row, p, hc, bh, i0);
+  for (int r = threadIdx.x; r < Tl::kWarps * Tl::kBlockM * 2; r += Tl::kThreads) sm.row_part[r] = 0.f;
 
   float acc[Tl::kDqCols / 8][4];
 #pragma unroll
@@ -997,24 +983,13 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   }
   KeySums unused;
   const int j_end = p.causal ? min(M, i0 + Tl::kBlockM) : M;
-  // K_j, V_j and key fields of tile j0 → buffer kv_buf (with two buffers, in flight while the CTA
-  // computes the current tile)
-  auto load_kv = [&](int j0, int kv_buf) {
-    const Sm sb(smem_raw, 0, kv_buf);
-    load_parts<T, Tl::kBlockN, kHeadDim, Tl::kThreads, kParts, Sm::kv_part>(sb.k, k, p.kv_part_stride, j0, M);
-    load_parts<T, Tl::kBlockN, kHeadDim, Tl::kThreads, kParts, Sm::kv_part>(sb.v, v, p.kv_part_stride, j0, M);
+  for (int j0 = 0; j0 < j_end; j0 += Tl::kBlockN) {
+    load_parts<T, Tl::kBlockN, kHeadDim, Tl::kThreads, kParts, Sm::kv_part>(sm.k, k, p.kv_part_stride, j0, M);
+    load_parts<T, Tl::kBlockN, kHeadDim, Tl::kThreads, kParts, Sm::kv_part>(sm.v, v, p.kv_part_stride, j0, M);
     cp_async_commit();
-    load_key_fields<kHeadDim, kFamily, kParts>(sb.key, p, hc, b, bhk, j0);
-  };
-  constexpr bool kPrefetch = Tl::kQKernelPrefetch;
-  if (kPrefetch && j_end > 0) load_kv(0, 0);
-  int kv_buf = 0;
-  for (int j0 = 0; j0 < j_end; j0 += Tl::kBlockN, kv_buf ^= (kPrefetch ? 1 : 0)) {
-    if (!kPrefetch) load_kv(j0, 0);
+    load_key_fields<kHeadDim, kFamily, kParts>(sm.key, p, hc, b, bhk, j0);
     cp_async_wait<0>();
-    __syncthreads();  // tile j0 has landed, and every warp is done with the previous step's buffers
-    if (kPrefetch && j0 + Tl::kBlockN < j_end) load_kv(j0 + Tl::kBlockN, kv_buf ^ 1);
-    const Sm sm(smem_raw, 0, kv_buf);
+    __syncthreads();
 
     float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
     tile_step<T, kHeadDim, kFamily, kParts, false, true, kDeltaPass>(sm, hc, i0, j0, p.causal, true, has_lo, sp, dp,
@@ -1029,13 +1004,12 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     __syncthreads();
   }
 
-  cp_async_wait<0>();  // the Q_i/dO_i copies are still in flight when no key tile was visited
   if constexpr (kDeltaPass) {
     for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
       if (i0 + r < N) {
         float d = 0.f;
 #pragma unroll
-        for (int w = 0; w < Tl::kWarps; ++w) d += sm0.row_part[(w * Tl::kBlockM + r) * 2];
+        for (int w = 0; w < Tl::kWarps; ++w) d += sm.row_part[(w * Tl::kBlockM + r) * 2];
         p.delta_acc[(size_t)bh * N + i0 + r] = d;
       }
     }
@@ -1047,8 +1021,8 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
       float rw = 0.f, rx = 0.f;
 #pragma unroll
       for (int w = 0; w < Tl::kWarps; ++w) {
-        rw += sm0.row_part[(w * Tl::kBlockM + r) * 2];
-        rx += sm0.row_part[(w * Tl::kBlockM + r) * 2 + 1];
+        rw += sm.row_part[(w * Tl::kBlockM + r) * 2];
+        rx += sm.row_part[(w * Tl::kBlockM + r) * 2 + 1];
       }
       *reinterpret_cast<float2*>(p.row_acc + ((size_t)bh * N + i0 + r) * 2) = make_float2(rw, rx);
     }
@@ -1059,7 +1033,8 @@ template <typename T, int kHeadDim, int kFamily, int kParts>
 cudaError_t launch(const BwdParams& p, int stage, cudaStream_t stream) {
   using Tl = Tile<kHeadDim, kFamily, kParts>;
   constexpr int smem = Tl::template smem_bytes<T>();
-  constexpr int smem_q_kernel = Tl::template q_kernel_smem_bytes<T>();
+  // kernel 2 uses query buffer 0 only
+  constexpr int smem_one_query_buffer = Tl::template one_query_buffer_smem_bytes<T>();
   const dim3 grid_q((p.n_queries + Tl::kBlockM - 1) / Tl::kBlockM, p.batch * p.heads);
   cudaError_t err;
   if (stage == 2) {  // the delta pass: split inputs, and the poincare family of bf16/fp16 inputs
@@ -1067,9 +1042,9 @@ cudaError_t launch(const BwdParams& p, int stage, cudaStream_t stream) {
       return cudaErrorInvalidValue;
     } else {
       auto delta = attention_bwd_q_kernel<T, kHeadDim, kFamily, kParts, true>;
-      err = cudaFuncSetAttribute(delta, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_q_kernel);
+      err = cudaFuncSetAttribute(delta, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_one_query_buffer);
       if (err != cudaSuccess) return err;
-      delta<<<grid_q, Tl::kThreads, smem_q_kernel, stream>>>(p);
+      delta<<<grid_q, Tl::kThreads, smem_one_query_buffer, stream>>>(p);
       return cudaGetLastError();
     }
   }
@@ -1089,9 +1064,9 @@ cudaError_t launch(const BwdParams& p, int stage, cudaStream_t stream) {
   }
   if (err != cudaSuccess || p.dq_atomic) return err;
   auto qk = attention_bwd_q_kernel<T, kHeadDim, kFamily, kParts>;
-  err = cudaFuncSetAttribute(qk, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_q_kernel);
+  err = cudaFuncSetAttribute(qk, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_one_query_buffer);
   if (err != cudaSuccess) return err;
-  qk<<<grid_q, Tl::kThreads, smem_q_kernel, stream>>>(p);
+  qk<<<grid_q, Tl::kThreads, smem_one_query_buffer, stream>>>(p);
   return cudaGetLastError();
 }
 
