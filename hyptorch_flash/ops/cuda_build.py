@@ -60,7 +60,8 @@ def _arch_of_current_device() -> str:
     import torch
 
     major, minor = torch.cuda.get_device_capability()
-    return f"{major}.{minor}"
+    # Hopper: the "a" target, whose instructions (wgmma) the forward kernel uses (attention_fwd_kernel.cuh)
+    return "9.0a" if (major, minor) == (9, 0) else f"{major}.{minor}"
 
 
 def jit_build(name: str, sources: list[Path], hashed_files: list[Path], nvcc_flags: list[str]):

@@ -26,7 +26,19 @@
 
 #include "attention_fwd.h"
 #include "device_primitives.cuh"
+#include "hopper_primitives.cuh"
 #include "numerics.cuh"
+
+// Hopper warpgroup MMA for the bf16/fp16 GEMMs where the build targets sm_90a (the JIT build does on an
+// H100: hyptorch_flash/ops/cuda_build.py); -DHYPTORCH_FWD_WGMMA=0 keeps mma.sync there too (to test it).
+#ifndef HYPTORCH_FWD_WGMMA
+#define HYPTORCH_FWD_WGMMA 1
+#endif
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && HYPTORCH_FWD_WGMMA
+constexpr bool kFwdWgmmaArch = true;
+#else
+constexpr bool kFwdWgmmaArch = false;
+#endif
 
 #ifndef HYPTORCH_FWD_BLOCK_N_D64
 #define HYPTORCH_FWD_BLOCK_N_D64 64
@@ -171,17 +183,22 @@ struct FwdTile {
   static constexpr int kScoreTiles = kBlockN / 8;    // n8 tiles of S
   static constexpr int kOutTiles = kHeadDim / 8;     // n8 tiles of O
   static constexpr int kRows = kRowTiles * 2;        // rows per thread (g and g + 8 of each m16 tile)
+  // bf16/fp16: + 1 KiB so the tiles can start on a 1024-byte boundary (wgmma's 128-byte swizzle atoms)
+  static constexpr int kAlignSlack = kParts == 1 ? 1024 : 0;
   template <typename T>
   static constexpr int smem_bytes() {
-    return kParts * (kBlockM + 4 * kBlockN) * kHeadDim * (int)sizeof(T) + 2 * kKeyRecordFields * kBlockN * (int)sizeof(float);
+    return kParts * (kBlockM + 4 * kBlockN) * kHeadDim * (int)sizeof(T) + 2 * kKeyRecordFields * kBlockN * (int)sizeof(float) +
+           kAlignSlack;
   }
 };
 
-// Element offset of the 16-byte chunk `chunk` of row `row` in a swizzled tile: chunk ^ (row % 8), so
-// the 8 rows one ldmatrix reads (same logical chunk) land in 8 different bank groups.
-template <int kHeadDim>
+// Element offset of the 16-byte chunk `chunk` of row `row` in a swizzled tile of kRows rows: blocks of 64
+// columns (one for D = 64, two for D = 128) of kRows rows × 128 bytes each, chunk c of a row stored at
+// c ^ (row % 8). The 8 rows one ldmatrix reads (same logical chunk) land in 8 different bank groups, and it
+// is the 128-byte swizzle layout the Hopper tensor cores read through descriptors (hopper_primitives.cuh).
+template <int kHeadDim, int kRows>
 __device__ __forceinline__ int swizzled(int row, int chunk) {
-  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
+  return (chunk >> 3) * (kRows * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
 }
 
 // Copy rows [row0, row0 + kRows) of a (rows, kHeadDim) matrix with row stride `row_stride` (elements)
@@ -196,18 +213,18 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* src, int64_t r
     const int r = idx / kChunks, c = idx % kChunks;
     const bool valid = row0 + r < n_rows;
     const T* g = src + (valid ? row0 + r : 0) * row_stride + c * 8;
-    cp_async_16(smem_addr(tile + swizzled<kHeadDim>(r, c)), g, valid);
+    cp_async_16(smem_addr(tile + swizzled<kHeadDim, kRows>(r, c)), g, valid);
   }
 }
 
 // A fragments of Q for k-step s, every m16 tile of this warp.
-template <typename T, int kHeadDim, int kRowTiles>
+template <typename T, int kHeadDim, int kBlockM, int kRowTiles>
 __device__ __forceinline__ void load_q_step(uint32_t (&qf)[kRowTiles][4], const T* sQ, int warp_row, int s) {
   const int lane = threadIdx.x % 32, lrow = lane % 8, lmat = lane / 8;
 #pragma unroll
   for (int rt = 0; rt < kRowTiles; ++rt) {
     const int row = warp_row + rt * 16 + ((lmat & 1) << 3) + lrow;
-    ldmatrix_x4(qf[rt], smem_addr(sQ + swizzled<kHeadDim>(row, 2 * s + (lmat >> 1))));
+    ldmatrix_x4(qf[rt], smem_addr(sQ + swizzled<kHeadDim, kBlockM>(row, 2 * s + (lmat >> 1))));
   }
 }
 
@@ -259,11 +276,16 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   // once. The backward pulls its gradient back through the epilogue at this O; with P rounded once O is
   // off by ~2^-9 of a term, which the epilogue's Jacobian at large norms amplifies.
   constexpr bool p_hi_lo = kParts == 1 && kHiLoP;
+  // bf16/fp16 on sm_90a: S_ij = Q_i K_jᵀ and O_i += P_ij V_j as warpgroup MMAs (wgmma, operands Q, K, V read
+  // by the tensor cores from shared memory, P from registers), one m64 row tile of the CTA at a time.
+  constexpr bool use_wgmma = kParts == 1 && kFwdWgmmaArch;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  // Tiles (kParts copies each: part-major), K/V double-buffered: sK[stage][part][key][dim].
+  // Tiles (kParts copies each: part-major), K/V double-buffered: sK[stage][part][key][dim], from a
+  // 1024-byte boundary (Tile::kAlignSlack).
   constexpr int kQTile = kBlockM * kHeadDim, kKVTile = kBlockN * kHeadDim;
-  T* sQ = reinterpret_cast<T*>(smem_raw);
+  const uint32_t align_pad = Tile::kAlignSlack > 0 ? (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u : 0u;
+  T* sQ = reinterpret_cast<T*>(smem_raw + align_pad);
   T* sK = sQ + kParts * kQTile;              // 2 stages
   T* sV = sK + 2 * kParts * kKVTile;         // 2 stages
   float* sRec = reinterpret_cast<float*>(sV + 2 * kParts * kKVTile);  // 2 stages × fields × kBlockN
@@ -278,7 +300,11 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   const int hk = h / (p.heads / p.kv_heads);
   const int i0 = m_block * kBlockM;
   const int N = p.n_queries, M = p.n_keys;
-  const int warp_row = warp * 16 * Tile::kRowTiles;  // first row of this warp inside the tile
+  // Rows of this thread's m16 tile rt inside the query tile: warp_row + rt·kRowTileStride + g (and + 8).
+  // mma.sync: each warp owns 16·kRowTiles consecutive rows; wgmma: row tile rt is the warpgroup's rows
+  // 64·rt … 64·rt + 63, of which warp w holds 16w … 16w + 15.
+  const int warp_row = warp * 16 * (use_wgmma ? 1 : Tile::kRowTiles);
+  constexpr int kRowTileStride = use_wgmma ? 64 : 16;
 
   const T* q_ptr = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
   const T* k_ptr = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
@@ -349,17 +375,18 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
     } else {
       cp_async_wait<0>();
     }
+    if constexpr (use_wgmma) fence_proxy_async();  // cp.async wrote the tiles wgmma reads
     __syncthreads();
 
     if (j == 0) {
       // Row constants from |q_i|² (fp32, quad-split over the row's chunks).
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        const int row = warp_row + (r >> 1) * 16 + g + 8 * (r & 1);
+        const int row = warp_row + (r >> 1) * kRowTileStride + g + 8 * (r & 1);
         SqAcc<kParts> sq_acc = 0;
 #pragma unroll
         for (int c = t; c < Tile::kChunks; c += 4) {
-          const T* x = sQ + swizzled<kHeadDim>(row, c);
+          const T* x = sQ + swizzled<kHeadDim, kBlockM>(row, c);
 #pragma unroll
           for (int e = 0; e < 8; ++e) {
             float xe = 0.f;
@@ -402,6 +429,24 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
     // of the tensor cores' accumulation is relative to them, not to the large x_0·y_0 sum.
     float acc_s_small[kRowTiles][kScoreTiles][4] = {};
     if constexpr (kParts == 1) (void)acc_s_small;
+    if constexpr (use_wgmma) {
+      // k-step s reads 16 columns (32 bytes) of the 64-column block s / 4 of Q_i and of K_j.
+      wgmma_fence();
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s) {
+        const uint32_t col_bytes = (s % 4) * 32;
+        const uint64_t desc_k = smem_desc_sw128(smem_addr(sKs) + (s / 4) * (kBlockN * 128) + col_bytes, 16, 1024);
+#pragma unroll
+        for (int rt = 0; rt < kRowTiles; ++rt) {
+          const uint32_t q_bytes = (s / 4) * (kBlockM * 128) + rt * (64 * 128) + col_bytes;
+          wgmma_ss<T, kBlockN>(acc_s[rt], smem_desc_sw128(smem_addr(sQ) + q_bytes, 16, 1024), desc_k);
+        }
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+#pragma unroll
+      for (int rt = 0; rt < kRowTiles; ++rt) fence_accumulators(acc_s[rt]);
+    } else {
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
       // Q fragments are re-read from smem per k-step (FA2 does the same): the registers hold S and O.
@@ -409,7 +454,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
 #pragma unroll
       for (int part = 0; part < kParts; ++part) {
         uint32_t qp[kRowTiles][4];
-        load_q_step<T, kHeadDim, kRowTiles>(qp, sQ + part * kQTile, warp_row, s);
+        load_q_step<T, kHeadDim, kBlockM, kRowTiles>(qp, sQ + part * kQTile, warp_row, s);
 #pragma unroll
         for (int rt = 0; rt < kRowTiles; ++rt)
 #pragma unroll
@@ -422,7 +467,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
 #pragma unroll
         for (int part = 0; part < kParts; ++part) {
           uint32_t kf[4];
-          ldmatrix_x4(kf, smem_addr(sKs + part * kKVTile + swizzled<kHeadDim>(key, 2 * s + (lmat & 1))));
+          ldmatrix_x4(kf, smem_addr(sKs + part * kKVTile + swizzled<kHeadDim, kBlockN>(key, 2 * s + (lmat & 1))));
           kf0[part][0] = kf[0], kf0[part][1] = kf[1], kf1[part][0] = kf[2], kf1[part][1] = kf[3];
         }
 #pragma unroll
@@ -431,6 +476,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
           mma_split<T, kParts>(acc_s[rt][2 * np + 1], acc_s_small[rt][2 * np + 1], qf[rt], kf1);
         }
       }
+    }
     }
     if constexpr (kParts > 1) {
 #pragma unroll
@@ -499,7 +545,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
           for (int rt = 0; rt < kRowTiles; ++rt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const int row = i0 + warp_row + rt * 16 + g + 8 * (e >> 1);
+              const int row = i0 + warp_row + rt * kRowTileStride + g + 8 * (e >> 1);
               if (j0 + col + (e & 1) > row) acc_s[rt][n][e] = decltype(recip)::value ? CUDART_INF_F : -CUDART_INF_F;
             }
         }
@@ -637,11 +683,32 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
 #pragma unroll
       for (int part = 0; part < kParts; ++part) {
         uint32_t vf[4];
-        ldmatrix_x4_trans(vf, smem_addr(sVs + part * kKVTile + swizzled<kHeadDim>(key, 2 * np + (lmat >> 1))));
+        ldmatrix_x4_trans(vf, smem_addr(sVs + part * kKVTile + swizzled<kHeadDim, kBlockN>(key, 2 * np + (lmat >> 1))));
         vf0[part][0] = vf[0], vf0[part][1] = vf[1], vf1[part][0] = vf[2], vf1[part][1] = vf[3];
       }
     };
-    if constexpr (kParts == 1) {
+    if constexpr (use_wgmma) {
+      // O_i += P_ij V_j, and for hi + lo then O_i += (rounding residue of P_ij) V_j: the term's A
+      // fragments of every key step first, then its MMAs. Keys 16·kk … 16·kk + 15 are rows 16·kk … of V_j
+      // (V is the N-major B operand: 64-column blocks kBlockN·128 bytes apart).
+#pragma unroll
+      for (int term = 0; term < (p_hi_lo ? 2 : 1); ++term) {
+        uint32_t a[kBlockN / 16][kRowTiles][kParts][4];
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) p_operands(kk, a[kk], term == 1);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          const uint64_t desc_v = smem_desc_sw128(smem_addr(sVs) + kk * (16 * 128), kBlockN * 128, 1024);
+#pragma unroll
+          for (int rt = 0; rt < kRowTiles; ++rt) wgmma_rs_bt<T, kHeadDim>(acc_o[rt], a[kk][rt][0], desc_v);
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int rt = 0; rt < kRowTiles; ++rt) fence_accumulators(acc_o[rt]);
+      }
+    } else if constexpr (kParts == 1) {
       // O_i += (P or its rounding residue) V_j for keys 16·kk … 16·kk + 15
       auto pv_term = [&](int kk, bool residue) {
         uint32_t a[kRowTiles][kParts][4];
@@ -736,7 +803,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
       else factor = sqrt_k / (o0 + n_lor);
       if (!(o0 > 0.f)) factor = 0.f;  // masked row → the origin
     }
-    const int row = i0 + warp_row + rt * 16 + g + 8 * (r & 1);
+    const int row = i0 + warp_row + rt * kRowTileStride + g + 8 * (r & 1);
     if (row < N) {
       OutT* out_row = static_cast<OutT*>(p.out) + ((size_t)bh * N + row) * kHeadDim;
       int8_t* refine_row = p.out_refine + ((size_t)bh * N + row) * kHeadDim;  // used when p_hi_lo

@@ -1,0 +1,51 @@
+// Hopper (sm_90a) building blocks of the forward kernel's warpgroup-MMA path: shared-memory matrix
+// descriptors, the wgmma fence / commit / wait protocol and the async-proxy fence. Compiled into the
+// kernel only where __CUDA_ARCH_FEAT_SM90_ALL is defined (see kFwdWgmma in attention_fwd_kernel.cuh).
+#pragma once
+
+#include <cstdint>
+
+#include "wgmma_ops.cuh"
+
+namespace hyptorch_flash {
+
+// Descriptor of a bf16/fp16 matrix in shared memory in the 128-byte swizzle layout (PTX ISA "Matrix
+// Descriptor Format"): rows of 64 elements (128 bytes) whose 16-byte chunks are XOR-ed with row % 8, in
+// atoms of 8 rows (1024 bytes, 1024-byte aligned, so the base-offset field is 0).
+//   K-major operand (Q, K: contiguous along the reduction dim): stride = 1024 bytes between 8-row groups;
+//     leading = unused by this mode (the 16 reduction elements of one wgmma lie inside one 128-byte row).
+//   MN-major operand (V in P·V: contiguous along the output dim): stride = 1024 bytes between groups of
+//     8 rows (keys); leading = bytes between the 64-column blocks of the output dim.
+__device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t smem_byte_addr, uint32_t leading_bytes,
+                                                    uint32_t stride_bytes) {
+  return (uint64_t)((smem_byte_addr & 0x3FFFF) >> 4) | ((uint64_t)(leading_bytes >> 4) << 16) |
+         ((uint64_t)(stride_bytes >> 4) << 32) | (1ull << 62);
+}
+
+// Orders this thread's earlier shared-memory writes through the generic proxy (plain stores, cp.async)
+// before later reads through the async proxy (wgmma operands); a barrier follows before the first wgmma.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Before the first wgmma of a group: makes the warpgroup's register writes (accumulators, A fragments)
+// visible to the tensor cores.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+
+// Wait until at most kPending committed wgmma groups are in flight.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+
+// The compiler sees a wgmma write its accumulators when it is issued, not when it completes: passing
+// them through an empty asm after wgmma_wait keeps every later read of them after the wait.
+template <int kTiles>
+__device__ __forceinline__ void fence_accumulators(float (&d)[kTiles][4]) {
+#pragma unroll
+  for (int n = 0; n < kTiles; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[n][e])::"memory");
+}
+
+}  // namespace hyptorch_flash
