@@ -55,10 +55,15 @@ constexpr bool kFwdWgmmaArch = false;
 #ifndef HYPTORCH_FWD_ROW_TILES_D128
 #define HYPTORCH_FWD_ROW_TILES_D128 2
 #endif
+// wgmma: P·V overlapped with the next tile's softmax at D = 128 too (with 2 row tiles it spills registers)
+#ifndef HYPTORCH_FWD_OVERLAP_D128
+#define HYPTORCH_FWD_OVERLAP_D128 0
+#endif
 
 namespace hyptorch_flash {
 
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLazyMaxLog2 = 8.f;  // see softmax_tile
 constexpr float kLn2 = 0.6931471805599453f;
 
 // Per-key record fields (rows of key_records, each Mpad floats long).
@@ -185,10 +190,13 @@ struct FwdTile {
   static constexpr int kRows = kRowTiles * 2;        // rows per thread (g and g + 8 of each m16 tile)
   // bf16/fp16: + 1 KiB so the tiles can start on a 1024-byte boundary (wgmma's 128-byte swizzle atoms)
   static constexpr int kAlignSlack = kParts == 1 ? 1024 : 0;
+  // K/V buffers: 3 for bf16/fp16 (the wgmma pipeline reads V_j while S_{j+1} and the load of tile j + 2 are
+  // under way), 2 for split float32 inputs
+  static constexpr int kStages = kParts == 1 ? 3 : 2;
   template <typename T>
   static constexpr int smem_bytes() {
-    return kParts * (kBlockM + 4 * kBlockN) * kHeadDim * (int)sizeof(T) + 2 * kKeyRecordFields * kBlockN * (int)sizeof(float) +
-           kAlignSlack;
+    return kParts * (kBlockM + 2 * kStages * kBlockN) * kHeadDim * (int)sizeof(T) +
+           kStages * kKeyRecordFields * kBlockN * (int)sizeof(float) + kAlignSlack;
   }
 };
 
@@ -279,16 +287,20 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   // bf16/fp16 on sm_90a: S_ij = Q_i K_jᵀ and O_i += P_ij V_j as warpgroup MMAs (wgmma, operands Q, K, V read
   // by the tensor cores from shared memory, P from registers), one m64 row tile of the CTA at a time.
   constexpr bool use_wgmma = kParts == 1 && kFwdWgmmaArch;
+  // wgmma with P·V in flight during the next tile's softmax (see "wgmma pipeline" below), where the registers
+  // allow: not for hi + lo (two terms of P fragments), nor at D = 128 (O_i, S and P spill).
+  constexpr bool pipelined = use_wgmma && !p_hi_lo && (kHeadDim == 64 || HYPTORCH_FWD_OVERLAP_D128);
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  // Tiles (kParts copies each: part-major), K/V double-buffered: sK[stage][part][key][dim], from a
+  // Tiles (kParts copies each: part-major), K/V in kStages buffers: sK[stage][part][key][dim], from a
   // 1024-byte boundary (Tile::kAlignSlack).
+  constexpr int kStages = Tile::kStages;
   constexpr int kQTile = kBlockM * kHeadDim, kKVTile = kBlockN * kHeadDim;
   const uint32_t align_pad = Tile::kAlignSlack > 0 ? (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u : 0u;
   T* sQ = reinterpret_cast<T*>(smem_raw + align_pad);
-  T* sK = sQ + kParts * kQTile;              // 2 stages
-  T* sV = sK + 2 * kParts * kKVTile;         // 2 stages
-  float* sRec = reinterpret_cast<float*>(sV + 2 * kParts * kKVTile);  // 2 stages × fields × kBlockN
+  T* sK = sQ + kParts * kQTile;
+  T* sV = sK + kStages * kParts * kKVTile;
+  float* sRec = reinterpret_cast<float*>(sV + kStages * kParts * kKVTile);  // kStages × fields × kBlockN
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;        // mma fragment row group / column pair
@@ -338,6 +350,24 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   load_kv(0, 0);
   cp_async_commit();
 
+  // wgmma: S_j = Q_i K_jᵀ from the tiles in buffer `stage`, issued (not waited for) into acc_s, which the
+  // caller zeroed. k-step s reads 16 columns (32 bytes) of the 64-column block s / 4 of Q_i and of K_j.
+  auto issue_scores = [&](float (&acc_s)[kRowTiles][kScoreTiles][4], int stage) {
+    if constexpr (use_wgmma) {
+      const uint32_t k_tile = smem_addr(sK + stage * kParts * kKVTile), q_tile = smem_addr(sQ);
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s) {
+        const uint32_t col_bytes = (s % 4) * 32;
+        const uint64_t desc_k = smem_desc_sw128(k_tile + (s / 4) * (kBlockN * 128) + col_bytes, 16, 1024);
+#pragma unroll
+        for (int rt = 0; rt < kRowTiles; ++rt) {
+          const uint32_t q_bytes = (s / 4) * (kBlockM * 128) + rt * (64 * 128) + col_bytes;
+          wgmma_ss<T, kBlockN>(acc_s[rt], smem_desc_sw128(q_tile + q_bytes, 16, 1024), desc_k);
+        }
+      }
+    }
+  };
+
   // Scores as x·exp_scale with x the tile value:
   //   dot scores:     x = σ·(q_s·k_s − q0·k0) (σ = sign of the scale), exp_scale = |scale|·log2 e
   //   arccosh scores: x = S·log2 e,                                                         exp_scale = 1
@@ -354,6 +384,41 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   const bool reciprocal = kDistance && !p.squared && score_c == -1.f;
   float row_a[kRows], row_b[kRows];  // per-row constants of this thread's rows
 
+  // Row constants from |q_i|² (fp32, quad-split over the row's chunks), once Q_i is in shared memory.
+  auto row_constants = [&] {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int row = warp_row + (r >> 1) * kRowTileStride + g + 8 * (r & 1);
+      SqAcc<kParts> sq_acc = 0;
+#pragma unroll
+      for (int c = t; c < Tile::kChunks; c += 4) {
+        const T* x = sQ + swizzled<kHeadDim, kBlockM>(row, c);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          float xe = 0.f;
+#pragma unroll
+          for (int part = 0; part < kParts; ++part) xe += to_float(x[part * kQTile + e]);
+          sq_acc = fma(SqAcc<kParts>(xe), SqAcc<kParts>(xe), sq_acc);
+        }
+      }
+      sq_acc += __shfl_xor_sync(0xffffffffu, sq_acc, 1);  // quad sum
+      sq_acc += __shfl_xor_sync(0xffffffffu, sq_acc, 2);
+      const float sq = (float)sq_acc;
+      const float q0 = (float)sqrt(kh + sq_acc);
+      if (p.score == SCORE_EUCLIDEAN) {
+        row_a[r] = 0.f, row_b[r] = 0.f;
+      } else if (p.score == SCORE_LORENTZ_DOT) {
+        row_a[r] = negate_acc ? q0 : -q0, row_b[r] = 0.f;  // x = σ(q·k) − σ q0·k0
+      } else if (p.score == SCORE_DISTANCE) {
+        row_a[r] = q0 * inv_k, row_b[r] = 0.f;  // z = (q0·k0 − q·k)/k
+      } else {
+        // z = 1 + 2c·a_i·b_j·max(|q|² + |k|² − 2 q·k, 0), a_i = 1/(1 − c|q|²), c = 1/k
+        const float a_i = 1.f / (1.f - fminf(sq * inv_k, 1.f - numerics::BALL_MARGIN_F32));
+        row_a[r] = 2.f * inv_k * a_i, row_b[r] = sq;
+      }
+    }
+  };
+
   float acc_o[kRowTiles][kOutTiles][4];
 #pragma unroll
   for (int rt = 0; rt < kRowTiles; ++rt)
@@ -365,87 +430,84 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
 #pragma unroll
   for (int r = 0; r < kRows; ++r) m_i[r] = -CUDART_INF_F, l_i[r] = 0.f, o0_i[r] = 0.f;
 
-  for (int j = 0; j < n_tiles; ++j) {
-    const int stage = j & 1;
-    // Prefetch K_{j+1}, V_{j+1} into the other stage while this one is consumed.
-    if (j + 1 < n_tiles) {
-      load_kv(j + 1, stage ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    if constexpr (use_wgmma) fence_proxy_async();  // cp.async wrote the tiles wgmma reads
-    __syncthreads();
-
-    if (j == 0) {
-      // Row constants from |q_i|² (fp32, quad-split over the row's chunks).
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const int row = warp_row + (r >> 1) * kRowTileStride + g + 8 * (r & 1);
-        SqAcc<kParts> sq_acc = 0;
-#pragma unroll
-        for (int c = t; c < Tile::kChunks; c += 4) {
-          const T* x = sQ + swizzled<kHeadDim, kBlockM>(row, c);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            float xe = 0.f;
-#pragma unroll
-            for (int part = 0; part < kParts; ++part) xe += to_float(x[part * kQTile + e]);
-            sq_acc = fma(SqAcc<kParts>(xe), SqAcc<kParts>(xe), sq_acc);
-          }
-        }
-        sq_acc += __shfl_xor_sync(0xffffffffu, sq_acc, 1);  // quad sum
-        sq_acc += __shfl_xor_sync(0xffffffffu, sq_acc, 2);
-        const float sq = (float)sq_acc;
-        const float q0 = (float)sqrt(kh + sq_acc);
-        if (p.score == SCORE_EUCLIDEAN) {
-          row_a[r] = 0.f, row_b[r] = 0.f;
-        } else if (p.score == SCORE_LORENTZ_DOT) {
-          row_a[r] = negate_acc ? q0 : -q0, row_b[r] = 0.f;  // x = σ(q·k) − σ q0·k0
-        } else if (p.score == SCORE_DISTANCE) {
-          row_a[r] = q0 * inv_k, row_b[r] = 0.f;  // z = (q0·k0 − q·k)/k
-        } else {
-          // z = 1 + 2c·a_i·b_j·max(|q|² + |k|² − 2 q·k, 0), a_i = 1/(1 − c|q|²), c = 1/k
-          const float a_i = 1.f / (1.f - fminf(sq * inv_k, 1.f - numerics::BALL_MARGIN_F32));
-          row_a[r] = 2.f * inv_k * a_i, row_b[r] = sq;
-        }
-      }
-    }
-
-    const T* sKs = sK + stage * kParts * kKVTile;  // part `part` at + part·kKVTile
-    const T* sVs = sV + stage * kParts * kKVTile;
-    const float* sRecs = sRec + stage * kRecFloats;
-
-    // S_ij = Q_i K_jᵀ on tensor cores (fp32 accumulate); each K fragment feeds both m16 tiles.
-    float acc_s[kRowTiles][kScoreTiles][4];
+  // S_ij (the scores of the current tile) in fp32; with wgmma it carries over from one iteration to the next.
+  float acc_s[kRowTiles][kScoreTiles][4];
+  auto zero_scores = [&] {
 #pragma unroll
     for (int rt = 0; rt < kRowTiles; ++rt)
 #pragma unroll
       for (int n = 0; n < kScoreTiles; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_s[rt][n][e] = 0.f;
+  };
+  // wgmma pipeline (FlashAttention-3's intra-warpgroup overlap): at the end of iteration j the warpgroup
+  // issues S_{j+1} = Q_i K_{j+1}ᵀ and O_i += P_ij V_j, waits for S_{j+1} only, and computes the softmax of
+  // tile j + 1 while P_ij V_j runs; it waits for that before rescaling O_i. So the A fragments of P_ij
+  // (pv_a) live across the iteration boundary, and K/V rotate through 3 buffers (tile j + 2 loads while V_j
+  // is read).
+  uint32_t pv_a[kBlockN / 16][kRowTiles][kParts][4];
+  if constexpr (!use_wgmma) (void)pv_a;
+  if constexpr (pipelined) {
+    if (n_tiles > 1) {
+      load_kv(1, 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    fence_proxy_async();  // cp.async wrote the tiles wgmma reads
+    __syncthreads();
+    row_constants();
+    // (also when no key tile is visible, n_tiles = 0: the zero-filled buffer's scores are never read, and
+    // one code path keeps ptxas from serialising the wgmma)
+    zero_scores();
+#pragma unroll
+    for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
+    wgmma_fence();
+    issue_scores(acc_s, 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
+  }
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int stage = j % kStages;
+    if constexpr (!pipelined) {
+      // Prefetch K_{j+1}, V_{j+1} into the next buffer while this one is consumed.
+      if (j + 1 < n_tiles) {
+        load_kv(j + 1, (j + 1) % kStages);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      if constexpr (use_wgmma) fence_proxy_async();  // cp.async wrote the tiles wgmma reads
+      __syncthreads();
+      if (j == 0) row_constants();
+    }
+
+    const T* sKs = sK + stage * kParts * kKVTile;  // part `part` at + part·kKVTile
+    const T* sVs = sV + stage * kParts * kKVTile;
+    const float* sRecs = sRec + stage * kRecFloats;
+
+    // S_ij = Q_i K_jᵀ on tensor cores (fp32 accumulate); each K fragment feeds both m16 tiles (pipelined:
+    // it is already in acc_s, see above).
     // Split float32: the five small part products in their own accumulator, so the truncating alignment
     // of the tensor cores' accumulation is relative to them, not to the large x_0·y_0 sum.
     float acc_s_small[kRowTiles][kScoreTiles][4] = {};
     if constexpr (kParts == 1) (void)acc_s_small;
+    if constexpr (!pipelined) {
+    zero_scores();
     if constexpr (use_wgmma) {
-      // k-step s reads 16 columns (32 bytes) of the 64-column block s / 4 of Q_i and of K_j.
+#pragma unroll
+      for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
       wgmma_fence();
-#pragma unroll
-      for (int s = 0; s < kSteps; ++s) {
-        const uint32_t col_bytes = (s % 4) * 32;
-        const uint64_t desc_k = smem_desc_sw128(smem_addr(sKs) + (s / 4) * (kBlockN * 128) + col_bytes, 16, 1024);
-#pragma unroll
-        for (int rt = 0; rt < kRowTiles; ++rt) {
-          const uint32_t q_bytes = (s / 4) * (kBlockM * 128) + rt * (64 * 128) + col_bytes;
-          wgmma_ss<T, kBlockN>(acc_s[rt], smem_desc_sw128(smem_addr(sQ) + q_bytes, 16, 1024), desc_k);
-        }
-      }
+      issue_scores(acc_s, stage);
       wgmma_commit();
       wgmma_wait<0>();
 #pragma unroll
-      for (int rt = 0; rt < kRowTiles; ++rt) fence_accumulators(acc_s[rt]);
+      for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
     } else {
 #pragma unroll
     for (int s = 0; s < kSteps; ++s) {
@@ -476,6 +538,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
           mma_split<T, kParts>(acc_s[rt][2 * np + 1], acc_s_small[rt][2 * np + 1], qf[rt], kf1);
         }
       }
+    }
     }
     }
     if constexpr (kParts > 1) {
@@ -579,7 +642,10 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
             for (int n = 0; n < width; ++n) part[n] = fmaxf(part[n], part[n + width]);
           tile_max = quad_max(part[0]);
         }
-        const float mx = fmaxf(m_i[r], tile_max);
+        // Lazy maximum (FlashAttention-4): m_i moves only when the tile's maximum exceeds it by more than
+        // 2^kLazyMaxLog2 in P (and always from −inf), so O_i is rarely rescaled; P ≤ 2^kLazyMaxLog2 is
+        // harmless to the fp32 sums, and L_i = m_i + log l_i stays exact.
+        const float mx = exp_scale * (tile_max - m_i[r]) > kLazyMaxLog2 ? tile_max : m_i[r];
         const float m_use = mx == -CUDART_INF_F ? 0.f : mx;  // a row with no visible key yet: P = 0, no NaN
         const float alpha = fast_exp2(exp_scale * (m_i[r] - m_use));
         // recip: P = exp2(−lg2 w − m) = exp2(−m)·(1/w), so neg_m holds the row factor exp2(−m)
@@ -596,6 +662,11 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
       if (negate_acc) score_tile(std::true_type{}, std::false_type{});
       else score_tile(std::false_type{}, std::false_type{});
       softmax_tile(std::false_type{});
+    }
+    if constexpr (pipelined) {
+      wgmma_wait<0>();  // O_i += P_{i,j-1} V_{j-1} has landed (and pv_a is free)
+#pragma unroll
+      for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_o[rt]);
     }
     // Rescale O_i only when some row max of the warp moved (rare after the first tiles).
     bool moved = false;
@@ -665,14 +736,18 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
           const float2 v0b = *reinterpret_cast<const float2*>(sRecs + REC_V0 * kBlockN + kk * 16 + 8 + 2 * t);
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            float2 pa = make_float2(0.f, 0.f), pb = make_float2(0.f, 0.f);
+            float2 pa = unpack2<T>(a[rt][kParts - 1][half]), pb = unpack2<T>(a[rt][kParts - 1][2 + half]);
 #pragma unroll
-            for (int part = kParts - 1; part >= 0; --part) {
+            for (int part = kParts - 2; part >= 0; --part) {
               const float2 xa = unpack2<T>(a[rt][part][half]), xb = unpack2<T>(a[rt][part][2 + half]);
               pa.x += xa.x, pa.y += xa.y, pb.x += xb.x, pb.y += xb.y;
             }
-            const float ta = fmaf(pa.x, v0a.x, pa.y * v0a.y), tb = fmaf(pb.x, v0b.x, pb.y * v0b.y);
-            o0_i[rt * 2 + half] += ta + tb;
+            float& o0 = o0_i[rt * 2 + half];
+            if constexpr (kParts == 1) {
+              o0 = fmaf(pa.x, v0a.x, fmaf(pa.y, v0a.y, fmaf(pb.x, v0b.x, fmaf(pb.y, v0b.y, o0))));
+            } else {
+              o0 += fmaf(pa.x, v0a.x, pa.y * v0a.y) + fmaf(pb.x, v0b.x, pb.y * v0b.y);
+            }
           }
         }
       }
@@ -688,25 +763,77 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
       }
     };
     if constexpr (use_wgmma) {
-      // O_i += P_ij V_j, and for hi + lo then O_i += (rounding residue of P_ij) V_j: the term's A
-      // fragments of every key step first, then its MMAs. Keys 16·kk … 16·kk + 15 are rows 16·kk … of V_j
-      // (V is the N-major B operand: 64-column blocks kBlockN·128 bytes apart).
+      // The A fragments of P_ij (and of its rounding residue for hi + lo) for every key step; then, once
+      // tile j + 1 is in shared memory, issue S_{i,j+1} and O_i += P_ij V_j (keys 16·kk … are rows 16·kk …
+      // of V_j, the N-major B operand: 64-column blocks kBlockN·128 bytes apart) and wait for S only.
 #pragma unroll
-      for (int term = 0; term < (p_hi_lo ? 2 : 1); ++term) {
-        uint32_t a[kBlockN / 16][kRowTiles][kParts][4];
+      for (int kk = 0; kk < kBlockN / 16; ++kk) p_operands(kk, pv_a[kk], false);
+      auto next_tile_ready = [&] {
+        if (j + 1 < n_tiles) {
+          cp_async_wait<0>();   // tile j + 1 (the only load in flight)
+          fence_proxy_async();  // cp.async wrote the tiles wgmma reads
+          __syncthreads();      // every warp is done with tile j − 1's buffer and sees tile j + 1
+          if (j + 2 < n_tiles) {
+            load_kv(j + 2, (j + 2) % kStages);
+            cp_async_commit();
+          }
+        }
+      };
+      // After the last tile this recomputes a stale buffer's scores, which nothing reads: issued anyway, so
+      // the loop body is the same in every iteration (ptxas does not see that `next` decides the loop's
+      // exit, and with wgmma issued or waited for only on some paths it serialises every wgmma).
+      auto issue_next_scores = [&] {
+        zero_scores();
 #pragma unroll
-        for (int kk = 0; kk < kBlockN / 16; ++kk) p_operands(kk, a[kk], term == 1);
+        for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
         wgmma_fence();
+        issue_scores(acc_s, (j + 1) % kStages);
+        wgmma_commit();
+      };
+      // O_i += A V_j for the A fragments of every key step
+      auto issue_pv = [&](const uint32_t (&a)[kBlockN / 16][kRowTiles][kParts][4]) {
+        const uint32_t v_tile = smem_addr(sVs);
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
-          const uint64_t desc_v = smem_desc_sw128(smem_addr(sVs) + kk * (16 * 128), kBlockN * 128, 1024);
+          const uint64_t desc_v = smem_desc_sw128(v_tile + kk * (16 * 128), kBlockN * 128, 1024);
 #pragma unroll
           for (int rt = 0; rt < kRowTiles; ++rt) wgmma_rs_bt<T, kHeadDim>(acc_o[rt], a[kk][rt][0], desc_v);
         }
-        wgmma_commit();
-        wgmma_wait<0>();
+      };
+      auto fence_pv_registers = [&] {
 #pragma unroll
-        for (int rt = 0; rt < kRowTiles; ++rt) fence_accumulators(acc_o[rt]);
+        for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_o[rt]);
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk)
+#pragma unroll
+          for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(pv_a[kk][rt]);
+      };
+      if constexpr (pipelined) {
+        next_tile_ready();
+        fence_pv_registers();
+        issue_next_scores();
+        wgmma_fence();
+        issue_pv(pv_a);
+        wgmma_commit();
+        wgmma_wait<1>();  // S_{i,j+1}; P_ij V_j may still run
+#pragma unroll
+        for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
+      } else {
+        // Not pipelined: P·V now, one term at a time.
+#pragma unroll
+        for (int term = 0; term < (p_hi_lo ? 2 : 1); ++term) {
+          if (term == 1) {
+#pragma unroll
+            for (int kk = 0; kk < kBlockN / 16; ++kk) p_operands(kk, pv_a[kk], true);
+          }
+          fence_pv_registers();
+          wgmma_fence();
+          issue_pv(pv_a);
+          wgmma_commit();
+          wgmma_wait<0>();
+        }
+#pragma unroll
+        for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_o[rt]);
       }
     } else if constexpr (kParts == 1) {
       // O_i += (P or its rounding residue) V_j for keys 16·kk … 16·kk + 15
@@ -768,7 +895,12 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
           }
       }
     }
-    __syncthreads();  // every warp is done with this stage before it is refilled
+    if constexpr (!pipelined) __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+  if constexpr (pipelined) {
+    wgmma_wait<0>();  // the last P_ij V_j
+#pragma unroll
+    for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_o[rt]);
   }
 
   // Epilogue: O_i /= l_i, L_i = m_i + log l_i, then the centroid map in fp32 (DESIGN.md §2.4).

@@ -38,14 +38,24 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
 
-// The compiler sees a wgmma write its accumulators when it is issued, not when it completes: passing
-// them through an empty asm after wgmma_wait keeps every later read of them after the wait.
+// The compiler sees a wgmma read and write its registers when it is issued, not while it runs. Passing
+// them through an empty asm orders the code around the asynchronous window: before wgmma_fence(), every
+// write of the accumulators and A fragments stays before it (ptxas serialises all wgmma of a kernel that
+// writes them inside the window); after wgmma_wait(), every later read stays after the wait.
 template <int kTiles>
-__device__ __forceinline__ void fence_accumulators(float (&d)[kTiles][4]) {
+__device__ __forceinline__ void fence_registers(float (&d)[kTiles][4]) {
 #pragma unroll
   for (int n = 0; n < kTiles; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[n][e])::"memory");
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[n][e]));
+}
+
+template <int kTiles>
+__device__ __forceinline__ void fence_registers(uint32_t (&a)[kTiles][4]) {
+#pragma unroll
+  for (int n = 0; n < kTiles; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[n][e]));
 }
 
 }  // namespace hyptorch_flash

@@ -1,0 +1,58 @@
+"""A/B of forward tile settings in one process (GPU): the forward extension built once per setting of the
+tuning macros (attention_fwd_kernel.cuh, e.g. -DHYPTORCH_FWD_ROW_TILES_D64=1), timed on the same inputs,
+interleaved (CUDA events, best of 3 medians of 7 × 10 calls), with the largest output difference to the
+first setting as a sanity check.
+
+    python dev/ab_fwd_tiles.py "" "-DHYPTORCH_FWD_ROW_TILES_D64=1 -DHYPTORCH_FWD_ROW_TILES_D128=1"
+"""
+import statistics
+import sys
+
+import torch
+
+from hyptorch_flash.ops import cuda_build
+
+
+def timed(fn, reps=7, inner=10):
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    return statistics.median(times)
+
+
+def main():
+    settings = sys.argv[1:] or [""]
+    sources = cuda_build.extension_sources()
+    hashed = sorted(p for p in cuda_build.CSRC.iterdir() if p.suffix in (".cpp", ".cu", ".cuh", ".h"))
+    mods = [cuda_build.jit_build(f"hyptorch_flash_ab_tiles_{i}", sources, hashed, cuda_build.NVCC_FLAGS + s.split())
+            for i, s in enumerate(settings)]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    B, H, N = 2, 16, 4096
+    for D in (64, 128):
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", generator=gen).mul_(0.3).bfloat16() for _ in range(3))
+        curv, coef = torch.ones(H, device="cuda"), torch.full((H,), D**-0.5, device="cuda")
+        for name, score, output in (("lorentz_dot", 1, 1), ("euclidean", 0, 0), ("distance", 2, 1)):
+            for refine in (False, True):
+                args = (q, k, v, curv, coef if score != 2 else torch.ones(H, device="cuda"), None, score, output,
+                        False, False, 1e-6, refine)
+                outs = [m.fwd(*args)[0].float() for m in mods]
+                diff = max((o - outs[0]).abs().max().item() for o in outs)
+                ms = [[] for _ in mods]
+                for _ in range(3):
+                    for i, m in enumerate(mods):
+                        ms[i].append(timed(lambda: m.fwd(*args)))
+                flops = 4 * B * H * N * N * D
+                line = "  ".join(f"[{i}] {min(t):.3f} ms {flops / min(t) / 1e9:.1f}" for i, t in enumerate(ms))
+                print(f"D={D} {name:11s} refine={int(refine)} {line}  maxdiff {diff:.1e}", flush=True)
+    for i, s in enumerate(settings):
+        print(f"[{i}] {s or '(default)'}")
+
+
+if __name__ == "__main__":
+    main()
