@@ -6,13 +6,15 @@
 // accumulator O_i and the log-sum-exp L_i. Scores are kept in the exp2 domain (S·log2 e), so each
 // probability costs one ex2.
 //
-// Layout: one CTA = 4 warps = one query tile of one (batch, head); each warp owns 16·kRowTiles rows
-// (split-Q, no inter-warp reduction): 32 rows (two m16 tiles, so every K/V fragment read by ldmatrix
-// feeds two mma) except for arccosh scores at D = 64 (16 rows, more warps per SM). Key tiles are 64
-// keys for D = 64 and 32 for D = 128 (S and O share 255 registers); see FwdTile. K_j/V_j are
-// double-buffered in XOR-swizzled shared memory by cp.async; fragments come from ldmatrix;
-// S_ij = Q_i K_jᵀ and O_i += P_ij V_j run on mma.sync.m16n8k16 with fp32 accumulation, and the S
-// fragment is reused as the A operand of P·V.
+// Layout: one CTA = 4 warps = one query tile of one (batch, head), 16·kRowTiles rows per warp (split-Q,
+// no inter-warp reduction): 32 rows (two m16 tiles) except for arccosh scores at D = 64 (16 rows, more
+// warps per SM). Key tiles are 64 keys for D = 64 and 32 for D = 128 (S and O share 255 registers); see
+// FwdTile. K_j/V_j rotate through shared-memory buffers filled by cp.async, in the 128-byte XOR swizzle
+// (swizzled()). bf16/fp16 on sm_90a (Hopper): S_ij = Q_i K_jᵀ and O_i += P_ij V_j are warpgroup MMAs
+// (wgmma.m64nNk16, fp32 accumulate; Q, K, V read from shared memory through descriptors, P from
+// registers), and at D = 64 P_ij V_j runs while the softmax of the next tile is computed (FlashAttention-3's
+// intra-warpgroup overlap). Elsewhere (other GPUs, split float32 inputs) they run on mma.sync.m16n8k16
+// with ldmatrix fragments. Either way the S fragment is reused as the A operand of P·V.
 //
 // Hyperbolic parts (all float32): the time coordinates q0 = sqrt(k + |q|²), k0, v0 are recomputed
 // from the space coordinates (the key-side ones once per call by key_records_kernel); the rank-1
@@ -54,10 +56,6 @@ constexpr bool kFwdWgmmaArch = false;
 #endif
 #ifndef HYPTORCH_FWD_ROW_TILES_D128
 #define HYPTORCH_FWD_ROW_TILES_D128 2
-#endif
-// wgmma: P·V overlapped with the next tile's softmax at D = 128 too (with 2 row tiles it spills registers)
-#ifndef HYPTORCH_FWD_OVERLAP_D128
-#define HYPTORCH_FWD_OVERLAP_D128 0
 #endif
 
 namespace hyptorch_flash {
@@ -200,13 +198,19 @@ struct FwdTile {
   }
 };
 
-// Element offset of the 16-byte chunk `chunk` of row `row` in a swizzled tile of kRows rows: blocks of 64
-// columns (one for D = 64, two for D = 128) of kRows rows × 128 bytes each, chunk c of a row stored at
-// c ^ (row % 8). The 8 rows one ldmatrix reads (same logical chunk) land in 8 different bank groups, and it
-// is the 128-byte swizzle layout the Hopper tensor cores read through descriptors (hopper_primitives.cuh).
+// Element offset of the 16-byte chunk `chunk` of row `row` in a swizzled tile of kRows rows, chunk c of a
+// row stored at c ^ (row % 8), so the 8 rows one ldmatrix reads (same logical chunk) land in 8 different
+// bank groups. For wgmma builds the tile is split into blocks of 64 columns (one for D = 64, two for
+// D = 128) of kRows rows × 128 bytes: the 128-byte swizzle layout the Hopper tensor cores read through
+// descriptors (hopper_primitives.cuh). Other builds keep whole rows (the mma.sync kernel at D = 128 spills
+// registers with the blocked addressing).
 template <int kHeadDim, int kRows>
 __device__ __forceinline__ int swizzled(int row, int chunk) {
-  return (chunk >> 3) * (kRows * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+  if constexpr (kFwdWgmmaArch) {
+    return (chunk >> 3) * (kRows * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+  } else {
+    return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
+  }
 }
 
 // Copy rows [row0, row0 + kRows) of a (rows, kHeadDim) matrix with row stride `row_stride` (elements)
@@ -288,13 +292,16 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   // by the tensor cores from shared memory, P from registers), one m64 row tile of the CTA at a time.
   constexpr bool use_wgmma = kParts == 1 && kFwdWgmmaArch;
   // wgmma with P·V in flight during the next tile's softmax (see "wgmma pipeline" below), where the registers
-  // allow: not for hi + lo (two terms of P fragments), nor at D = 128 (O_i, S and P spill).
-  constexpr bool pipelined = use_wgmma && !p_hi_lo && (kHeadDim == 64 || HYPTORCH_FWD_OVERLAP_D128);
+  // allow: not for hi + lo (two terms of P fragments), nor at D = 128 (O_i, S and P spill; with 64-row tiles
+  // instead it fits, but ran no faster on an H100: dev/ab_fwd_tiles.py, benchmarks/RESULTS.md).
+  constexpr bool pipelined = use_wgmma && !p_hi_lo && kHeadDim == 64;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   // Tiles (kParts copies each: part-major), K/V in kStages buffers: sK[stage][part][key][dim], from a
   // 1024-byte boundary (Tile::kAlignSlack).
   constexpr int kStages = Tile::kStages;
+  // buffers in use: all of them for the wgmma pipeline, 2 (double buffering) otherwise
+  constexpr int kRing = pipelined ? kStages : 2;
   constexpr int kQTile = kBlockM * kHeadDim, kKVTile = kBlockN * kHeadDim;
   const uint32_t align_pad = Tile::kAlignSlack > 0 ? (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u : 0u;
   T* sQ = reinterpret_cast<T*>(smem_raw + align_pad);
@@ -472,11 +479,11 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   }
 
   for (int j = 0; j < n_tiles; ++j) {
-    const int stage = j % kStages;
+    const int stage = (unsigned)j % kRing;
     if constexpr (!pipelined) {
       // Prefetch K_{j+1}, V_{j+1} into the next buffer while this one is consumed.
       if (j + 1 < n_tiles) {
-        load_kv(j + 1, (j + 1) % kStages);
+        load_kv(j + 1, (unsigned)(j + 1) % kRing);
         cp_async_commit();
         cp_async_wait<1>();
       } else {
@@ -498,48 +505,48 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
     float acc_s_small[kRowTiles][kScoreTiles][4] = {};
     if constexpr (kParts == 1) (void)acc_s_small;
     if constexpr (!pipelined) {
-    zero_scores();
-    if constexpr (use_wgmma) {
+      zero_scores();
+      if constexpr (use_wgmma) {
 #pragma unroll
-      for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
-      wgmma_fence();
-      issue_scores(acc_s, stage);
-      wgmma_commit();
-      wgmma_wait<0>();
+        for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
+        wgmma_fence();
+        issue_scores(acc_s, stage);
+        wgmma_commit();
+        wgmma_wait<0>();
 #pragma unroll
-      for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
-    } else {
+        for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
+      } else {
 #pragma unroll
-    for (int s = 0; s < kSteps; ++s) {
-      // Q fragments are re-read from smem per k-step (FA2 does the same): the registers hold S and O.
-      uint32_t qf[kRowTiles][kParts][4];
+        for (int s = 0; s < kSteps; ++s) {
+          // Q fragments are re-read from smem per k-step (FA2 does the same): the registers hold S and O.
+          uint32_t qf[kRowTiles][kParts][4];
 #pragma unroll
-      for (int part = 0; part < kParts; ++part) {
-        uint32_t qp[kRowTiles][4];
-        load_q_step<T, kHeadDim, kBlockM, kRowTiles>(qp, sQ + part * kQTile, warp_row, s);
+          for (int part = 0; part < kParts; ++part) {
+            uint32_t qp[kRowTiles][4];
+            load_q_step<T, kHeadDim, kBlockM, kRowTiles>(qp, sQ + part * kQTile, warp_row, s);
 #pragma unroll
-        for (int rt = 0; rt < kRowTiles; ++rt)
+            for (int rt = 0; rt < kRowTiles; ++rt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) qf[rt][part][e] = qp[rt][e];
-      }
+              for (int e = 0; e < 4; ++e) qf[rt][part][e] = qp[rt][e];
+          }
 #pragma unroll
-      for (int np = 0; np < kScoreTiles / 2; ++np) {
-        uint32_t kf0[kParts][2], kf1[kParts][2];  // B operands of n8 tiles 2np and 2np + 1
-        const int key = np * 16 + ((lmat >> 1) << 3) + lrow;
+          for (int np = 0; np < kScoreTiles / 2; ++np) {
+            uint32_t kf0[kParts][2], kf1[kParts][2];  // B operands of n8 tiles 2np and 2np + 1
+            const int key = np * 16 + ((lmat >> 1) << 3) + lrow;
 #pragma unroll
-        for (int part = 0; part < kParts; ++part) {
-          uint32_t kf[4];
-          ldmatrix_x4(kf, smem_addr(sKs + part * kKVTile + swizzled<kHeadDim, kBlockN>(key, 2 * s + (lmat & 1))));
-          kf0[part][0] = kf[0], kf0[part][1] = kf[1], kf1[part][0] = kf[2], kf1[part][1] = kf[3];
+            for (int part = 0; part < kParts; ++part) {
+              uint32_t kf[4];
+              ldmatrix_x4(kf, smem_addr(sKs + part * kKVTile + swizzled<kHeadDim, kBlockN>(key, 2 * s + (lmat & 1))));
+              kf0[part][0] = kf[0], kf0[part][1] = kf[1], kf1[part][0] = kf[2], kf1[part][1] = kf[3];
+            }
+#pragma unroll
+            for (int rt = 0; rt < kRowTiles; ++rt) {
+              mma_split<T, kParts>(acc_s[rt][2 * np], acc_s_small[rt][2 * np], qf[rt], kf0);
+              mma_split<T, kParts>(acc_s[rt][2 * np + 1], acc_s_small[rt][2 * np + 1], qf[rt], kf1);
+            }
+          }
         }
-#pragma unroll
-        for (int rt = 0; rt < kRowTiles; ++rt) {
-          mma_split<T, kParts>(acc_s[rt][2 * np], acc_s_small[rt][2 * np], qf[rt], kf0);
-          mma_split<T, kParts>(acc_s[rt][2 * np + 1], acc_s_small[rt][2 * np + 1], qf[rt], kf1);
-        }
       }
-    }
-    }
     }
     if constexpr (kParts > 1) {
 #pragma unroll
@@ -774,7 +781,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
           fence_proxy_async();  // cp.async wrote the tiles wgmma reads
           __syncthreads();      // every warp is done with tile j − 1's buffer and sees tile j + 1
           if (j + 2 < n_tiles) {
-            load_kv(j + 2, (j + 2) % kStages);
+            load_kv(j + 2, (unsigned)(j + 2) % kRing);
             cp_async_commit();
           }
         }
@@ -787,7 +794,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
 #pragma unroll
         for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
         wgmma_fence();
-        issue_scores(acc_s, (j + 1) % kStages);
+        issue_scores(acc_s, (unsigned)(j + 1) % kRing);
         wgmma_commit();
       };
       // O_i += A V_j for the A fragments of every key step
