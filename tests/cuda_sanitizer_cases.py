@@ -7,8 +7,8 @@ Run (on a GPU machine)::
 
 (dtypes among bfloat16 float16 float32, all three by default; no caching allocator, so an out-of-bounds
 access hits unallocated memory instead of a cached block).
-Shapes are not multiples of the tiles, with causal, key padding and GQA, so every boundary path runs;
-every case also runs the fused backward, in one (batch, key head) slice per pass (the passes' views
+Shapes are not multiples of the tiles, with causal, key padding and GQA, so every boundary path runs
+(first, forward only, with several key tiles per query tile); every case also runs the fused backward, in one (batch, key head) slice per pass (the passes' views
 start inside the tensors); float32 runs the split-precision kernels.
 """
 import sys
@@ -20,7 +20,27 @@ from hyptorch_flash.ops import cuda_backward
 from attention_cases import SCORES, coefficient_kw, outputs_for, random_points
 
 
+def forward_many_tiles(dtypes):
+    """Forward only, several key tiles per query tile (the buffer rotation of the pipelined kernels)."""
+    gen = torch.Generator().manual_seed(1)
+    B, H, N, M = 1, 2, 200, 333
+    for D in (64, 128):
+        for dtype in dtypes:
+            for score in SCORES:
+                q = random_points((B, H, N, D), score, generator=gen).to(dtype).cuda()
+                k = random_points((B, H, M, D), score, generator=gen).to(dtype).cuda()
+                v = random_points((B, H, M, D), score, generator=gen).to(dtype).cuda()
+                pad = (torch.rand(B, M, generator=gen) < 0.3).cuda()
+                for causal, mask in ((False, None), (True, pad)):
+                    out = hf.hyperbolic_attention(q, k, v, score=score, output=outputs_for(score)[0], causal=causal,
+                                                  key_padding_mask=mask, backend="cuda", **coefficient_kw(score, 1.3))
+                    torch.cuda.synchronize()
+                    assert torch.isfinite(out).all(), (D, dtype, score, causal)
+                print(f"ok many tiles D={D} {dtype} {score}")
+
+
 def main(dtypes):
+    forward_many_tiles(dtypes)
     gen = torch.Generator().manual_seed(0)
     B, H, Hkv, N, M = 2, 4, 2, 70, 45
     curvature = torch.linspace(0.5, 2.0, H, dtype=torch.float64)
