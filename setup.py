@@ -3,7 +3,9 @@
 Opt-in ahead-of-time build of the fused forward: ``HYPTORCH_FLASH_BUILD_CUDA=1 pip install -e .``
 (needs torch with CUDA and nvcc at install time; add ``--no-build-isolation`` so the installed torch
 is used). It compiles the same sources as the JIT build (``hyptorch_flash/ops/cuda_build.py``) into
-``hyptorch_flash._cuda``, which the ``cuda`` backend then imports instead of building.
+``hyptorch_flash._cuda``, which the ``cuda`` backend then imports instead of building. The target GPUs come
+from ``TORCH_CUDA_ARCH_LIST`` as usual; list Hopper as ``9.0a`` (not ``9.0``) so the forward uses its
+warpgroup-MMA kernels, as the JIT build does on an H100.
 """
 import os
 from pathlib import Path
