@@ -5,28 +5,15 @@ refinement codes). The older copy must have the refine_output argument (commit 5
 
     git show REV:<file> for the forward sources → dev/old_fwd_src/, then: python dev/ab_forward_speed.py
 """
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
+from gpu_timing import timed  # dev/gpu_timing.py
 from hyptorch_flash.ops import cuda_build
 
 OLD = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent / "old_fwd_src")
-
-
-def timed(fn, reps=7, inner=10):
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
 
 
 def main():

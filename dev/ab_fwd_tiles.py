@@ -5,25 +5,12 @@ first setting as a sanity check.
 
     python dev/ab_fwd_tiles.py "" "-DHYPTORCH_FWD_ROW_TILES_D64=1 -DHYPTORCH_FWD_ROW_TILES_D128=1"
 """
-import statistics
 import sys
 
 import torch
 
+from gpu_timing import timed  # dev/gpu_timing.py
 from hyptorch_flash.ops import cuda_build
-
-
-def timed(fn, reps=7, inner=10):
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
 
 
 def main():

@@ -447,6 +447,18 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_s[rt][n][e] = 0.f;
   };
+  // wgmma: S_ij = Q_i K_jᵀ for the tiles in buffer `stage`, waited for.
+  auto scores_now = [&](int stage) {
+    zero_scores();
+#pragma unroll
+    for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
+    wgmma_fence();
+    issue_scores(acc_s, stage);
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
+  };
   // wgmma pipeline (FlashAttention-3's intra-warpgroup overlap): at the end of iteration j the warpgroup
   // issues S_{j+1} = Q_i K_{j+1}ᵀ and O_i += P_ij V_j, waits for S_{j+1} only, and computes the softmax of
   // tile j + 1 while P_ij V_j runs; it waits for that before rescaling O_i. So the A fragments of P_ij
@@ -467,15 +479,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
     row_constants();
     // (also when no key tile is visible, n_tiles = 0: the zero-filled buffer's scores are never read, and
     // one code path keeps ptxas from serialising the wgmma)
-    zero_scores();
-#pragma unroll
-    for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
-    wgmma_fence();
-    issue_scores(acc_s, 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-#pragma unroll
-    for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
+    scores_now(0);
   }
 
   for (int j = 0; j < n_tiles; ++j) {
@@ -504,46 +508,37 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
     // of the tensor cores' accumulation is relative to them, not to the large x_0·y_0 sum.
     float acc_s_small[kRowTiles][kScoreTiles][4] = {};
     if constexpr (kParts == 1) (void)acc_s_small;
-    if constexpr (!pipelined) {
+    if constexpr (use_wgmma) {
+      if constexpr (!pipelined) scores_now(stage);
+    } else {
       zero_scores();
-      if constexpr (use_wgmma) {
 #pragma unroll
-        for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
-        wgmma_fence();
-        issue_scores(acc_s, stage);
-        wgmma_commit();
-        wgmma_wait<0>();
+      for (int s = 0; s < kSteps; ++s) {
+        // Q fragments are re-read from smem per k-step (FA2 does the same): the registers hold S and O.
+        uint32_t qf[kRowTiles][kParts][4];
 #pragma unroll
-        for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
-      } else {
+        for (int part = 0; part < kParts; ++part) {
+          uint32_t qp[kRowTiles][4];
+          load_q_step<T, kHeadDim, kBlockM, kRowTiles>(qp, sQ + part * kQTile, warp_row, s);
 #pragma unroll
-        for (int s = 0; s < kSteps; ++s) {
-          // Q fragments are re-read from smem per k-step (FA2 does the same): the registers hold S and O.
-          uint32_t qf[kRowTiles][kParts][4];
+          for (int rt = 0; rt < kRowTiles; ++rt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) qf[rt][part][e] = qp[rt][e];
+        }
+#pragma unroll
+        for (int np = 0; np < kScoreTiles / 2; ++np) {
+          uint32_t kf0[kParts][2], kf1[kParts][2];  // B operands of n8 tiles 2np and 2np + 1
+          const int key = np * 16 + ((lmat >> 1) << 3) + lrow;
 #pragma unroll
           for (int part = 0; part < kParts; ++part) {
-            uint32_t qp[kRowTiles][4];
-            load_q_step<T, kHeadDim, kBlockM, kRowTiles>(qp, sQ + part * kQTile, warp_row, s);
-#pragma unroll
-            for (int rt = 0; rt < kRowTiles; ++rt)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) qf[rt][part][e] = qp[rt][e];
+            uint32_t kf[4];
+            ldmatrix_x4(kf, smem_addr(sKs + part * kKVTile + swizzled<kHeadDim, kBlockN>(key, 2 * s + (lmat & 1))));
+            kf0[part][0] = kf[0], kf0[part][1] = kf[1], kf1[part][0] = kf[2], kf1[part][1] = kf[3];
           }
 #pragma unroll
-          for (int np = 0; np < kScoreTiles / 2; ++np) {
-            uint32_t kf0[kParts][2], kf1[kParts][2];  // B operands of n8 tiles 2np and 2np + 1
-            const int key = np * 16 + ((lmat >> 1) << 3) + lrow;
-#pragma unroll
-            for (int part = 0; part < kParts; ++part) {
-              uint32_t kf[4];
-              ldmatrix_x4(kf, smem_addr(sKs + part * kKVTile + swizzled<kHeadDim, kBlockN>(key, 2 * s + (lmat & 1))));
-              kf0[part][0] = kf[0], kf0[part][1] = kf[1], kf1[part][0] = kf[2], kf1[part][1] = kf[3];
-            }
-#pragma unroll
-            for (int rt = 0; rt < kRowTiles; ++rt) {
-              mma_split<T, kParts>(acc_s[rt][2 * np], acc_s_small[rt][2 * np], qf[rt], kf0);
-              mma_split<T, kParts>(acc_s[rt][2 * np + 1], acc_s_small[rt][2 * np + 1], qf[rt], kf1);
-            }
+          for (int rt = 0; rt < kRowTiles; ++rt) {
+            mma_split<T, kParts>(acc_s[rt][2 * np], acc_s_small[rt][2 * np], qf[rt], kf0);
+            mma_split<T, kParts>(acc_s[rt][2 * np + 1], acc_s_small[rt][2 * np + 1], qf[rt], kf1);
           }
         }
       }
