@@ -7,9 +7,7 @@ first setting as a sanity check.
 """
 import sys
 
-import torch
-
-from gpu_timing import timed  # dev/gpu_timing.py
+from ab_common import forward_problems, timed  # dev/ab_common.py
 from hyptorch_flash.ops import cuda_build
 
 
@@ -21,24 +19,17 @@ def main():
     mods = [cuda_build.load() if not s else
             cuda_build.jit_build(f"hyptorch_flash_ab_tiles_{i}", sources, hashed, cuda_build.NVCC_FLAGS + s.split())
             for i, s in enumerate(settings)]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    B, H, N = 2, 16, 4096
-    for D in (64, 128):
-        q, k, v = (torch.randn(B, H, N, D, device="cuda", generator=gen).mul_(0.3).bfloat16() for _ in range(3))
-        curv, coef = torch.ones(H, device="cuda"), torch.full((H,), D**-0.5, device="cuda")
-        for name, score, output in (("lorentz_dot", 1, 1), ("euclidean", 0, 0), ("distance", 2, 1)):
-            for refine in (False, True):
-                args = (q, k, v, curv, coef if score != 2 else torch.ones(H, device="cuda"), None, score, output,
-                        False, False, 1e-6, refine)
-                outs = [m.fwd(*args)[0].float() for m in mods]
-                diff = max((o - outs[0]).abs().max().item() for o in outs)
-                ms = [[] for _ in mods]
-                for _ in range(3):
-                    for i, m in enumerate(mods):
-                        ms[i].append(timed(lambda: m.fwd(*args)))
-                flops = 4 * B * H * N * N * D
-                line = "  ".join(f"[{i}] {min(t):.3f} ms {flops / min(t) / 1e9:.1f}" for i, t in enumerate(ms))
-                print(f"D={D} {name:11s} refine={int(refine)} {line}  maxdiff {diff:.1e}", flush=True)
+    for D, name, flops, problem in forward_problems():
+        for refine in (False, True):
+            args = (*problem, refine)
+            outs = [m.fwd(*args)[0].float() for m in mods]
+            diff = max((o - outs[0]).abs().max().item() for o in outs)
+            ms = [[] for _ in mods]
+            for _ in range(3):
+                for i, m in enumerate(mods):
+                    ms[i].append(timed(lambda: m.fwd(*args)))
+            line = "  ".join(f"[{i}] {min(t):.3f} ms {flops / min(t) / 1e9:.1f}" for i, t in enumerate(ms))
+            print(f"D={D} {name:11s} refine={int(refine)} {line}  maxdiff {diff:.1e}", flush=True)
     for i, s in enumerate(settings):
         print(f"[{i}] {s or '(default)'}")
 
