@@ -447,14 +447,18 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_s[rt][n][e] = 0.f;
   };
-  // wgmma: S_ij = Q_i K_jᵀ for the tiles in buffer `stage`, waited for.
-  auto scores_now = [&](int stage) {
+  // wgmma: S_ij = Q_i K_jᵀ for the tiles in buffer `stage` into acc_s, as one committed group.
+  auto start_scores = [&](int stage) {
     zero_scores();
 #pragma unroll
     for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
     wgmma_fence();
     issue_scores(acc_s, stage);
     wgmma_commit();
+  };
+  // the same, waited for
+  auto scores_now = [&](int stage) {
+    start_scores(stage);
     wgmma_wait<0>();
 #pragma unroll
     for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
@@ -770,28 +774,6 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
       // of V_j, the N-major B operand: 64-column blocks kBlockN·128 bytes apart) and wait for S only.
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) p_operands(kk, pv_a[kk], false);
-      auto next_tile_ready = [&] {
-        if (j + 1 < n_tiles) {
-          cp_async_wait<0>();   // tile j + 1 (the only load in flight)
-          fence_proxy_async();  // cp.async wrote the tiles wgmma reads
-          __syncthreads();      // every warp is done with tile j − 1's buffer and sees tile j + 1
-          if (j + 2 < n_tiles) {
-            load_kv(j + 2, (unsigned)(j + 2) % kRing);
-            cp_async_commit();
-          }
-        }
-      };
-      // After the last tile this recomputes a stale buffer's scores, which nothing reads: issued anyway, so
-      // the loop body is the same in every iteration (ptxas does not see that `next` decides the loop's
-      // exit, and with wgmma issued or waited for only on some paths it serialises every wgmma).
-      auto issue_next_scores = [&] {
-        zero_scores();
-#pragma unroll
-        for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
-        wgmma_fence();
-        issue_scores(acc_s, (unsigned)(j + 1) % kRing);
-        wgmma_commit();
-      };
       // O_i += A V_j for the A fragments of every key step
       auto issue_pv = [&](const uint32_t (&a)[kBlockN / 16][kRowTiles][kParts][4]) {
         const uint32_t v_tile = smem_addr(sVs);
@@ -811,9 +793,20 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
           for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(pv_a[kk][rt]);
       };
       if constexpr (pipelined) {
-        next_tile_ready();
+        if (j + 1 < n_tiles) {
+          cp_async_wait<0>();   // tile j + 1 (the only load in flight)
+          fence_proxy_async();  // cp.async wrote the tiles wgmma reads
+          __syncthreads();      // every warp is done with tile j − 1's buffer and sees tile j + 1
+          if (j + 2 < n_tiles) {
+            load_kv(j + 2, (unsigned)(j + 2) % kRing);
+            cp_async_commit();
+          }
+        }
         fence_pv_registers();
-        issue_next_scores();
+        // After the last tile this recomputes a stale buffer's scores, which nothing reads: issued anyway,
+        // so the loop body is the same in every iteration (ptxas does not see that `j + 1 < n_tiles` decides
+        // the loop's exit, and with wgmma issued or waited for only on some paths it serialises every wgmma).
+        start_scores((unsigned)(j + 1) % kRing);
         wgmma_fence();
         issue_pv(pv_a);
         wgmma_commit();
