@@ -8,8 +8,9 @@ Run (on a GPU machine)::
 (dtypes among bfloat16 float16 float32, all three by default; no caching allocator, so an out-of-bounds
 access hits unallocated memory instead of a cached block).
 Shapes are not multiples of the tiles, with causal, key padding and GQA, so every boundary path runs
-(first, forward only, with several key tiles per query tile); every case also runs the fused backward, in one (batch, key head) slice per pass (the passes' views
-start inside the tensors); float32 runs the split-precision kernels.
+(first, forward only, with several key tiles per query tile); every case also runs the fused backward,
+in one (batch, key head) slice per pass (the passes' views start inside the tensors); float32 runs the
+split-precision kernels.
 """
 import sys
 

@@ -1,8 +1,7 @@
 """CPU CI check of the CUDA sources: every ``.cu`` under ``hyptorch_flash/csrc`` compiles for sm_90a
-with ``nvcc -Xptxas -v`` (the bf16/fp16 forward kernels also without their wgmma path) and no kernel
-spills registers or uses a stack frame (a spill turns the
-register-resident tiles of a FlashAttention kernel into local-memory traffic). Skipped where nvcc is
-absent. Also checks that ``numerics.cuh`` holds the float32 row of ``hyptorch_flash/numerics.py``.
+with ``nvcc -Xptxas -v`` (the bf16/fp16 forward kernels also without their wgmma path), no kernel
+spills registers or uses a stack frame (a spill turns the register-resident tiles of a FlashAttention
+kernel into local-memory traffic) and ptxas keeps the wgmma asynchronous. Skipped where nvcc is absent. Also checks that ``numerics.cuh`` holds the float32 row of ``hyptorch_flash/numerics.py``.
 """
 from __future__ import annotations
 

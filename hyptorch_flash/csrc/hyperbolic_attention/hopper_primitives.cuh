@@ -1,6 +1,6 @@
 // Hopper (sm_90a) building blocks of the forward kernel's warpgroup-MMA path: shared-memory matrix
 // descriptors, the wgmma fence / commit / wait protocol and the async-proxy fence. Compiled into the
-// kernel only where __CUDA_ARCH_FEAT_SM90_ALL is defined (see kFwdWgmma in attention_fwd_kernel.cuh).
+// kernel only where __CUDA_ARCH_FEAT_SM90_ALL is defined (see kFwdWgmmaArch in attention_fwd_kernel.cuh).
 #pragma once
 
 #include <cstdint>
