@@ -37,6 +37,10 @@ struct FwdParams {
   int8_t* out_refine;
   // Scratch (B, H, kKeyRecordFields, Mpad) float32, written by the prologue kernel.
   float* key_records;
+  // Scratch (B, H, Mpad, 8) in the input dtype for dot-product scores with parts == 1 (else nullptr), written by
+  // the prologue kernel: each key's v0 in parts, the extra columns of the P·V tensor-core product on sm_90a
+  // (attention_fwd_kernel.cuh: TimeBlock).
+  void* key_time_block;
   // Per query head (H,) float32: curvature k_h > 0 and the score coefficient (scale or β).
   const float* curvature;
   const float* coef;

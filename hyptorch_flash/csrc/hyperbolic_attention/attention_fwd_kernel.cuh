@@ -42,11 +42,18 @@ constexpr bool kFwdWgmmaArch = true;
 constexpr bool kFwdWgmmaArch = false;
 #endif
 
+// D = 128, bf16/fp16: 1 warpgroup of 2 × 64 query rows per CTA with 32-key tiles (default; S and O share 255
+// registers), or 2 warpgroups (8 warps) of 64 rows each with 64-key tiles and the wgmma pipeline: on an H100 as
+// fast for inference and ~10% slower for the backward's hi + lo variant (benchmarks/RESULTS.md, session 8).
+#ifndef HYPTORCH_FWD_WARPGROUPS_D128
+#define HYPTORCH_FWD_WARPGROUPS_D128 1
+#endif
+#define HYPTORCH_FWD_BLOCK_N_D128_DEFAULT (32 * HYPTORCH_FWD_WARPGROUPS_D128)
 #ifndef HYPTORCH_FWD_BLOCK_N_D64
 #define HYPTORCH_FWD_BLOCK_N_D64 64
 #endif
 #ifndef HYPTORCH_FWD_BLOCK_N_D128
-#define HYPTORCH_FWD_BLOCK_N_D128 32
+#define HYPTORCH_FWD_BLOCK_N_D128 HYPTORCH_FWD_BLOCK_N_D128_DEFAULT
 #endif
 #ifndef HYPTORCH_FWD_ROW_TILES_D64
 #define HYPTORCH_FWD_ROW_TILES_D64 2
@@ -55,7 +62,7 @@ constexpr bool kFwdWgmmaArch = false;
 #define HYPTORCH_FWD_ROW_TILES_D64_DISTANCE 1
 #endif
 #ifndef HYPTORCH_FWD_ROW_TILES_D128
-#define HYPTORCH_FWD_ROW_TILES_D128 2
+#define HYPTORCH_FWD_ROW_TILES_D128 (3 - HYPTORCH_FWD_WARPGROUPS_D128)
 #endif
 
 namespace hyptorch_flash {
@@ -63,6 +70,15 @@ namespace hyptorch_flash {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLazyMaxLog2 = 8.f;  // see softmax_tile
 constexpr float kLn2 = 0.6931471805599453f;
+
+// The time block (bf16/fp16, dot-product scores on sm_90a): 8 columns per key, [v0 hi, v0 mid, v0 lo, 0, …, 0],
+// appended to V_j as the columns D … D + 7 of the P·V warpgroup MMA, so that the tensor cores also
+// accumulate O_0 = Σ_j P_ij v0_j, with the same rounded P as O_s (instead of an unpack and an FMA per score
+// on the CUDA cores). Written per key by key_records_kernel (p.key_time_block, 16 bytes a key). l_i = Σ_j P_ij
+// stays an fp32 sum of the unrounded P: the log-sum-exp is an output, and the rounded P's sum is ~2^-9 off.
+struct TimeBlock {
+  static constexpr int kCols = 8;
+};
 
 // Per-key record fields (rows of key_records, each Mpad floats long).
 //   A: k0 (lorentz_dot, distance) or |k|² (poincare)      B: b_j = 1/(1 − c|k|²) (poincare)
@@ -148,6 +164,19 @@ __global__ void __launch_bounds__(256) key_records_kernel(const FwdParams p) {
   rec[REC_V0 * stride] = v0;
   rec[REC_VS * stride] = vscale;
   rec[REC_BIAS * stride] = padded ? -CUDART_INF_F : 0.f;
+  if (kParts == 1 && (p.score == SCORE_LORENTZ_DOT || p.score == SCORE_EUCLIDEAN)) {
+    // The key's row of the time block (TimeBlock): v0 as the sum of three T-rounded parts (~3× the
+    // precision of T, so that O_0 is float32-accurate).
+    float parts[3];
+    float rest = v0;
+#pragma unroll
+    for (int c = 0; c < 3; ++c) {
+      parts[c] = to_float(from_float<T>(rest));
+      rest -= parts[c];  // exact: the rounding residue is representable
+    }
+    const uint4 packed = {pack2<T>(parts[0], parts[1]), pack2<T>(parts[2], 0.f), 0u, 0u};
+    reinterpret_cast<uint4*>(p.key_time_block)[(size_t)bh * p.n_keys_padded + j] = packed;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -166,7 +195,9 @@ __global__ void __launch_bounds__(256) key_records_kernel(const FwdParams p) {
 // mma per product (below): 16 rows per warp and shorter key tiles keep 2 CTAs per SM.
 template <int kHeadDim, bool kDistance, int kParts = 1>
 struct FwdTile {
-  static constexpr int kWarps = 4;
+  // warpgroups (4 warps each) per CTA, every one with its own query rows (kRowTiles m64 tiles with wgmma)
+  static constexpr int kWarpgroups = kParts == 1 && kHeadDim > 64 ? HYPTORCH_FWD_WARPGROUPS_D128 : 1;
+  static constexpr int kWarps = 4 * kWarpgroups;
   // m16 tiles per warp: each K/V fragment read from smem feeds kRowTiles mma
   static constexpr int kRowTiles = kParts > 1     ? 1
                                    : kHeadDim > 64 ? HYPTORCH_FWD_ROW_TILES_D128
@@ -180,7 +211,7 @@ struct FwdTile {
   static constexpr int kThreads = kWarps * 32;
   // CTAs per SM the register budget must allow (1: up to 255 registers; 3: up to 168)
   // (split float32: 2, up to 255 registers for the tile-local P·V sums; D = 128 fits 2 CTAs in shared memory)
-  static constexpr int kMinBlocks = kParts > 1 ? 2 : kRowTiles == 1 ? 3 : 1;
+  static constexpr int kMinBlocks = kParts > 1 ? 2 : kWarpgroups > 1 || kRowTiles > 1 ? 1 : 3;
   static constexpr int kChunks = kHeadDim / 8;       // 16-byte chunks per row
   static constexpr int kSteps = kHeadDim / 16;       // k-steps of Q Kᵀ
   static constexpr int kScoreTiles = kBlockN / 8;    // n8 tiles of S
@@ -195,6 +226,15 @@ struct FwdTile {
   static constexpr int smem_bytes() {
     return kParts * (kBlockM + 2 * kStages * kBlockN) * kHeadDim * (int)sizeof(T) +
            kStages * kKeyRecordFields * kBlockN * (int)sizeof(float) + kAlignSlack;
+  }
+  // wgmma builds of dot-product scores: each V buffer also holds the keys' time block (TimeBlock) as one more
+  // 64-column block of the swizzled layout, of which the tensor cores read 8 columns (the launcher adds these
+  // bytes on sm_90). Not for arccosh scores: they are bound by the special-function unit, and at D = 64 the
+  // extra bytes would cost them a CTA per SM.
+  static constexpr bool kTimeBlock = kParts == 1 && !kDistance;
+  template <typename T>
+  static constexpr int time_block_bytes() {
+    return kTimeBlock ? kStages * kBlockN * 64 * (int)sizeof(T) : 0;
   }
 };
 
@@ -294,7 +334,11 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   // wgmma with P·V in flight during the next tile's softmax (see "wgmma pipeline" below), where the registers
   // allow: not for hi + lo (two terms of P fragments), nor at D = 128 (O_i, S and P spill; with 64-row tiles
   // instead it fits, but ran no faster on an H100: dev/ab_fwd_tiles.py, benchmarks/RESULTS.md).
-  constexpr bool pipelined = use_wgmma && !p_hi_lo && kHeadDim == 64;
+  constexpr bool pipelined = use_wgmma && !p_hi_lo && (kHeadDim == 64 || Tile::kWarpgroups > 1);
+  // wgmma, dot-product scores: O_0 is accumulated by the tensor cores as 8 more columns of O_i (the time block
+  // appended to V_j, TimeBlock): acc_o[rt][kOutTiles]. Otherwise by fp32 FMAs (o0_i).
+  constexpr bool tc_sums = use_wgmma && Tile::kTimeBlock;
+  constexpr int kOutCols = kOutTiles + (tc_sums ? 1 : 0);  // n8 tiles of acc_o
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   // Tiles (kParts copies each: part-major), K/V in kStages buffers: sK[stage][part][key][dim], from a
@@ -302,12 +346,14 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   constexpr int kStages = Tile::kStages;
   // buffers in use: all of them for the wgmma pipeline, 2 (double buffering) otherwise
   constexpr int kRing = pipelined ? kStages : 2;
+  // V buffers (wgmma) carry the time block as one more 64-column block
   constexpr int kQTile = kBlockM * kHeadDim, kKVTile = kBlockN * kHeadDim;
+  constexpr int kVTile = kKVTile + (tc_sums ? kBlockN * 64 : 0);
   const uint32_t align_pad = Tile::kAlignSlack > 0 ? (1024u - (smem_addr(smem_raw) & 1023u)) & 1023u : 0u;
   T* sQ = reinterpret_cast<T*>(smem_raw + align_pad);
   T* sK = sQ + kParts * kQTile;
   T* sV = sK + kStages * kParts * kKVTile;
-  float* sRec = reinterpret_cast<float*>(sV + kStages * kParts * kKVTile);  // kStages × fields × kBlockN
+  float* sRec = reinterpret_cast<float*>(sV + kStages * kParts * kVTile);  // kStages × fields × kBlockN
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;        // mma fragment row group / column pair
@@ -320,15 +366,17 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   const int i0 = m_block * kBlockM;
   const int N = p.n_queries, M = p.n_keys;
   // Rows of this thread's m16 tile rt inside the query tile: warp_row + rt·kRowTileStride + g (and + 8).
-  // mma.sync: each warp owns 16·kRowTiles consecutive rows; wgmma: row tile rt is the warpgroup's rows
-  // 64·rt … 64·rt + 63, of which warp w holds 16w … 16w + 15.
-  const int warp_row = warp * 16 * (use_wgmma ? 1 : Tile::kRowTiles);
+  // mma.sync: each warp owns 16·kRowTiles consecutive rows; wgmma: warpgroup wg owns rows 64·kRowTiles·wg …,
+  // its row tile rt the 64 rows from 64·(kRowTiles·wg + rt), of which its warp w holds 16w … 16w + 15.
+  const int warpgroup = warp / 4;
+  const int warp_row = use_wgmma ? warpgroup * 64 * kRowTiles + (warp % 4) * 16 : warp * 16 * kRowTiles;
   constexpr int kRowTileStride = use_wgmma ? 64 : 16;
 
   const T* q_ptr = static_cast<const T*>(p.q) + b * p.q_stride.batch + h * p.q_stride.head;
   const T* k_ptr = static_cast<const T*>(p.k) + b * p.k_stride.batch + hk * p.k_stride.head;
   const T* v_ptr = static_cast<const T*>(p.v) + b * p.v_stride.batch + hk * p.v_stride.head;
   const float* rec_ptr = p.key_records + (size_t)bh * kKeyRecordFields * p.n_keys_padded;
+  const T* time_ptr = static_cast<const T*>(p.key_time_block) + (size_t)bh * p.n_keys_padded * TimeBlock::kCols;
 
   // Causal (top-left aligned): rows < i0 + kBlockM see keys < i0 + kBlockM only; skip later tiles.
   const int kv_end = p.causal ? min(M, min(N, i0 + kBlockM)) : M;
@@ -337,9 +385,17 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   auto load_kv = [&](int j, int stage) {
 #pragma unroll
     for (int part = 0; part < kParts; ++part) {
-      const int tile = (stage * kParts + part) * kKVTile;
-      load_tile_async<T, kHeadDim, kBlockN, kThreads>(sK + tile, k_ptr + part * p.k_stride.part, p.k_stride.row, j * kBlockN, M);
-      load_tile_async<T, kHeadDim, kBlockN, kThreads>(sV + tile, v_ptr + part * p.v_stride.part, p.v_stride.row, j * kBlockN, M);
+      const int k_tile = (stage * kParts + part) * kKVTile, v_tile = (stage * kParts + part) * kVTile;
+      load_tile_async<T, kHeadDim, kBlockN, kThreads>(sK + k_tile, k_ptr + part * p.k_stride.part, p.k_stride.row, j * kBlockN, M);
+      load_tile_async<T, kHeadDim, kBlockN, kThreads>(sV + v_tile, v_ptr + part * p.v_stride.part, p.v_stride.row, j * kBlockN, M);
+    }
+    if constexpr (tc_sums) {
+      // the time block: chunk 0 of the 64-column block after V_j's (rows < Mpad: always in the array)
+      if (threadIdx.x < kBlockN) {
+        const int key = threadIdx.x;
+        cp_async_16(smem_addr(sV + stage * kVTile + swizzled<kHeadDim, kBlockN>(key, kHeadDim / 8)),
+                    time_ptr + (size_t)(j * kBlockN + key) * TimeBlock::kCols, true);
+      }
     }
     constexpr int kRecChunks = kRecFloats / 4;
     if (threadIdx.x < kRecChunks) {
@@ -368,7 +424,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
         const uint64_t desc_k = smem_desc_sw128(k_tile + (s / 4) * (kBlockN * 128) + col_bytes, 16, 1024);
 #pragma unroll
         for (int rt = 0; rt < kRowTiles; ++rt) {
-          const uint32_t q_bytes = (s / 4) * (kBlockM * 128) + rt * (64 * 128) + col_bytes;
+          const uint32_t q_bytes = (s / 4) * (kBlockM * 128) + (warpgroup * kRowTiles + rt) * (64 * 128) + col_bytes;
           wgmma_ss<T, kBlockN>(acc_s[rt], smem_desc_sw128(q_tile + q_bytes, 16, 1024), desc_k);
         }
       }
@@ -426,11 +482,11 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
     }
   };
 
-  float acc_o[kRowTiles][kOutTiles][4];
+  float acc_o[kRowTiles][kOutCols][4];
 #pragma unroll
   for (int rt = 0; rt < kRowTiles; ++rt)
 #pragma unroll
-    for (int n = 0; n < kOutTiles; ++n)
+    for (int n = 0; n < kOutCols; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_o[rt][n][e] = 0.f;
   float m_i[kRows], l_i[kRows], o0_i[kRows];  // running max of x, Σ_j P_ij and Σ_j P_ij v0_j (this thread's columns)
@@ -503,7 +559,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
     }
 
     const T* sKs = sK + stage * kParts * kKVTile;  // part `part` at + part·kKVTile
-    const T* sVs = sV + stage * kParts * kKVTile;
+    const T* sVs = sV + stage * kParts * kVTile;
     const float* sRecs = sRec + stage * kRecFloats;
 
     // S_ij = Q_i K_jᵀ on tensor cores (fp32 accumulate); each K fragment feeds both m16 tiles (pipelined:
@@ -657,7 +713,8 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
         // recip: P = exp2(−lg2 w − m) = exp2(−m)·(1/w), so neg_m holds the row factor exp2(−m)
         neg_m[r] = decltype(recip)::value ? fast_exp2(-m_use) : -exp_scale * m_use;
         m_i[r] = mx;
-        l_i[r] *= alpha, o0_i[r] *= alpha;
+        l_i[r] *= alpha;
+        if constexpr (!tc_sums) o0_i[r] *= alpha;
         alphas[r] = alpha;
       }
     };
@@ -683,7 +740,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
       for (int r = 0; r < kRows; ++r) {
         const int rt = r >> 1, e0 = 2 * (r & 1);
 #pragma unroll
-        for (int n = 0; n < kOutTiles; ++n) acc_o[rt][n][e0] *= alphas[r], acc_o[rt][n][e0 + 1] *= alphas[r];
+        for (int n = 0; n < kOutCols; ++n) acc_o[rt][n][e0] *= alphas[r], acc_o[rt][n][e0 + 1] *= alphas[r];
       }
     }
 #pragma unroll
@@ -737,7 +794,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
         }
         // O_0 += P_ij v0_j with the same rounded weights the tensor cores use for O_s, so O stays an
         // exact combination of lifted points and O0² − |Os|² does not cancel through rounding.
-        if (kDistance || p.score != SCORE_EUCLIDEAN) {
+        if (!tc_sums && (kDistance || p.score != SCORE_EUCLIDEAN)) {
           const float2 v0a = *reinterpret_cast<const float2*>(sRecs + REC_V0 * kBlockN + kk * 16 + 2 * t);
           const float2 v0b = *reinterpret_cast<const float2*>(sRecs + REC_V0 * kBlockN + kk * 16 + 8 + 2 * t);
 #pragma unroll
@@ -781,7 +838,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
           const uint64_t desc_v = smem_desc_sw128(v_tile + kk * (16 * 128), kBlockN * 128, 1024);
 #pragma unroll
-          for (int rt = 0; rt < kRowTiles; ++rt) wgmma_rs_bt<T, kHeadDim>(acc_o[rt], a[kk][rt][0], desc_v);
+          for (int rt = 0; rt < kRowTiles; ++rt) wgmma_rs_bt<T, kOutCols * 8>(acc_o[rt], a[kk][rt][0], desc_v);
         }
       };
       auto fence_pv_registers = [&] {
@@ -904,8 +961,19 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   for (int r = 0; r < kRows; ++r) {
     const int rt = r >> 1, e0 = 2 * (r & 1);
     const float l = quad_sum(l_i[r]);
+    float o0_sum;
+    if constexpr (tc_sums) {
+      // the time block's columns 2t, 2t + 1 of this row: from lanes t = 0 (v0 hi, mid) and 1 (v0 lo)
+      const float c0 = acc_o[rt][kOutTiles][e0], c1 = acc_o[rt][kOutTiles][e0 + 1];
+      const int quad = lane & ~3;
+      const float v0_hi = __shfl_sync(0xffffffffu, c0, quad), v0_mid = __shfl_sync(0xffffffffu, c1, quad);
+      const float v0_lo = __shfl_sync(0xffffffffu, c0, quad + 1);
+      o0_sum = v0_hi + (v0_mid + v0_lo);
+    } else {
+      o0_sum = quad_sum(o0_i[r]);
+    }
     const float inv_l = l > 0.f ? 1.f / l : 0.f;  // l = 0: every key masked → O = 0, L = −inf
-    const float o0 = quad_sum(o0_i[r]) * inv_l;
+    const float o0 = o0_sum * inv_l;
     SqAcc<kParts> os_sq = 0;
 #pragma unroll
     for (int n = 0; n < kOutTiles; ++n) {

@@ -10,7 +10,15 @@ namespace hyptorch_flash {
 template <typename T, int kHeadDim, bool kDistance, int kParts>
 cudaError_t launch_fwd_main(const FwdParams& p, cudaStream_t stream) {
   using Tile = FwdTile<kHeadDim, kDistance, kParts>;
-  constexpr int smem = Tile::template smem_bytes<T>();
+  int smem = Tile::template smem_bytes<T>();
+  if constexpr (Tile::kTimeBlock) {
+    // the wgmma kernel (sm_90a builds, which run on compute capability 9.x only) keeps the time block in its V buffers
+    int device = 0, major = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err != cudaSuccess) return err;
+    if (major == 9) smem += Tile::template time_block_bytes<T>();
+  }
   // bf16/fp16 run for the backward (out_refine set): the hi + lo P·V variant
   auto kernel = attention_fwd_kernel<T, kHeadDim, kDistance, kParts, false>;
   if constexpr (kParts == 1) {

@@ -108,6 +108,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor&
   at::Tensor out_refine = at::empty(refine ? q.sizes() : at::IntArrayRef{0}, q.options().dtype(at::kChar));
   const int64_t m_padded = (M + hyptorch_flash::kKeyRecordPad - 1) / hyptorch_flash::kKeyRecordPad * hyptorch_flash::kKeyRecordPad;
   at::Tensor records = at::empty({B, H, hyptorch_flash::kKeyRecordFields, m_padded}, f32);
+  // dot-product scores, bf16/fp16: each key's v0 in parts for the tensor cores (attention_fwd.h)
+  const bool time_block_used = dtype != at::kFloat &&
+                               (score == hyptorch_flash::SCORE_LORENTZ_DOT || score == hyptorch_flash::SCORE_EUCLIDEAN);
+  at::Tensor time_block = at::empty(time_block_used ? at::IntArrayRef{B, H, m_padded, 8} : at::IntArrayRef{0}, q.options());
 
   hyptorch_flash::FwdParams p{};
   p.q = q.data_ptr();
@@ -121,6 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor&
   p.o0 = o0.data_ptr<float>();
   p.out_refine = refine ? out_refine.data_ptr<int8_t>() : nullptr;
   p.key_records = records.data_ptr<float>();
+  p.key_time_block = time_block_used ? time_block.data_ptr() : nullptr;
   p.curvature = curvature.data_ptr<float>();
   p.coef = coef.data_ptr<float>();
   p.key_padding = padding.defined() ? reinterpret_cast<const uint8_t*>(padding.data_ptr<bool>()) : nullptr;
