@@ -19,7 +19,8 @@
 // Hyperbolic parts (all float32): the time coordinates q0 = sqrt(k + |q|²), k0, v0 are recomputed
 // from the space coordinates (the key-side ones once per call by key_records_kernel); the rank-1
 // Minkowski term scale·q0·k0ᵀ is subtracted from the tensor-core tile; O_0 = Σ_j P_ij v0_j is an
-// fp32 row reduction; the epilogue maps O = [O_0 | O_s] to the centroid in the chosen model.
+// fp32 row reduction (with wgmma and dot-product scores: 8 more columns of the P·V product, TimeBlock); the
+// epilogue maps O = [O_0 | O_s] to the centroid in the chosen model.
 #pragma once
 
 #include <cstdint>
