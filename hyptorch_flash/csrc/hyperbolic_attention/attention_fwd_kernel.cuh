@@ -50,6 +50,11 @@ constexpr bool kFwdWgmmaArch = false;
 #define HYPTORCH_FWD_WARPGROUPS_D128 1
 #endif
 #define HYPTORCH_FWD_BLOCK_N_D128_DEFAULT (32 * HYPTORCH_FWD_WARPGROUPS_D128)
+// The wgmma pipeline also at D = 128 with one warpgroup (see `pipelined`): 337 vs 311 TFLOP/s on an H100 in an
+// earlier build that spilled (benchmarks/RESULTS.md, session 8); spill-free now, not yet run on a GPU in this form.
+#ifndef HYPTORCH_FWD_PIPELINE_D128
+#define HYPTORCH_FWD_PIPELINE_D128 0
+#endif
 #ifndef HYPTORCH_FWD_BLOCK_N_D64
 #define HYPTORCH_FWD_BLOCK_N_D64 64
 #endif
@@ -335,7 +340,7 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   // wgmma with P·V in flight during the next tile's softmax (see "wgmma pipeline" below), where the registers
   // allow: not for hi + lo (two terms of P fragments), nor at D = 128 (O_i, S and P spill; with 64-row tiles
   // instead it fits, but ran no faster on an H100: dev/ab_fwd_tiles.py, benchmarks/RESULTS.md).
-  constexpr bool pipelined = use_wgmma && !p_hi_lo && (kHeadDim == 64 || Tile::kWarpgroups > 1);
+  constexpr bool pipelined = use_wgmma && !p_hi_lo && (kHeadDim == 64 || Tile::kWarpgroups > 1 || HYPTORCH_FWD_PIPELINE_D128);
   // wgmma, dot-product scores: O_0 is accumulated by the tensor cores as 8 more columns of O_i (the time block
   // appended to V_j, TimeBlock): acc_o[rt][kOutTiles]. Otherwise by fp32 FMAs (o0_i).
   constexpr bool tc_sums = use_wgmma && Tile::kTimeBlock;
