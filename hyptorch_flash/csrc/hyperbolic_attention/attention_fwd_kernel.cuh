@@ -338,8 +338,8 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   // by the tensor cores from shared memory, P from registers), one m64 row tile of the CTA at a time.
   constexpr bool use_wgmma = kParts == 1 && kFwdWgmmaArch;
   // wgmma with P·V in flight during the next tile's softmax (see "wgmma pipeline" below), where the registers
-  // allow: not for hi + lo (two terms of P fragments), nor at D = 128 (O_i, S and P spill; with 64-row tiles
-  // instead it fits, but ran no faster on an H100: dev/ab_fwd_tiles.py, benchmarks/RESULTS.md).
+  // allow: not for hi + lo (two terms of P fragments); at D = 128 with two warpgroups, or with one where
+  // HYPTORCH_FWD_PIPELINE_D128 asks for it (O_i, S and P in 255 registers; see that macro).
   constexpr bool pipelined = use_wgmma && !p_hi_lo && (kHeadDim == 64 || Tile::kWarpgroups > 1 || HYPTORCH_FWD_PIPELINE_D128);
   // wgmma, dot-product scores: O_0 is accumulated by the tensor cores as 8 more columns of O_i (the time block
   // appended to V_j, TimeBlock): acc_o[rt][kOutTiles]. Otherwise by fp32 FMAs (o0_i).
