@@ -6,8 +6,7 @@
 #   benchmarks/device_suite.sh build tests fwd_fp32 bwd_memory
 #
 # Steps: build, tests, sanitizer, sanitizer_fp32, fwd_quick, fwd_sweep, fwd_fp32, bwd, bwd_fp32, bwd_memory, bwd_flex,
-# pipeline_d128 (the forward tests and a same-process A/B with -DHYPTORCH_FWD_PIPELINE_D128=1, not yet the default),
-# tiles_d64 (same-process A/B of D = 64 shapes with two warpgroups per CTA: 64 or 128-key tiles).
+# pipeline_d128 (the forward tests and a same-process A/B with -DHYPTORCH_FWD_PIPELINE_D128=1, not yet the default).
 # Each step has its own time limit and a failing step does not stop the next ones; the script exits
 # non-zero if any step failed. On the lent device, install geoopt first (the device README's notes).
 set -uo pipefail
@@ -53,9 +52,6 @@ cuda_build.load(); cuda_backward.load_extension()" ;;
     pipeline_d128) HYPTORCH_FLASH_NVCC_EXTRA=-DHYPTORCH_FWD_PIPELINE_D128=1 step pipeline_d128 400 python3 -m pytest -q \
       -p no:warnings tests/test_cuda_forward.py tests/test_out_dtype.py
       step pipeline_d128_ab 300 bash -c 'cd dev && python3 ab_fwd_tiles.py "" -DHYPTORCH_FWD_PIPELINE_D128=1' ;;
-    tiles_d64) step tiles_d64 400 bash -c 'cd dev && python3 ab_fwd_tiles.py "" \
-      "-DHYPTORCH_FWD_WARPGROUPS_D64=2 -DHYPTORCH_FWD_ROW_TILES_D64=1 -DHYPTORCH_FWD_BLOCK_N_D64=128" \
-      "-DHYPTORCH_FWD_WARPGROUPS_D64=2 -DHYPTORCH_FWD_ROW_TILES_D64=1"' ;;
     *) echo "unknown step: $name"; failed+=("$name") ;;
   esac
 done

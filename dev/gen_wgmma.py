@@ -11,7 +11,7 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "hyptorch_flash/csrc/hyperbolic_attention/wgmma_ops.cuh"
 TYPES = (("__nv_bfloat16", "bf16"), ("__half", "f16"))
-SS_SHAPES = (32, 64, 128)    # S = Q Kᵀ: N = keys per tile
+SS_SHAPES = (32, 64)    # S = Q Kᵀ: N = keys per tile
 RS_SHAPES = (64, 72, 128, 136)   # O += P V: N = head dim (+ 8: the time block, attention_fwd_kernel.cuh)
 
 

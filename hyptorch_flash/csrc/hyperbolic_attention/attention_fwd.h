@@ -65,6 +65,6 @@ cudaError_t launch_split_fp32(const float* x, void* parts, int64_t n, cudaStream
 cudaError_t launch_attention_fwd(const FwdParams& params, cudaStream_t stream);
 
 // key_records rows are padded to a multiple of this (a multiple of every kernel's key tile).
-constexpr int kKeyRecordPad = 128;
+constexpr int kKeyRecordPad = 64;
 
 }  // namespace hyptorch_flash

@@ -55,11 +55,6 @@ constexpr bool kFwdWgmmaArch = false;
 #ifndef HYPTORCH_FWD_PIPELINE_D128
 #define HYPTORCH_FWD_PIPELINE_D128 0
 #endif
-// D = 64, bf16/fp16 dot-product scores: warpgroups per CTA (tuning experiment; with 2 or 3, e.g. 64 rows each,
-// -DHYPTORCH_FWD_ROW_TILES_D64=1, and 128-key tiles, -DHYPTORCH_FWD_BLOCK_N_D64=128, as FlashAttention-3 does).
-#ifndef HYPTORCH_FWD_WARPGROUPS_D64
-#define HYPTORCH_FWD_WARPGROUPS_D64 1
-#endif
 #ifndef HYPTORCH_FWD_BLOCK_N_D64
 #define HYPTORCH_FWD_BLOCK_N_D64 64
 #endif
@@ -207,10 +202,7 @@ __global__ void __launch_bounds__(256) key_records_kernel(const FwdParams p) {
 template <int kHeadDim, bool kDistance, int kParts = 1>
 struct FwdTile {
   // warpgroups (4 warps each) per CTA, every one with its own query rows (kRowTiles m64 tiles with wgmma)
-  static constexpr int kWarpgroups = kParts > 1     ? 1
-                                     : kHeadDim > 64 ? HYPTORCH_FWD_WARPGROUPS_D128
-                                     : kDistance     ? 1
-                                                     : HYPTORCH_FWD_WARPGROUPS_D64;
+  static constexpr int kWarpgroups = kParts == 1 && kHeadDim > 64 ? HYPTORCH_FWD_WARPGROUPS_D128 : 1;
   static constexpr int kWarps = 4 * kWarpgroups;
   // m16 tiles per warp: each K/V fragment read from smem feeds kRowTiles mma
   static constexpr int kRowTiles = kParts > 1     ? 1
@@ -223,7 +215,6 @@ struct FwdTile {
                                  : kHeadDim <= 64 ? HYPTORCH_FWD_BLOCK_N_D64
                                                   : HYPTORCH_FWD_BLOCK_N_D128;
   static constexpr int kThreads = kWarps * 32;
-  static_assert(kKeyRecordPad % kBlockN == 0, "key tiles must not run past the padded key records");
   // CTAs per SM the register budget must allow (1: up to 255 registers; 3: up to 168)
   // (split float32: 2, up to 255 registers for the tile-local P·V sums; D = 128 fits 2 CTAs in shared memory)
   static constexpr int kMinBlocks = kParts > 1 ? 2 : kWarpgroups > 1 || kRowTiles > 1 ? 1 : 3;
@@ -252,20 +243,6 @@ struct FwdTile {
     return kTimeBlock ? kStages * kBlockN * 64 * (int)sizeof(T) : 0;
   }
 };
-
-// op-reduction of x[0 .. kN) (kN a power of two) as a tree of depth log2 kN, in place (x[0] ends with the
-// result): short dependency chains. Widths are template arguments so that every index is a constant (a
-// run-time loop over widths leaves x in local memory once kN = 16).
-template <int kN, int kWidth = kN / 2, typename Op>
-__device__ __forceinline__ float tree_reduce(float (&x)[kN], Op op) {
-  if constexpr (kWidth == 0) {
-    return x[0];
-  } else {
-#pragma unroll
-    for (int n = 0; n < kWidth; ++n) x[n] = op(x[n], x[n + kWidth]);
-    return tree_reduce<kN, kWidth / 2>(x, op);
-  }
-}
 
 // Element offset of the 16-byte chunk `chunk` of row `row` in a swizzled tile of kRows rows, chunk c of a
 // row stored at c ^ (row % 8), so the 8 rows one ldmatrix reads (same logical chunk) land in 8 different
@@ -718,12 +695,20 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
           // max_j S_ij·log2e = −lg2(min_j w_ij): one lg2 per row instead of one per score
 #pragma unroll
           for (int n = 0; n < kScoreTiles; ++n) part[n] = fminf(acc_s[rt][n][e0], acc_s[rt][n][e0 + 1]);
-          const float w_min = quad_min(tree_reduce(part, [](float a, float b) { return fminf(a, b); }));
+#pragma unroll
+          for (int width = kScoreTiles / 2; width > 0; width /= 2)
+#pragma unroll
+            for (int n = 0; n < width; ++n) part[n] = fminf(part[n], part[n + width]);
+          const float w_min = quad_min(part[0]);
           tile_max = w_min == CUDART_INF_F ? -CUDART_INF_F : -fast_log2(w_min);
         } else {
 #pragma unroll
           for (int n = 0; n < kScoreTiles; ++n) part[n] = fmaxf(acc_s[rt][n][e0], acc_s[rt][n][e0 + 1]);
-          tile_max = quad_max(tree_reduce(part, [](float a, float b) { return fmaxf(a, b); }));
+#pragma unroll
+          for (int width = kScoreTiles / 2; width > 0; width /= 2)
+#pragma unroll
+            for (int n = 0; n < width; ++n) part[n] = fmaxf(part[n], part[n + width]);
+          tile_max = quad_max(part[0]);
         }
         // Lazy maximum (FlashAttention-4): m_i moves only when the tile's maximum exceeds it by more than
         // 2^kLazyMaxLog2 in P (and always from −inf), so O_i is rarely rescaled; P ≤ 2^kLazyMaxLog2 is
@@ -780,7 +765,11 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
         acc_s[rt][n][e0] = p0, acc_s[rt][n][e0 + 1] = p1;
         part[n] = p0 + p1;
       }
-      l_i[r] += tree_reduce(part, [](float a, float b) { return a + b; });
+#pragma unroll
+      for (int width = kScoreTiles / 2; width > 0; width /= 2)
+#pragma unroll
+        for (int n = 0; n < width; ++n) part[n] += part[n + width];
+      l_i[r] += part[0];
     }
 
     // O_i += P_ij V_j: the S fragment becomes the A operand (Poincaré: P scaled by the value lift 2/(1 − c|v|²)).
