@@ -4,22 +4,42 @@ interleaved (CUDA events, best of 3 medians of 7 × 10 calls), with the largest 
 first setting as a sanity check.
 
     python dev/ab_fwd_tiles.py "" "-DHYPTORCH_FWD_ROW_TILES_D64=1 -DHYPTORCH_FWD_ROW_TILES_D128=1"
+
+``--build-only SETTING...`` builds (or finds cached) the extensions and exits, so several settings can be
+built while something else uses the GPU; each setting's build name is a hash of its flags. PyTorch SDPA on
+the same inputs is timed once per head dimension, as the yardstick for ratios.
 """
+import hashlib
 import sys
+
+import torch.nn.functional as F
 
 from ab_common import forward_problems, timed  # dev/ab_common.py
 from hyptorch_flash.ops import cuda_build
 
 
-def main():
-    settings = sys.argv[1:] or [""]
+def build(setting: str):
+    """The forward extension built with extra nvcc flags ``setting``; the default ("") is the package's own."""
+    if not setting:
+        return cuda_build.load()
     sources = cuda_build.extension_sources()
     hashed = sorted(p for p in cuda_build.CSRC.iterdir() if p.suffix in (".cpp", ".cu", ".cuh", ".h"))
-    # the default setting is the package's own (cached) build
-    mods = [cuda_build.load() if not s else
-            cuda_build.jit_build(f"hyptorch_flash_ab_tiles_{i}", sources, hashed, cuda_build.NVCC_FLAGS + s.split())
-            for i, s in enumerate(settings)]
+    name = "hyptorch_flash_ab_" + hashlib.sha1(setting.encode()).hexdigest()[:10]
+    return cuda_build.jit_build(name, sources, hashed, cuda_build.NVCC_FLAGS + setting.split())
+
+
+def main():
+    args = sys.argv[1:]
+    build_only = bool(args) and args[0] == "--build-only"
+    settings = args[1:] if build_only else args or [""]
+    mods = [build(s) for s in settings]
+    if build_only:
+        return
     for D, name, flops, problem in forward_problems():
+        if name == "lorentz_dot":
+            q, k, v = problem[:3]
+            t = min(timed(lambda: F.scaled_dot_product_attention(q, k, v)) for _ in range(3))
+            print(f"D={D} sdpa        {t:.3f} ms {flops / t / 1e9:.1f}", flush=True)
         for refine in (False, True):
             args = (*problem, refine)
             outs = [m.fwd(*args)[0].float() for m in mods]
