@@ -5,8 +5,7 @@
 #
 #   benchmarks/device_suite.sh build tests fwd_fp32 bwd_memory
 #
-# Steps: build, tests, sanitizer, sanitizer_fp32, fwd_quick, fwd_sweep, fwd_fp32, bwd, bwd_fp32, bwd_memory, bwd_flex,
-# pipeline_d128 (the forward tests and a same-process A/B with -DHYPTORCH_FWD_PIPELINE_D128=1, not yet the default).
+# Steps: build, tests, sanitizer, sanitizer_fp32, fwd_quick, fwd_sweep, fwd_fp32, bwd, bwd_fp32, bwd_memory, bwd_flex.
 # Each step has its own time limit and a failing step does not stop the next ones; the script exits
 # non-zero if any step failed. On the lent device, install geoopt first (the device README's notes).
 set -uo pipefail
@@ -49,9 +48,6 @@ cuda_build.load(); cuda_backward.load_extension()" ;;
       --iters 3 --memory-n 16384 ;;
     bwd_flex) step bwd_flex 300 python3 benchmarks/bench_cuda_backward.py --dims 64 \
       --scores distance flex_distance --iters 5 ;;
-    pipeline_d128) HYPTORCH_FLASH_NVCC_EXTRA=-DHYPTORCH_FWD_PIPELINE_D128=1 step pipeline_d128 400 python3 -m pytest -q \
-      -p no:warnings tests/test_cuda_forward.py tests/test_out_dtype.py
-      step pipeline_d128_ab 300 bash -c 'cd dev && python3 ab_fwd_tiles.py "" -DHYPTORCH_FWD_PIPELINE_D128=1' ;;
     *) echo "unknown step: $name"; failed+=("$name") ;;
   esac
 done

@@ -4,6 +4,8 @@ calls), for inference and for the backward (refine_output=True: P·V with P as h
 refinement codes). The older copy must have the refine_output argument (commit 5066089 or later).
 
     git show REV:<file> for the forward sources → dev/old_fwd_src/, then: python dev/ab_forward_speed.py
+
+``--build-only`` builds both extensions (or finds them cached) and exits.
 """
 import sys
 from pathlib import Path
@@ -11,7 +13,9 @@ from pathlib import Path
 from ab_common import forward_problems, timed  # dev/ab_common.py
 from hyptorch_flash.ops import cuda_build
 
-OLD = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent / "old_fwd_src")
+BUILD_ONLY = "--build-only" in sys.argv
+_paths = [a for a in sys.argv[1:] if a != "--build-only"]
+OLD = Path(_paths[0] if _paths else Path(__file__).resolve().parent / "old_fwd_src")
 
 
 def main():
@@ -19,6 +23,8 @@ def main():
     hashed = sorted(p for p in OLD.iterdir() if p.suffix in (".cpp", ".cu", ".cuh", ".h"))
     old = cuda_build.jit_build("hyptorch_flash_cuda_ab_old", [OLD / "binding.cpp", *sorted(OLD.glob("attention_fwd*.cu"))],
                                hashed, cuda_build.NVCC_FLAGS)
+    if BUILD_ONLY:
+        return
     for D, name, flops, args in forward_problems():
         runs = {"old": lambda: old.fwd(*args, False), "new": lambda: new.fwd(*args, False),
                 "old refine_output": lambda: old.fwd(*args, True), "new refine_output": lambda: new.fwd(*args, True)}

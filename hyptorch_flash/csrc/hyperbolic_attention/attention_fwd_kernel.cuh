@@ -50,10 +50,10 @@ constexpr bool kFwdWgmmaArch = false;
 #define HYPTORCH_FWD_WARPGROUPS_D128 1
 #endif
 #define HYPTORCH_FWD_BLOCK_N_D128_DEFAULT (32 * HYPTORCH_FWD_WARPGROUPS_D128)
-// The wgmma pipeline also at D = 128 with one warpgroup (see `pipelined`): 337 vs 311 TFLOP/s on an H100 in an
-// earlier build that spilled (benchmarks/RESULTS.md, session 8); spill-free now, not yet run on a GPU in this form.
+// The wgmma pipeline also at D = 128 with one warpgroup (see `pipelined`): 340.5 vs 328.2 TFLOP/s on an H200
+// (bf16, B=2, H=16, N=4096; benchmarks/RESULTS.md, session 9); -DHYPTORCH_FWD_PIPELINE_D128=0 turns it off.
 #ifndef HYPTORCH_FWD_PIPELINE_D128
-#define HYPTORCH_FWD_PIPELINE_D128 0
+#define HYPTORCH_FWD_PIPELINE_D128 1
 #endif
 #ifndef HYPTORCH_FWD_BLOCK_N_D64
 #define HYPTORCH_FWD_BLOCK_N_D64 64
@@ -260,18 +260,27 @@ __device__ __forceinline__ int swizzled(int row, int chunk) {
 }
 
 // Copy rows [row0, row0 + kRows) of a (rows, kHeadDim) matrix with row stride `row_stride` (elements)
-// into a swizzled tile; rows past `n_rows` are zero-filled.
+// into a swizzled tile; rows past `n_rows` are zero-filled (cp.async with src-size 0, from row 0's address).
+// Thread x copies chunk x % kChunks of rows x / kChunks + it·kRowStep: with kRowStep a multiple of 8 the
+// swizzle is the same in every iteration, so the shared-memory offsets step by a constant and the global
+// address by one 64-bit add (the per-iteration index arithmetic was half of the hot loop's load block).
 template <typename T, int kHeadDim, int kRows, int kThreads>
 __device__ __forceinline__ void load_tile_async(T* tile, const T* src, int64_t row_stride, int row0, int n_rows) {
   constexpr int kChunks = kHeadDim / 8;
-  constexpr int kIters = kRows * kChunks / kThreads;
+  constexpr int kRowStep = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kRowStep % 8 == 0 && kRows % kRowStep == 0,
+                "rows per step must keep the swizzle phase");
+  constexpr uint32_t kDstStep = (kFwdWgmmaArch ? kRowStep * 64 : kRowStep * kHeadDim) * sizeof(T);
+  const int r = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
+  const uint32_t dst = smem_addr(tile + swizzled<kHeadDim, kRows>(r, c));
+  const int rows_left = n_rows - row0 - r;  // this thread's rows r + it·kRowStep are valid while < rows_left
+  const T* g = src + (int64_t)(row0 + r) * row_stride + c * 8;
+  const int64_t step = kRowStep * row_stride;
 #pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    const int idx = it * kThreads + threadIdx.x;
-    const int r = idx / kChunks, c = idx % kChunks;
-    const bool valid = row0 + r < n_rows;
-    const T* g = src + (valid ? row0 + r : 0) * row_stride + c * 8;
-    cp_async_16(smem_addr(tile + swizzled<kHeadDim, kRows>(r, c)), g, valid);
+  for (int it = 0; it < kRows / kRowStep; ++it) {
+    const bool valid = it * kRowStep < rows_left;
+    cp_async_16(dst + it * kDstStep, valid ? g : src, valid);
+    g += step;
   }
 }
 
@@ -388,6 +397,14 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   const int kv_end = p.causal ? min(M, min(N, i0 + kBlockM)) : M;
   const int n_tiles = (kv_end + kBlockN - 1) / kBlockN;
 
+  // This thread's time-block row (key threadIdx.x of a tile) and key-record chunk (field threadIdx.x / (kBlockN / 4),
+  // keys 4·(threadIdx.x % (kBlockN / 4)) …), as offsets from the tile's start; loads by threads past them are skipped.
+  const T* time_src = time_ptr + (size_t)threadIdx.x * TimeBlock::kCols;
+  const uint32_t time_dst = swizzled<kHeadDim, kBlockN>(threadIdx.x, kHeadDim / 8) * sizeof(T);
+  constexpr int kRecChunks = kRecFloats / 4;
+  const int rec_field = threadIdx.x / (kBlockN / 4), rec_key = threadIdx.x % (kBlockN / 4) * 4;
+  const float* rec_src = rec_ptr + (size_t)rec_field * p.n_keys_padded + rec_key;
+  const uint32_t rec_dst = (rec_field * kBlockN + rec_key) * sizeof(float);
   auto load_kv = [&](int j, int stage) {
 #pragma unroll
     for (int part = 0; part < kParts; ++part) {
@@ -398,16 +415,11 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
     if constexpr (tc_sums) {
       // the time block: chunk 0 of the 64-column block after V_j's (rows < Mpad: always in the array)
       if (threadIdx.x < kBlockN) {
-        const int key = threadIdx.x;
-        cp_async_16(smem_addr(sV + stage * kVTile + swizzled<kHeadDim, kBlockN>(key, kHeadDim / 8)),
-                    time_ptr + (size_t)(j * kBlockN + key) * TimeBlock::kCols, true);
+        cp_async_16(smem_addr(sV + stage * kVTile) + time_dst, time_src + (size_t)j * kBlockN * TimeBlock::kCols, true);
       }
     }
-    constexpr int kRecChunks = kRecFloats / 4;
     if (threadIdx.x < kRecChunks) {
-      const int field = threadIdx.x / (kBlockN / 4), c = threadIdx.x % (kBlockN / 4);
-      cp_async_16(smem_addr(sRec + stage * kRecFloats + field * kBlockN + c * 4),
-                  rec_ptr + (size_t)field * p.n_keys_padded + j * kBlockN + c * 4, true);
+      cp_async_16(smem_addr(sRec + stage * kRecFloats) + rec_dst, rec_src + j * kBlockN, true);
     }
   };
 
