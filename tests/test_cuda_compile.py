@@ -1,5 +1,6 @@
 """CPU CI check of the CUDA sources: every ``.cu`` under ``hyptorch_flash/csrc`` compiles for sm_90a
-with ``nvcc -Xptxas -v`` (the bf16/fp16 forward kernels also without their wgmma path), no kernel
+with ``nvcc -Xptxas -v`` (the bf16/fp16 forward kernels also without their wgmma path, the backward also with
+its opt-in paths), no kernel
 spills registers or uses a stack frame (a spill turns the register-resident tiles of a FlashAttention
 kernel into local-memory traffic) and ptxas keeps the wgmma asynchronous. Skipped where nvcc is absent. Also checks that ``numerics.cuh`` holds the float32 row of ``hyptorch_flash/numerics.py``.
 """
@@ -31,17 +32,23 @@ _ENTRY = re.compile(r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack fra
 # built for the same target with the wgmma path switched off.
 MMA_SYNC_FLAG = "-DHYPTORCH_FWD_WGMMA=0"
 MMA_SYNC_FILES = [p for p in CU_FILES if re.match(r"attention_fwd_(bf16|fp16)_", p.name)]
-CASES = [(p, ()) for p in CU_FILES] + [(p, (MMA_SYNC_FLAG,)) for p in MMA_SYNC_FILES]
+# The backward's opt-in paths (bwd_kernel.cuh: wgmma in the key-parallel kernel, unmasked tiles), not yet the
+# default, are kept compiling and spill-free too.
+BWD_OPT_IN_FLAGS = ("-DHYPTORCH_BWD_WGMMA=1", "-DHYPTORCH_BWD_UNMASKED_TILES=1")
+BWD_FILES = [p for p in CU_FILES if re.match(r"bwd_hd\d+_", p.name)]
+VARIANTS = {(MMA_SYNC_FLAG,): "mma_sync", BWD_OPT_IN_FLAGS: "bwd_opt_in"}
+CASES = ([(p, ()) for p in CU_FILES] + [(p, (MMA_SYNC_FLAG,)) for p in MMA_SYNC_FILES] +
+         [(p, BWD_OPT_IN_FLAGS) for p in BWD_FILES])
 
 
 def _case_id(case) -> str:
     path, flags = case
-    return str(path.relative_to(CSRC)) + ("[mma.sync]" if flags else "")
+    return str(path.relative_to(CSRC)) + (f"[{VARIANTS[flags]}]" if flags else "")
 
 
 def _compile(case, out_dir: Path) -> tuple[str, subprocess.CompletedProcess]:
     path, flags = case
-    obj = out_dir / (path.stem + ("_mma_sync" if flags else "") + ".o")
+    obj = out_dir / (path.stem + (f"_{VARIANTS[flags]}" if flags else "") + ".o")
     cmd = [NVCC, *NVCC_ARGS, *flags, str(path), "-o", str(obj)]
     return _case_id(case), subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 

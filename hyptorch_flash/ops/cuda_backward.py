@@ -93,7 +93,7 @@ def load_extension():
             if p.name.startswith(("bwd_", "binding_bwd"))
             or p.name in ("attention_ids.h", "device_primitives.cuh", "numerics.cuh")
         ]
-        _module = cuda_build.jit_build(EXTENSION_NAME, _sources(), hashed, cuda_build.NVCC_FLAGS)
+        _module = cuda_build.jit_build(EXTENSION_NAME, _sources(), hashed, cuda_build.nvcc_flags())
     return _module
 
 

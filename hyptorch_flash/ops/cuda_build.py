@@ -35,8 +35,8 @@ def extension_sources() -> list[Path]:
     return [CSRC / "binding.cpp", *sorted(CSRC.glob("attention_fwd*.cu"))]
 
 
-def _nvcc_flags() -> list[str]:
-    # $HYPTORCH_FLASH_NVCC_EXTRA: extra nvcc flags for tuning experiments (e.g. -DHYPTORCH_FWD_BLOCK_N_D64=32);
+def nvcc_flags() -> list[str]:
+    # $HYPTORCH_FLASH_NVCC_EXTRA: extra nvcc flags for tuning experiments (both extensions) (e.g. -DHYPTORCH_FWD_BLOCK_N_D64=32);
     # they are part of the cache key, so each setting gets its own build.
     return NVCC_FLAGS + os.environ.get("HYPTORCH_FLASH_NVCC_EXTRA", "").split()
 
@@ -96,7 +96,7 @@ def jit_build(name: str, sources: list[Path], hashed_files: list[Path], nvcc_fla
 
 def _jit_build():
     hashed = [p for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".cu", ".cuh", ".h")]
-    return jit_build(EXTENSION_NAME, extension_sources(), hashed, _nvcc_flags())
+    return jit_build(EXTENSION_NAME, extension_sources(), hashed, nvcc_flags())
 
 
 def load():

@@ -39,7 +39,30 @@
 
 #include "bwd_params.cuh"
 #include "device_primitives.cuh"
+#include "hopper_primitives.cuh"
 #include "numerics.cuh"
+
+// Hopper warpgroup MMA in kernel 1 (key-parallel) for one-part bf16/fp16 inputs at D = 64: S_ijᵀ, dP_ijᵀ from
+// shared memory (wgmma, both operands K-major), dV_j and dK_j with Pᵀ/dXᵀ as register A operands and dO_i/Q_i
+// as N-major B (the forward's P·V form); the element-wise step, dQ_i and the row/key sums are unchanged.
+// Opt-in (-DHYPTORCH_BWD_WGMMA=1): compile-checked, not yet run on a GPU. The host sizes shared memory from
+// HYPTORCH_BWD_WGMMA (1 KiB alignment slack, float fields padded to 1 KiB), the device uses wgmma only where
+// the build targets sm_90a.
+#ifndef HYPTORCH_BWD_WGMMA
+#define HYPTORCH_BWD_WGMMA 0
+#endif
+// Tiles where every (query, key) pair is visible (no key padding or keys past M in the key tile, below the
+// causal diagonal: most of them) skip the per-element visibility test (a branch around each exp2 and each
+// key-sum update: ~300 of the ~2,400 instructions per step of kernel 1 at D = 64). Opt-in
+// (-DHYPTORCH_BWD_UNMASKED_TILES=1): compile-checked, not yet run on a GPU.
+#ifndef HYPTORCH_BWD_UNMASKED_TILES
+#define HYPTORCH_BWD_UNMASKED_TILES 0
+#endif
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && HYPTORCH_BWD_WGMMA
+constexpr bool kBwdWgmmaArch = true;
+#else
+constexpr bool kBwdWgmmaArch = false;
+#endif
 
 namespace hyptorch_flash {
 namespace bwd {
@@ -82,10 +105,16 @@ struct Tile {
   static constexpr int kQueryBuffers = kSplit ? 1 : 2;
   // tiles of kBlockM × D per query buffer: Q_i and dO_i parts, plus dO_i-lo for one part
   static constexpr int kQueryTiles = kSplit ? 2 * kParts : 3;
-  // float fields (key fields, row_part, scal, row fields ×2), padded to 16 bytes: the second Q_i/dO_i
-  // buffer follows them (see Smem)
+  // kernel 1 with wgmma (see HYPTORCH_BWD_WGMMA): every operand tile starts on a 1024-byte boundary (the
+  // 128-byte swizzle atoms; at D = 64 the tiles' own swizzle, swz<64>, is that layout)
+  static constexpr bool kWgmma = HYPTORCH_BWD_WGMMA && kHeadDim == 64 && !kSplit;
+  static constexpr int kAlignSlack = kWgmma ? 1024 : 0;
+  // float fields (key fields, row_part, scal, row fields ×2), padded to 16 bytes (wgmma: 1024): the second
+  // Q_i/dO_i buffer follows them (see Smem)
+  static constexpr int kFloatAlign = kWgmma ? 256 : 4;
   static constexpr int kFloats =
-      (2 * kRowFields * kBlockM + kKeyFields * kBlockN + kWarps * kBlockM * 2 + kWarps * 2 + 3) / 4 * 4;
+      (2 * kRowFields * kBlockM + kKeyFields * kBlockN + kWarps * kBlockM * 2 + kWarps * 2 + kFloatAlign - 1) /
+      kFloatAlign * kFloatAlign;
   // one Q_i / dO_i / dO_i-lo buffer
   template <typename T>
   static constexpr int query_buffer_bytes() {
@@ -94,7 +123,7 @@ struct Tile {
   template <typename T>
   static constexpr int smem_bytes() {
     return kParts * (2 * kBlockN * kHeadDim + kBlockN * kBlockM) * (int)sizeof(T) +
-           kQueryBuffers * query_buffer_bytes<T>() + kFloats * (int)sizeof(float);
+           kQueryBuffers * query_buffer_bytes<T>() + kFloats * (int)sizeof(float) + kAlignSlack;
   }
   // kernel 2 uses one query buffer: the second one, last in the layout, is not allocated (more CTAs per SM)
   template <typename T>
@@ -479,13 +508,50 @@ __device__ __forceinline__ void score_mma(const Smem<T, kHeadDim, kFamily, kPart
   }
 }
 
+// score_mma on the Hopper tensor cores (kernel 1, Tile::kWgmma): the warpgroup's 64 keys × kBlockM queries,
+// S_ijᵀ = K_j Q_iᵀ and dP_ijᵀ = V_j (dO_i + dO_lo,i)ᵀ, each k-step one wgmma over 16 columns (32 bytes) of the
+// 128-byte swizzled rows. dO_lo is always issued (a zeroed tile without it: exact zeros added), since ptxas
+// serialises wgmma issued on some paths only. Accumulators: the mma.sync layout of the warp's 16 keys.
+template <typename T, int kHeadDim, int kFamily>
+__device__ __forceinline__ void score_wgmma(const Smem<T, kHeadDim, kFamily, 1>& sm,
+                                            float (&sp)[Tile<kHeadDim, kFamily, 1>::kQTiles][4],
+                                            float (&dp)[Tile<kHeadDim, kFamily, 1>::kQTiles][4]) {
+  constexpr int kBlockM = Tile<kHeadDim, kFamily, 1>::kBlockM;
+#pragma unroll
+  for (int n = 0; n < kBlockM / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sp[n][e] = dp[n][e] = 0.f;
+  }
+  fence_registers(sp);
+  fence_registers(dp);
+  const uint32_t k_tile = smem_addr(sm.k), v_tile = smem_addr(sm.v);
+  const uint32_t q_tile = smem_addr(sm.q), o_tile = smem_addr(sm.dout), lo_tile = smem_addr(sm.dout_lo);
+  wgmma_fence();
+#pragma unroll
+  for (int s = 0; s < kHeadDim / 16; ++s) {
+    const uint32_t col = s * 32;
+    wgmma_ss<T, kBlockM>(sp, smem_desc_sw128(k_tile + col, 16, 1024), smem_desc_sw128(q_tile + col, 16, 1024));
+    wgmma_ss<T, kBlockM>(dp, smem_desc_sw128(v_tile + col, 16, 1024), smem_desc_sw128(o_tile + col, 16, 1024));
+  }
+#pragma unroll
+  for (int s = 0; s < kHeadDim / 16; ++s) {
+    const uint32_t col = s * 32;
+    wgmma_ss<T, kBlockM>(dp, smem_desc_sw128(v_tile + col, 16, 1024), smem_desc_sw128(lo_tile + col, 16, 1024));
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_registers(sp);
+  fence_registers(dp);
+}
+
 // One (Q_i, K_j) step shared by both kernels: recompute S_ijᵀ, P_ijᵀ and dP_ijᵀ for the warp's 16 keys
 // and all kBlockM queries; leave Pᵀ in `sp` and dXᵀ in `dp` (rounded to T for one-part inputs; split
 // inputs split it into parts exactly). Row sums (R_i, RX_i) of the warp go to row_part[warp]
 // (overwritten if !kAccumulateRows, else added), or with kRowDs (the delta pass) Σ_j dS_ij; key sums to `ks`.
-template <typename T, int kHeadDim, int kFamily, int kParts, bool kKeySums, bool kAccumulateRows, bool kRowDs = false>
+template <typename T, int kHeadDim, int kFamily, int kParts, bool kKeySums, bool kAccumulateRows, bool kRowDs = false,
+          bool kWgmma = false>
 __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kParts>& sm, const HeadConst& hc, int i0,
-                                          int j0, bool causal, bool row_sums, bool has_lo,
+                                          int j0, bool causal, bool keys_all_visible, bool row_sums, bool has_lo,
                                           float (&sp)[Tile<kHeadDim, kFamily, kParts>::kQTiles][4],
                                           float (&dp)[Tile<kHeadDim, kFamily, kParts>::kQTiles][4], KeySums& ks) {
   using Tl = Tile<kHeadDim, kFamily, kParts>;
@@ -497,10 +563,17 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
   float& s1 = kParts > 1 ? tile_s1 : ks.s1;
   float& s2 = kParts > 1 ? tile_s2 : ks.s2;
 
-  score_mma<T, kHeadDim, kFamily, kParts>(sm, has_lo, sp, dp);
+  if constexpr (kWgmma) {
+    score_wgmma<T, kHeadDim, kFamily>(sm, sp, dp);
+  } else {
+    score_mma<T, kHeadDim, kFamily, kParts>(sm, has_lo, sp, dp);
+  }
 
   // Key fields of this thread's two key rows are read from shared memory where used (registers are
   // the scarce resource here).
+  // `masked`: some (query, key) pair of the tile is invisible (key padding, keys past M, causal diagonal);
+  // the other tiles, most of them, run without the per-element visibility test and its branches.
+  auto elementwise = [&](auto masked) {
 #pragma unroll
   for (int n = 0; n < Tl::kQTiles; ++n) {
     float r_w[2] = {0.f, 0.f}, r_x[2] = {0.f, 0.f};
@@ -513,7 +586,8 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
       const float ksq = sm.key[KEY_SQ * Tl::kBlockN + r];
       const float v0 = sm.key[KEY_V0 * Tl::kBlockN + r];
       const float lam = sm.key[KEY_LAMBDA * Tl::kBlockN + r];
-      const bool visible = sm.key[KEY_VISIBLE * Tl::kBlockN + r] != 0.f;
+      const bool visible = decltype(masked)::value && sm.key[KEY_VISIBLE * Tl::kBlockN + r] != 0.f;
+
       const float lse = sm.row[ROW_LSE * Tl::kBlockM + ii];
       const float delta = sm.row[ROW_DELTA * Tl::kBlockM + ii];
       const float do0 = sm.row[ROW_DO0 * Tl::kBlockM + ii];
@@ -521,7 +595,7 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
       const float qsq = sm.row[ROW_SQ * Tl::kBlockM + ii];
       float X, u, ds_dX;
       score_terms<kFamily, (kParts > 1)>(sp[n][e], qw, qsq, kw, ksq, hc, X, u, ds_dX);
-      const bool valid = visible && (!causal || j0 + r <= i0 + ii);
+      const bool valid = !decltype(masked)::value || (visible && (!causal || j0 + r <= i0 + ii));
       // P_ij = exp(S_ij − L_i)
       const float P = valid ? fast_exp2((hc.coef * u - lse) * kLog2e) : 0.f;
       // dP_ij = dO_L,i · lift(v_j) = λ_j (dO_s,i · v_j) + dO0_i v0_j;  dS_ij = P_ij (dP_ij − D_i)
@@ -576,6 +650,12 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
         }
       }
     }
+  }
+  };
+  if (!HYPTORCH_BWD_UNMASKED_TILES || !keys_all_visible || (causal && j0 + Tl::kBlockN - 1 > i0)) {
+    elementwise(std::true_type{});
+  } else {
+    elementwise(std::false_type{});
   }
   if constexpr (kKeySums && kParts > 1) {
     kahan_add(ks.s1, ks.s1_err, tile_s1);
@@ -773,7 +853,11 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   constexpr bool kDv = kGrads != KV_DK, kDk = kGrads != KV_DV;
   using Tl = Tile<kHeadDim, kFamily, kParts>;
   using Sm = Smem<T, kHeadDim, kFamily, kParts>;
-  extern __shared__ __align__(16) char smem_raw[];
+  constexpr bool use_wgmma = kBwdWgmmaArch && Tl::kWgmma;
+  extern __shared__ __align__(16) char smem_dynamic[];
+  // wgmma: the tiles from the first 1024-byte boundary (Tile::kAlignSlack bytes are allocated for it)
+  char* const smem_raw =
+      smem_dynamic + (use_wgmma ? (1024u - (smem_addr(smem_dynamic) & 1023u)) & 1023u : 0u);
   const Sm sm0(smem_raw, 0);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -784,6 +868,16 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   const int N = p.n_queries, M = p.n_keys;
   const HeadConst hc = head_const<kFamily, (kParts > 1)>(p, h);
   const bool has_lo = kParts == 1 && p.dout_lo != nullptr;
+  if constexpr (use_wgmma) {
+    // wgmma always reads dO_lo (score_wgmma): without one, both buffers' tiles stay zero
+    if (!has_lo) {
+#pragma unroll 1
+      for (int buf = 0; buf < Tl::kQueryBuffers; ++buf) {
+        uint4* lo = reinterpret_cast<uint4*>(Sm(smem_raw, buf).dout_lo);
+        for (int i = threadIdx.x; i < Tl::kBlockM * kHeadDim / 8; i += Tl::kThreads) lo[i] = make_uint4(0, 0, 0, 0);
+      }
+    }
+  }
 
   // Load K_j, V_j and the key fields once
   load_parts<T, Tl::kBlockN, kHeadDim, Tl::kThreads, kParts, Sm::kv_part>(
@@ -792,6 +886,11 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
       sm0.v, static_cast<const T*>(p.v) + bhk * M * kHeadDim, p.kv_part_stride, j0, M);
   cp_async_commit();
   load_key_fields<kHeadDim, kFamily, kParts>(sm0.key, p, hc, b, bhk, j0);
+  // every key of the tile visible (no padding, none past M): tile_step's unmasked path (also a barrier
+  // after the key fields' stores)
+  const bool keys_all_visible =
+      HYPTORCH_BWD_UNMASKED_TILES &&
+      __syncthreads_and(threadIdx.x >= Tl::kBlockN || sm0.key[KEY_VISIBLE * Tl::kBlockN + threadIdx.x] != 0.f);
 
   float dk[kDk ? Tl::kDTiles : 1][4], dv[kDv ? Tl::kDTiles : 1][4];
 #pragma unroll
@@ -826,15 +925,48 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   for (int i0 = i_begin; i0 < N; i0 += Tl::kBlockM, buf ^= (kPrefetch ? 1 : 0)) {
     if (!kPrefetch) prefetch(i0, buf);
     cp_async_wait<0>();
+    if constexpr (use_wgmma) fence_proxy_async();  // cp.async (and the zeroing above) wrote tiles wgmma reads
     __syncthreads();  // tile i0 has landed, and every warp is done with the previous step's buffers
     if (kPrefetch && i0 + Tl::kBlockM < N) prefetch(i0 + Tl::kBlockM, buf ^ 1);
     const Sm sm(smem_raw, buf);
 
     float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
-    tile_step<T, kHeadDim, kFamily, kParts, kDk, false>(sm, hc, i0, j0, p.causal, kDk && p.dq_atomic, has_lo, sp, dp, ks);
+    tile_step<T, kHeadDim, kFamily, kParts, kDk, false, false, use_wgmma>(sm, hc, i0, j0, p.causal, keys_all_visible,
+                                                                       kDk && p.dq_atomic, has_lo, sp, dp, ks);
 
     // dV_j += P_ijᵀ dO_i and dK_j += dX_ijᵀ Q_i: the Sᵀ/dPᵀ accumulators become A operands
-    if constexpr (kDv) {
+    uint32_t ax[Tl::kBlockM / 16][kParts][4];
+    uint32_t ap[Tl::kBlockM / 16][1][4], ap_lo[Tl::kBlockM / 16][1][4];  // wgmma: P as hi + lo, in flight
+    if constexpr (use_wgmma) {
+      // P in two terms (hi, lo = 0 without dO_lo, as in the mma.sync path) and dO in two (dO_lo is a zeroed
+      // tile without one): dV_j += P_hi dO + P_hi dO_lo + P_lo dO; dK_j += dXᵀ Q_i. Issued together; they run
+      // while dQ_i below is computed, and are waited for at the end of the step.
+      to_a_operands<T, kHeadDim, kFamily, 1>(sp, ap);
+      to_a_operands_lo<T, kHeadDim, kFamily>(sp, ap_lo);
+      to_a_operands<T, kHeadDim, kFamily, 1>(dp, ax);
+#pragma unroll
+      for (int kk = 0; kk < Tl::kBlockM / 16; ++kk) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) ap_lo[kk][0][r] = has_lo ? ap_lo[kk][0][r] : 0u;
+        fence_registers(ap[kk]);
+        fence_registers(ap_lo[kk]);
+        fence_registers(ax[kk]);
+      }
+      fence_registers(dv);
+      fence_registers(dk);
+      const uint32_t q_tile = smem_addr(sm.q), o_tile = smem_addr(sm.dout), lo_tile = smem_addr(sm.dout_lo);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < Tl::kBlockM / 16; ++kk) {
+        const uint32_t rows = kk * (16 * 128);  // queries 16kk … 16kk + 15 (the k-step) of the [query][D] tiles
+        constexpr uint32_t kLeading = Tl::kBlockM * 128;
+        wgmma_rs_bt<T, kHeadDim>(dv, ap[kk][0], smem_desc_sw128(o_tile + rows, kLeading, 1024));
+        wgmma_rs_bt<T, kHeadDim>(dv, ap[kk][0], smem_desc_sw128(lo_tile + rows, kLeading, 1024));
+        wgmma_rs_bt<T, kHeadDim>(dv, ap_lo[kk][0], smem_desc_sw128(o_tile + rows, kLeading, 1024));
+        wgmma_rs_bt<T, kHeadDim>(dk, ax[kk][0], smem_desc_sw128(q_tile + rows, kLeading, 1024));
+      }
+      wgmma_commit();
+    } else if constexpr (kDv) {
       uint32_t ap[Tl::kBlockM / 16][kParts][4];
       to_a_operands<T, kHeadDim, kFamily, kParts>(sp, ap);
       acc_mma_kn<T, kHeadDim, kFamily, kParts>(dv, ap, sm.dout);
@@ -848,8 +980,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
         }
       }
     }
-    uint32_t ax[Tl::kBlockM / 16][kParts][4];
-    if constexpr (kDk) {
+    if constexpr (kDk && !use_wgmma) {
       to_a_operands<T, kHeadDim, kFamily, kParts>(dp, ax);
       acc_mma_kn<T, kHeadDim, kFamily, kParts>(dk, ax, sm.q);
     }
@@ -888,6 +1019,18 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
           }
           add_float2(p.row_acc + ((size_t)bh * N + i0 + r) * 2, rw, rx);
         }
+      }
+    }
+    if constexpr (use_wgmma) {
+      // dV_j, dK_j of this step have landed; their A operands were held (the fences) until now
+      wgmma_wait<0>();
+      fence_registers(dv);
+      fence_registers(dk);
+#pragma unroll
+      for (int kk = 0; kk < Tl::kBlockM / 16; ++kk) {
+        fence_registers(ap[kk]);
+        fence_registers(ap_lo[kk]);
+        fence_registers(ax[kk]);
       }
     }
     if (!kPrefetch) __syncthreads();  // the next step reloads the same buffer
@@ -992,7 +1135,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     __syncthreads();
 
     float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
-    tile_step<T, kHeadDim, kFamily, kParts, false, true, kDeltaPass>(sm, hc, i0, j0, p.causal, true, has_lo, sp, dp,
+    tile_step<T, kHeadDim, kFamily, kParts, false, true, kDeltaPass>(sm, hc, i0, j0, p.causal, false, true, has_lo, sp, dp,
                                                                      unused);
     if constexpr (!kDeltaPass) {
       uint32_t ax[Tl::kBlockM / 16][kParts][4];
