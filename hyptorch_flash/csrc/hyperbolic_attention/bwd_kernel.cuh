@@ -58,6 +58,13 @@
 #ifndef HYPTORCH_BWD_UNMASKED_TILES
 #define HYPTORCH_BWD_UNMASKED_TILES 0
 #endif
+// Kernel 1 at D = 64 prefetches the next query tile's row fields (L_i, D_i, dO0_i, |q_i|²) into registers
+// right after the step's barrier and stores them (with w_i) at the end of the step, instead of loading and
+// storing them in the prefetch itself, where the stores wait for the global loads (~1 µs exposed per step,
+// for the warps that own rows). Opt-in (-DHYPTORCH_BWD_ROW_PREFETCH=1): compile-checked, not yet run on a GPU.
+#ifndef HYPTORCH_BWD_ROW_PREFETCH
+#define HYPTORCH_BWD_ROW_PREFETCH 0
+#endif
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) && HYPTORCH_BWD_WGMMA
 constexpr bool kBwdWgmmaArch = true;
 #else
@@ -352,6 +359,44 @@ __device__ __forceinline__ void load_row_fields(float* row, const BwdParams& p, 
     row[ROW_W * Tl::kBlockM + r] = w;
     row[ROW_SQ * Tl::kBlockM + r] = sq;
   }
+}
+
+// load_row_fields in two halves (HYPTORCH_BWD_ROW_PREFETCH): the global loads of thread r's row into
+// registers, and later the derived fields and the shared-memory stores.
+struct RowRaw {
+  float lse, delta, do0, sq;
+};
+
+template <int kHeadDim, int kFamily, int kParts>
+__device__ __forceinline__ RowRaw load_row_raw(const BwdParams& p, size_t bh, int i0) {
+  RowRaw raw{CUDART_INF_F, 0.f, 0.f, 0.f};
+  const int i = i0 + threadIdx.x;
+  if (threadIdx.x < Tile<kHeadDim, kFamily, kParts>::kBlockM && i < p.n_queries) {
+    const size_t idx = bh * p.n_queries + i;
+    raw.lse = p.lse[idx];
+    raw.delta = p.delta[idx];
+    raw.do0 = p.dout0[idx];
+    raw.sq = p.q_sq[idx];
+  }
+  return raw;
+}
+
+template <int kHeadDim, int kFamily, int kParts>
+__device__ __forceinline__ void store_row_fields(float* row, const RowRaw& raw, const HeadConst& hc) {
+  using Tl = Tile<kHeadDim, kFamily, kParts>;
+  const int r = threadIdx.x;
+  if (r >= Tl::kBlockM) return;
+  float w;
+  if constexpr (kFamily == FAMILY_POINCARE) {
+    w = rcp_f<(kParts > 1)>(1.f - fminf(hc.inv_kappa * raw.sq, 1.f - numerics::BALL_MARGIN_F32));  // a_i
+  } else {
+    w = hc.lorentz ? sqrt_f<(kParts > 1)>(hc.kappa + raw.sq) : 0.f;  // q0_i
+  }
+  row[ROW_LSE * Tl::kBlockM + r] = raw.lse == -CUDART_INF_F ? CUDART_INF_F : raw.lse;
+  row[ROW_DELTA * Tl::kBlockM + r] = raw.delta;
+  row[ROW_DO0 * Tl::kBlockM + r] = raw.do0;
+  row[ROW_W * Tl::kBlockM + r] = w;
+  row[ROW_SQ * Tl::kBlockM + r] = raw.sq;
 }
 
 // Key fields of K_j/V_j (keys j0..j0+kBlockN-1 of kv head (b, hk)); invisible = j ≥ M or padded.
@@ -915,19 +960,33 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
         sb.dout, static_cast<const T*>(p.dout_s) + offset, p.q_part_stride, i0, N);
     if (has_lo) load_tile<T, Tl::kBlockM, kHeadDim, Tl::kThreads>(sb.dout_lo, static_cast<const T*>(p.dout_lo) + offset, i0, N);
     cp_async_commit();
-    load_row_fields<kHeadDim, kFamily, kParts>(sb.row, p, hc, bh, i0);
   };
   // At D = 128 (and for split inputs, which have one query buffer) the prefetch's extra registers would
   // spill: load-then-compute there.
   constexpr bool kPrefetch = kHeadDim == 64 && Tl::kQueryBuffers == 2;
-  if (kPrefetch && i_begin < N) prefetch(i_begin, 0);
+  constexpr bool kRowPrefetch = kPrefetch && HYPTORCH_BWD_ROW_PREFETCH;
+  RowRaw next_rows{};  // kRowPrefetch: the next query tile's row values, stored at the end of the step
+  if (kPrefetch && i_begin < N) {
+    prefetch(i_begin, 0);
+    load_row_fields<kHeadDim, kFamily, kParts>(Sm(smem_raw, 0).row, p, hc, bh, i_begin);
+  }
   int buf = 0;
   for (int i0 = i_begin; i0 < N; i0 += Tl::kBlockM, buf ^= (kPrefetch ? 1 : 0)) {
-    if (!kPrefetch) prefetch(i0, buf);
+    if (!kPrefetch) {
+      prefetch(i0, buf);
+      load_row_fields<kHeadDim, kFamily, kParts>(Sm(smem_raw, buf).row, p, hc, bh, i0);
+    }
     cp_async_wait<0>();
     if constexpr (use_wgmma) fence_proxy_async();  // cp.async (and the zeroing above) wrote tiles wgmma reads
     __syncthreads();  // tile i0 has landed, and every warp is done with the previous step's buffers
-    if (kPrefetch && i0 + Tl::kBlockM < N) prefetch(i0 + Tl::kBlockM, buf ^ 1);
+    if (kPrefetch && i0 + Tl::kBlockM < N) {
+      prefetch(i0 + Tl::kBlockM, buf ^ 1);
+      if constexpr (kRowPrefetch) {
+        next_rows = load_row_raw<kHeadDim, kFamily, kParts>(p, bh, i0 + Tl::kBlockM);
+      } else {
+        load_row_fields<kHeadDim, kFamily, kParts>(Sm(smem_raw, buf ^ 1).row, p, hc, bh, i0 + Tl::kBlockM);
+      }
+    }
     const Sm sm(smem_raw, buf);
 
     float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
@@ -1032,6 +1091,11 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
         fence_registers(ap_lo[kk]);
         fence_registers(ax[kk]);
       }
+    }
+    if constexpr (kRowPrefetch) {
+      // the other buffer's row fields were last read in the previous step, and are next read after the
+      // next step's barrier
+      if (i0 + Tl::kBlockM < N) store_row_fields<kHeadDim, kFamily, kParts>(Sm(smem_raw, buf ^ 1).row, next_rows, hc);
     }
     if (!kPrefetch) __syncthreads();  // the next step reloads the same buffer
   }
