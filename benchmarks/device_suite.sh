@@ -6,7 +6,7 @@
 #   benchmarks/device_suite.sh build tests fwd_fp32 bwd_memory
 #
 # Steps: build, tests, sanitizer, sanitizer_fp32, fwd_quick, fwd_sweep, fwd_fp32, bwd, bwd_fp32, bwd_memory, bwd_flex,
-# bwd_opt_in (the backward's opt-in paths of bwd_kernel.cuh, -DHYPTORCH_BWD_WGMMA=1 -DHYPTORCH_BWD_UNMASKED_TILES=1 -DHYPTORCH_BWD_ROW_PREFETCH=1:
+# bwd_opt_in (the backward's opt-in paths of bwd_kernel.cuh, -DHYPTORCH_BWD_WGMMA=1 -DHYPTORCH_BWD_LEAN_TILES=1 -DHYPTORCH_BWD_ROW_PREFETCH=1:
 # builds, the backward tests, the bf16 sanitizer and fwd+bwd timings with them).
 # Each step has its own time limit and a failing step does not stop the next ones; the script exits
 # non-zero if any step failed. On the lent device, install geoopt first (the device README's notes).
@@ -51,7 +51,7 @@ cuda_build.load(); cuda_backward.load_extension()" ;;
     bwd_flex) step bwd_flex 300 python3 benchmarks/bench_cuda_backward.py --dims 64 \
       --scores distance flex_distance --iters 5 ;;
     bwd_opt_in)
-      export HYPTORCH_FLASH_NVCC_EXTRA="-DHYPTORCH_BWD_WGMMA=1 -DHYPTORCH_BWD_UNMASKED_TILES=1 -DHYPTORCH_BWD_ROW_PREFETCH=1"
+      export HYPTORCH_FLASH_NVCC_EXTRA="-DHYPTORCH_BWD_WGMMA=1 -DHYPTORCH_BWD_LEAN_TILES=1 -DHYPTORCH_BWD_ROW_PREFETCH=1"
       step bwd_opt_in_build 300 python3 -c "from hyptorch_flash.ops import cuda_build, cuda_backward
 cuda_build.load(); cuda_backward.load_extension()"
       step bwd_opt_in_tests 400 python3 -m pytest -q -x -p no:warnings tests/test_cuda_backward.py tests/test_out_dtype.py \

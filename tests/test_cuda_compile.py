@@ -34,7 +34,7 @@ MMA_SYNC_FLAG = "-DHYPTORCH_FWD_WGMMA=0"
 MMA_SYNC_FILES = [p for p in CU_FILES if re.match(r"attention_fwd_(bf16|fp16)_", p.name)]
 # The backward's opt-in paths (bwd_kernel.cuh: wgmma in the key-parallel kernel, unmasked tiles), not yet the
 # default, are kept compiling and spill-free too.
-BWD_OPT_IN_FLAGS = ("-DHYPTORCH_BWD_WGMMA=1", "-DHYPTORCH_BWD_UNMASKED_TILES=1", "-DHYPTORCH_BWD_ROW_PREFETCH=1")
+BWD_OPT_IN_FLAGS = ("-DHYPTORCH_BWD_WGMMA=1", "-DHYPTORCH_BWD_LEAN_TILES=1", "-DHYPTORCH_BWD_ROW_PREFETCH=1")
 BWD_FILES = [p for p in CU_FILES if re.match(r"bwd_hd\d+_", p.name)]
 VARIANTS = {(MMA_SYNC_FLAG,): "mma_sync", BWD_OPT_IN_FLAGS: "bwd_opt_in"}
 CASES = ([(p, ()) for p in CU_FILES] + [(p, (MMA_SYNC_FLAG,)) for p in MMA_SYNC_FILES] +

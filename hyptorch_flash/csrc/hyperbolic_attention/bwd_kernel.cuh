@@ -51,12 +51,13 @@
 #ifndef HYPTORCH_BWD_WGMMA
 #define HYPTORCH_BWD_WGMMA 0
 #endif
-// Tiles where every (query, key) pair is visible (no key padding or keys past M in the key tile, below the
-// causal diagonal: most of them) skip the per-element visibility test (a branch around each exp2 and each
-// key-sum update: ~300 of the ~2,400 instructions per step of kernel 1 at D = 64). Opt-in
-// (-DHYPTORCH_BWD_UNMASKED_TILES=1): compile-checked, not yet run on a GPU.
-#ifndef HYPTORCH_BWD_UNMASKED_TILES
-#define HYPTORCH_BWD_UNMASKED_TILES 0
+// Leaner element-wise step of kernel 1: tiles where every (query, key) pair is visible (no key padding or
+// keys past M in the key tile, below the causal diagonal: most of them) skip the per-element visibility test
+// (a branch around each exp2 and each key-sum update: ~300 of the ~2,400 instructions per step at D = 64);
+// the thread's key fields are read once per step and the row fields as pairs (the two query columns of a
+// fragment are adjacent). Opt-in (-DHYPTORCH_BWD_LEAN_TILES=1): compile-checked, not yet run on a GPU.
+#ifndef HYPTORCH_BWD_LEAN_TILES
+#define HYPTORCH_BWD_LEAN_TILES 0
 #endif
 // Kernel 1 at D = 64 prefetches the next query tile's row fields (L_i, D_i, dO0_i, |q_i|²) into registers
 // right after the step's barrier and stores them (with w_i) at the end of the step, instead of loading and
@@ -618,26 +619,48 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
   // the scarce resource here).
   // `masked`: some (query, key) pair of the tile is invisible (key padding, keys past M, causal diagonal);
   // the other tiles, most of them, run without the per-element visibility test and its branches.
+  constexpr bool kLean = HYPTORCH_BWD_LEAN_TILES;
   auto elementwise = [&](auto masked) {
+    // kLean: this thread's two keys' fields, once per step
+    float key_w[2], key_sq[2], key_v0[2], key_lam[2];
+    if constexpr (kLean) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = key0 + g + 8 * h;
+        key_w[h] = sm.key[KEY_W * Tl::kBlockN + r];
+        key_sq[h] = sm.key[KEY_SQ * Tl::kBlockN + r];
+        key_v0[h] = sm.key[KEY_V0 * Tl::kBlockN + r];
+        key_lam[h] = sm.key[KEY_LAMBDA * Tl::kBlockN + r];
+      }
+    }
 #pragma unroll
   for (int n = 0; n < Tl::kQTiles; ++n) {
     float r_w[2] = {0.f, 0.f}, r_x[2] = {0.f, 0.f};
+    // kLean: the row fields of this thread's two query columns n·8 + 2t, + 1
+    auto row_pair = [&](int field) {
+      return *reinterpret_cast<const float2*>(sm.row + field * Tl::kBlockM + n * 8 + 2 * t);
+    };
+    float2 lse2, delta2, do02, qw2, qsq2;
+    if constexpr (kLean) {
+      lse2 = row_pair(ROW_LSE), delta2 = row_pair(ROW_DELTA), do02 = row_pair(ROW_DO0), qw2 = row_pair(ROW_W);
+      qsq2 = kFamily == FAMILY_POINCARE ? row_pair(ROW_SQ) : make_float2(0.f, 0.f);
+    }
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int h = e >> 1, c = e & 1;
       const int ii = n * 8 + 2 * t + c;
       const int r = key0 + g + 8 * h;
-      const float kw = sm.key[KEY_W * Tl::kBlockN + r];
-      const float ksq = sm.key[KEY_SQ * Tl::kBlockN + r];
-      const float v0 = sm.key[KEY_V0 * Tl::kBlockN + r];
-      const float lam = sm.key[KEY_LAMBDA * Tl::kBlockN + r];
+      const float kw = kLean ? key_w[h] : sm.key[KEY_W * Tl::kBlockN + r];
+      const float ksq = kLean ? key_sq[h] : sm.key[KEY_SQ * Tl::kBlockN + r];
+      const float v0 = kLean ? key_v0[h] : sm.key[KEY_V0 * Tl::kBlockN + r];
+      const float lam = kLean ? key_lam[h] : sm.key[KEY_LAMBDA * Tl::kBlockN + r];
       const bool visible = decltype(masked)::value && sm.key[KEY_VISIBLE * Tl::kBlockN + r] != 0.f;
 
-      const float lse = sm.row[ROW_LSE * Tl::kBlockM + ii];
-      const float delta = sm.row[ROW_DELTA * Tl::kBlockM + ii];
-      const float do0 = sm.row[ROW_DO0 * Tl::kBlockM + ii];
-      const float qw = sm.row[ROW_W * Tl::kBlockM + ii];
-      const float qsq = sm.row[ROW_SQ * Tl::kBlockM + ii];
+      const float lse = kLean ? (c ? lse2.y : lse2.x) : sm.row[ROW_LSE * Tl::kBlockM + ii];
+      const float delta = kLean ? (c ? delta2.y : delta2.x) : sm.row[ROW_DELTA * Tl::kBlockM + ii];
+      const float do0 = kLean ? (c ? do02.y : do02.x) : sm.row[ROW_DO0 * Tl::kBlockM + ii];
+      const float qw = kLean ? (c ? qw2.y : qw2.x) : sm.row[ROW_W * Tl::kBlockM + ii];
+      const float qsq = kLean ? (c ? qsq2.y : qsq2.x) : sm.row[ROW_SQ * Tl::kBlockM + ii];
       float X, u, ds_dX;
       score_terms<kFamily, (kParts > 1)>(sp[n][e], qw, qsq, kw, ksq, hc, X, u, ds_dX);
       const bool valid = !decltype(masked)::value || (visible && (!causal || j0 + r <= i0 + ii));
@@ -697,7 +720,7 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
     }
   }
   };
-  if (!HYPTORCH_BWD_UNMASKED_TILES || !keys_all_visible || (causal && j0 + Tl::kBlockN - 1 > i0)) {
+  if (!HYPTORCH_BWD_LEAN_TILES || !keys_all_visible || (causal && j0 + Tl::kBlockN - 1 > i0)) {
     elementwise(std::true_type{});
   } else {
     elementwise(std::false_type{});
@@ -934,7 +957,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   // every key of the tile visible (no padding, none past M): tile_step's unmasked path (also a barrier
   // after the key fields' stores)
   const bool keys_all_visible =
-      HYPTORCH_BWD_UNMASKED_TILES &&
+      HYPTORCH_BWD_LEAN_TILES &&
       __syncthreads_and(threadIdx.x >= Tl::kBlockN || sm0.key[KEY_VISIBLE * Tl::kBlockN + threadIdx.x] != 0.f);
 
   float dk[kDk ? Tl::kDTiles : 1][4], dv[kDv ? Tl::kDTiles : 1][4];
