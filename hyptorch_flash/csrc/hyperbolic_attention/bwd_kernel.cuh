@@ -620,7 +620,8 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
   // `masked`: some (query, key) pair of the tile is invisible (key padding, keys past M, causal diagonal);
   // the other tiles, most of them, run without the per-element visibility test and its branches.
   constexpr bool kLean = HYPTORCH_BWD_LEAN_TILES;
-  auto elementwise = [&](auto masked) {
+  // `sums`: a constant true_type/false_type for row_sums (kLean), or row_sums itself
+  auto elementwise = [&](auto masked, auto sums) {
     // kLean: this thread's two keys' fields, once per step
     float key_w[2], key_sq[2], key_v0[2], key_lam[2];
     if constexpr (kLean) {
@@ -697,7 +698,7 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
       sp[n][e] = P;
       dp[n][e] = dX;
     }
-    if (row_sums) {
+    if (sums) {
       // Σ over the warp's 16 keys: the 8 lanes sharing t hold the same two query columns.
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
@@ -720,10 +721,19 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
     }
   }
   };
-  if (!HYPTORCH_BWD_LEAN_TILES || !keys_all_visible || (causal && j0 + Tl::kBlockN - 1 > i0)) {
-    elementwise(std::true_type{});
+  if constexpr (kLean) {
+    // one branch per step instead of one per n8 tile for the row sums, too
+    const std::true_type yes;
+    const std::false_type no;
+    if (!keys_all_visible || (causal && j0 + Tl::kBlockN - 1 > i0)) {
+      if (row_sums) elementwise(yes, yes);
+      else elementwise(yes, no);
+    } else {
+      if (row_sums) elementwise(no, yes);
+      else elementwise(no, no);
+    }
   } else {
-    elementwise(std::false_type{});
+    elementwise(std::true_type{}, row_sums);
   }
   if constexpr (kKeySums && kParts > 1) {
     kahan_add(ks.s1, ks.s1_err, tile_s1);
@@ -1067,27 +1077,67 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
       acc_mma_kn<T, kHeadDim, kFamily, kParts>(dk, ax, sm.q);
     }
 
+    // wgmma with 64-query tiles: dQ_i (64 queries × D) = dX_ij K_j by one warpgroup product, A = dXᵀ and B = K_j
+    // read transposed from shared memory (the dxt tile's swz<64> layout is the 128-byte swizzle). Issued on
+    // every path (ptxas serialises wgmma issued on some paths only); without dq_atomic the result is unused.
+    constexpr bool wgmma_dq = use_wgmma && kDk && Tl::kBlockM == 64;
+    if constexpr (wgmma_dq) {
+      store_dxt<T, kHeadDim, kFamily, kParts>(sm.dxt, ax);
+      fence_proxy_async();  // the dxt stores are read by wgmma
+      __syncthreads();
+      float dq[kHeadDim / 8][4];
+#pragma unroll
+      for (int n = 0; n < kHeadDim / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dq[n][e] = 0.f;
+      }
+      fence_registers(dq);
+      const uint32_t dxt_tile = smem_addr(sm.dxt), k_tile = smem_addr(sm.k);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < Tl::kBlockN / 16; ++kk) {
+        const uint32_t rows = kk * (16 * 128);  // keys 16kk … 16kk + 15 (the k-step) of the [key][·] tiles
+        wgmma_ss_tt<T, kHeadDim>(dq, smem_desc_sw128(dxt_tile + rows, Tl::kBlockN * 128, 1024),
+                                 smem_desc_sw128(k_tile + rows, Tl::kBlockN * 128, 1024));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();  // (also dV_j, dK_j above)
+      fence_registers(dq);
+      if (p.dq_atomic) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int i = i0 + warp * 16 + g + 8 * hh;
+          if (i < N) {
+            float* dst = p.dq_acc + ((size_t)bh * N + i) * kHeadDim + 2 * t;
+#pragma unroll
+            for (int n = 0; n < kHeadDim / 8; ++n) add_float2(dst + n * 8, dq[n][2 * hh], dq[n][2 * hh + 1]);
+          }
+        }
+      }
+    }
     if (kDk && p.dq_atomic) {
       // dQ_i += dX_ij K_j (fp32 atomics), R_i and RX_i likewise
-      store_dxt<T, kHeadDim, kFamily, kParts>(sm.dxt, ax);
-      __syncthreads();
-      // in chunks of kDqChunk columns, so the chunk's accumulators fit next to dK_j, dV_j
-      const int row0 = 16 * (warp % Tl::kRowGroups);
+      if constexpr (!wgmma_dq) {
+        store_dxt<T, kHeadDim, kFamily, kParts>(sm.dxt, ax);
+        __syncthreads();
+        // in chunks of kDqChunk columns, so the chunk's accumulators fit next to dK_j, dV_j
+        const int row0 = 16 * (warp % Tl::kRowGroups);
 #pragma unroll 1
-      for (int col0 = (warp / Tl::kRowGroups) * Tl::kDqCols; col0 < (warp / Tl::kRowGroups + 1) * Tl::kDqCols; col0 += Tl::kDqChunk) {
-        float acc[Tl::kDqChunk / 8][4];
+        for (int col0 = (warp / Tl::kRowGroups) * Tl::kDqCols; col0 < (warp / Tl::kRowGroups + 1) * Tl::kDqCols; col0 += Tl::kDqChunk) {
+          float acc[Tl::kDqChunk / 8][4];
 #pragma unroll
-        for (int n = 0; n < Tl::kDqChunk / 8; ++n) {
+          for (int n = 0; n < Tl::kDqChunk / 8; ++n) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
-        }
-        rows_mma<T, kHeadDim, kFamily, kParts, Tl::kDqChunk>(sm.dxt, sm.k, acc, col0);
+            for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+          }
+          rows_mma<T, kHeadDim, kFamily, kParts, Tl::kDqChunk>(sm.dxt, sm.k, acc, col0);
 #pragma unroll
-        for (int n = 0; n < Tl::kDqChunk / 8; ++n) {
+          for (int n = 0; n < Tl::kDqChunk / 8; ++n) {
 #pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            const int i = i0 + row0 + g + 8 * hh;
-            if (i < N) add_float2(p.dq_acc + ((size_t)bh * N + i) * kHeadDim + col0 + n * 8 + 2 * t, acc[n][2 * hh], acc[n][2 * hh + 1]);
+            for (int hh = 0; hh < 2; ++hh) {
+              const int i = i0 + row0 + g + 8 * hh;
+              if (i < N) add_float2(p.dq_acc + ((size_t)bh * N + i) * kHeadDim + col0 + n * 8 + 2 * t, acc[n][2 * hh], acc[n][2 * hh + 1]);
+            }
           }
         }
       }
