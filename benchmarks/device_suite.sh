@@ -7,7 +7,8 @@
 #
 # Steps: build, tests, sanitizer, sanitizer_fp32, fwd_quick, fwd_sweep, fwd_fp32, bwd, bwd_fp32, bwd_memory, bwd_flex,
 # bwd_opt_in (the backward's opt-in paths of bwd_kernel.cuh, -DHYPTORCH_BWD_WGMMA=1 -DHYPTORCH_BWD_LEAN_TILES=1 -DHYPTORCH_BWD_ROW_PREFETCH=1:
-# builds, the backward tests, the bf16 sanitizer and fwd+bwd timings with them).
+# builds, the backward tests, the bf16 sanitizer and fwd+bwd timings with them), bwd_ab (same-process A/B of
+# the backward with none, some and all of them: dev/ab_bwd_opt_in.py).
 # Each step has its own time limit and a failing step does not stop the next ones; the script exits
 # non-zero if any step failed. On the lent device, install geoopt first (the device README's notes).
 set -uo pipefail
@@ -60,6 +61,9 @@ cuda_build.load(); cuda_backward.load_extension()"
         --error-exitcode 1 python3 tests/cuda_sanitizer_cases.py bfloat16
       step bwd_opt_in_speed 200 python3 benchmarks/bench_cuda_backward.py --iters 10 --scores sdpa lorentz_dot distance
       unset HYPTORCH_FLASH_NVCC_EXTRA ;;
+    bwd_ab) step bwd_ab 500 bash -c 'cd dev && python3 ab_bwd_opt_in.py "" "-DHYPTORCH_BWD_LEAN_TILES=1" \
+      "-DHYPTORCH_BWD_LEAN_TILES=1 -DHYPTORCH_BWD_ROW_PREFETCH=1" \
+      "-DHYPTORCH_BWD_WGMMA=1 -DHYPTORCH_BWD_LEAN_TILES=1 -DHYPTORCH_BWD_ROW_PREFETCH=1"' ;;
     *) echo "unknown step: $name"; failed+=("$name") ;;
   esac
 done

@@ -79,21 +79,24 @@ def _squares(x: torch.Tensor) -> torch.Tensor:
     return x.to(acc, copy=True).square_().sum(-1).to(_stats_dtype(x.dtype)).contiguous()
 
 
-def _sources():
+def sources():
+    """The backward extension's binding and kernel files (one ninja job per file)."""
     csrc = cuda_build.CSRC
     return [csrc / "binding_bwd.cpp", *sorted(csrc.glob("bwd_*.cu"))]
+
+
+def hashed_sources():
+    """Every file the backward extension's build reads (its cache key)."""
+    shared = ("attention_ids.h", "device_primitives.cuh", "hopper_primitives.cuh", "numerics.cuh", "wgmma_ops.cuh")
+    return [p for p in sorted(cuda_build.CSRC.iterdir())
+            if p.name.startswith(("bwd_", "binding_bwd")) or p.name in shared]
 
 
 def load_extension():
     """The backward extension (JIT-built on first use with ninja, cached, under a file lock)."""
     global _module
     if _module is None:
-        hashed = [
-            p for p in sorted(cuda_build.CSRC.iterdir())
-            if p.name.startswith(("bwd_", "binding_bwd"))
-            or p.name in ("attention_ids.h", "device_primitives.cuh", "numerics.cuh")
-        ]
-        _module = cuda_build.jit_build(EXTENSION_NAME, _sources(), hashed, cuda_build.nvcc_flags())
+        _module = cuda_build.jit_build(EXTENSION_NAME, sources(), hashed_sources(), cuda_build.nvcc_flags())
     return _module
 
 

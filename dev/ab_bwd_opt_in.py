@@ -1,0 +1,73 @@
+"""A/B of the backward's opt-in nvcc macros (bwd_kernel.cuh: HYPTORCH_BWD_WGMMA, HYPTORCH_BWD_LEAN_TILES,
+HYPTORCH_BWD_ROW_PREFETCH) in one process (GPU): the backward extension built once per setting, the library's
+fwd+bwd (``hyperbolic_attention(..., backend="cuda")`` under autograd) timed with each in turn on the same inputs,
+interleaved (CUDA events, best of 3 medians of 7 × 3 steps), with the largest gradient difference to the first
+setting relative to the gradient's scale as a sanity check (the tests are the real check), and SDPA's fwd+bwd
+on the same shapes as the yardstick.
+
+    python dev/ab_bwd_opt_in.py "" "-DHYPTORCH_BWD_LEAN_TILES=1" "-DHYPTORCH_BWD_WGMMA=1 -DHYPTORCH_BWD_LEAN_TILES=1"
+
+``--build-only SETTING...`` builds (or finds cached) the extensions and exits (run it while the GPU is busy).
+"""
+import hashlib
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import hyptorch_flash as hf
+from ab_common import timed  # dev/ab_common.py
+from hyptorch_flash.ops import cuda_backward, cuda_build
+
+
+def build(setting: str):
+    """The backward extension with extra nvcc flags ``setting``; the default ("") is the package's own."""
+    if not setting:
+        return cuda_backward.load_extension()
+    name = "hyptorch_flash_bwd_ab_" + hashlib.sha1(setting.encode()).hexdigest()[:10]
+    return cuda_build.jit_build(name, cuda_backward.sources(), cuda_backward.hashed_sources(),
+                                cuda_build.NVCC_FLAGS + setting.split())
+
+
+def fwd_bwd(q, k, v, dout, score):
+    out = hf.hyperbolic_attention(q, k, v, score=score, backend="cuda", check_inputs=False)
+    return torch.autograd.grad(out, (q, k, v), dout)
+
+
+def main():
+    args = sys.argv[1:]
+    build_only = bool(args) and args[0] == "--build-only"
+    settings = args[1:] if build_only else args or [""]
+    mods = [build(s) for s in settings]
+    if build_only:
+        return
+    B, H, N = 2, 16, 4096
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for D in (64, 128):
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", generator=gen).mul_(0.25).bfloat16().requires_grad_()
+                   for _ in range(3))
+        flops = 3.5 * 4 * B * H * N * N * D
+        sdpa = min(timed(lambda: torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v),
+                                                     torch.ones_like(q)), reps=7, inner=3) for _ in range(3))
+        print(f"D={D} sdpa        {sdpa:.3f} ms {flops / sdpa / 1e9:.1f}", flush=True)
+        for score in ("lorentz_dot", "distance"):
+            dout = torch.randn(B, H, N, D, device="cuda", generator=gen).bfloat16()
+            grads = []
+            for m in mods:
+                cuda_backward._module = m
+                grads.append([g.float() for g in fwd_bwd(q, k, v, dout, score)])
+            diff = max(((g - g0).abs().max() / g0.abs().max()).item() for gs in grads for g, g0 in zip(gs, grads[0]))
+            ms = [[] for _ in mods]
+            for _ in range(3):
+                for i, m in enumerate(mods):
+                    cuda_backward._module = m
+                    ms[i].append(timed(lambda: fwd_bwd(q, k, v, dout, score), reps=7, inner=3))
+            line = "  ".join(f"[{i}] {min(t):.3f} ms {flops / min(t) / 1e9:.1f}" for i, t in enumerate(ms))
+            print(f"D={D} {score:11s} {line}  max rel grad diff {diff:.1e}", flush=True)
+    cuda_backward._module = mods[0]
+    for i, s in enumerate(settings):
+        print(f"[{i}] {s or '(default)'}")
+
+
+if __name__ == "__main__":
+    main()
