@@ -8,7 +8,8 @@
 # Steps: build, tests, sanitizer, sanitizer_fp32, fwd_quick, fwd_sweep, fwd_fp32, bwd, bwd_fp32, bwd_memory, bwd_flex,
 # bwd_opt_in (the backward's opt-in paths of bwd_kernel.cuh, -DHYPTORCH_BWD_WGMMA=1 -DHYPTORCH_BWD_LEAN_TILES=1 -DHYPTORCH_BWD_ROW_PREFETCH=1:
 # builds, the backward tests, the bf16 sanitizer and fwd+bwd timings with them), bwd_ab (same-process A/B of
-# the backward with none, some and all of them: dev/ab_bwd_opt_in.py).
+# the backward with none, some and all of them: dev/ab_bwd_opt_in.py), fwd_opt_in (the forward tests with
+# -DHYPTORCH_FWD_DESC_LO=1 and a same-process A/B against the default).
 # Each step has its own time limit and a failing step does not stop the next ones; the script exits
 # non-zero if any step failed. On the lent device, install geoopt first (the device README's notes).
 set -uo pipefail
@@ -64,6 +65,10 @@ cuda_build.load(); cuda_backward.load_extension()"
     bwd_ab) step bwd_ab 500 bash -c 'cd dev && python3 ab_bwd_opt_in.py "" "-DHYPTORCH_BWD_LEAN_TILES=1" \
       "-DHYPTORCH_BWD_LEAN_TILES=1 -DHYPTORCH_BWD_ROW_PREFETCH=1" \
       "-DHYPTORCH_BWD_WGMMA=1 -DHYPTORCH_BWD_LEAN_TILES=1 -DHYPTORCH_BWD_ROW_PREFETCH=1"' ;;
+    fwd_opt_in)
+      HYPTORCH_FLASH_NVCC_EXTRA=-DHYPTORCH_FWD_DESC_LO=1 step fwd_opt_in_tests 400 python3 -m pytest -q -x \
+        -p no:warnings tests/test_cuda_forward.py tests/test_out_dtype.py
+      step fwd_opt_in_ab 300 bash -c 'cd dev && python3 ab_fwd_tiles.py "" -DHYPTORCH_FWD_DESC_LO=1' ;;
     *) echo "unknown step: $name"; failed+=("$name") ;;
   esac
 done

@@ -58,6 +58,12 @@ constexpr bool kFwdWgmmaArch = false;
 #ifndef HYPTORCH_FWD_BLOCK_N_D64
 #define HYPTORCH_FWD_BLOCK_N_D64 64
 #endif
+// wgmma descriptors of each k-step as the tile's descriptor plus an offset (smem_desc_lo / smem_desc_at:
+// one 32-bit add instead of masking and shifting each address; about 70 of the ~600 instructions per key
+// tile of the D = 64 loop are descriptor arithmetic). Same descriptors; opt-in until timed on a GPU.
+#ifndef HYPTORCH_FWD_DESC_LO
+#define HYPTORCH_FWD_DESC_LO 0
+#endif
 #ifndef HYPTORCH_FWD_BLOCK_N_D128
 #define HYPTORCH_FWD_BLOCK_N_D128 HYPTORCH_FWD_BLOCK_N_D128_DEFAULT
 #endif
@@ -436,14 +442,19 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
   auto issue_scores = [&](float (&acc_s)[kRowTiles][kScoreTiles][4], int stage) {
     if constexpr (use_wgmma) {
       const uint32_t k_tile = smem_addr(sK + stage * kParts * kKVTile), q_tile = smem_addr(sQ);
+      const uint32_t k_lo = smem_desc_lo(k_tile, 16), q_lo = smem_desc_lo(q_tile, 16);
 #pragma unroll
       for (int s = 0; s < kSteps; ++s) {
         const uint32_t col_bytes = (s % 4) * 32;
-        const uint64_t desc_k = smem_desc_sw128(k_tile + (s / 4) * (kBlockN * 128) + col_bytes, 16, 1024);
+        const uint32_t k_bytes = (s / 4) * (kBlockN * 128) + col_bytes;
+        const uint64_t desc_k = HYPTORCH_FWD_DESC_LO ? smem_desc_at(k_lo, k_bytes, 1024)
+                                                     : smem_desc_sw128(k_tile + k_bytes, 16, 1024);
 #pragma unroll
         for (int rt = 0; rt < kRowTiles; ++rt) {
           const uint32_t q_bytes = (s / 4) * (kBlockM * 128) + (warpgroup * kRowTiles + rt) * (64 * 128) + col_bytes;
-          wgmma_ss<T, kBlockN>(acc_s[rt], smem_desc_sw128(q_tile + q_bytes, 16, 1024), desc_k);
+          const uint64_t desc_q = HYPTORCH_FWD_DESC_LO ? smem_desc_at(q_lo, q_bytes, 1024)
+                                                       : smem_desc_sw128(q_tile + q_bytes, 16, 1024);
+          wgmma_ss<T, kBlockN>(acc_s[rt], desc_q, desc_k);
         }
       }
     }
@@ -857,10 +868,11 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
       for (int kk = 0; kk < kBlockN / 16; ++kk) p_operands(kk, pv_a[kk], false);
       // O_i += A V_j for the A fragments of every key step
       auto issue_pv = [&](const uint32_t (&a)[kBlockN / 16][kRowTiles][kParts][4]) {
-        const uint32_t v_tile = smem_addr(sVs);
+        const uint32_t v_tile = smem_addr(sVs), v_lo = smem_desc_lo(v_tile, kBlockN * 128);
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
-          const uint64_t desc_v = smem_desc_sw128(v_tile + kk * (16 * 128), kBlockN * 128, 1024);
+          const uint64_t desc_v = HYPTORCH_FWD_DESC_LO ? smem_desc_at(v_lo, kk * (16 * 128), 1024)
+                                                       : smem_desc_sw128(v_tile + kk * (16 * 128), kBlockN * 128, 1024);
 #pragma unroll
           for (int rt = 0; rt < kRowTiles; ++rt) wgmma_rs_bt<T, kOutCols * 8>(acc_o[rt], a[kk][rt][0], desc_v);
         }

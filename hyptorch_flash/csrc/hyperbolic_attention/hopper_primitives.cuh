@@ -22,6 +22,18 @@ __device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t smem_byte_addr, uin
          ((uint64_t)(stride_bytes >> 4) << 32) | (1ull << 62);
 }
 
+// The same descriptor in two steps, for the k-steps of one tile: smem_desc_lo once per tile, then
+// smem_desc_at(lo, offset) = smem_desc_sw128(tile + offset, ...) with one 32-bit add (the start-address field,
+// address / 16 in 14 bits, never carries for shared-memory addresses, all below 256 KiB) instead of masking and
+// shifting every address.
+__device__ __forceinline__ uint32_t smem_desc_lo(uint32_t smem_byte_addr, uint32_t leading_bytes) {
+  return ((smem_byte_addr & 0x3FFFF) >> 4) | ((leading_bytes >> 4) << 16);
+}
+
+__device__ __forceinline__ uint64_t smem_desc_at(uint32_t desc_lo, uint32_t offset_bytes, uint32_t stride_bytes) {
+  return (uint64_t)(desc_lo + (offset_bytes >> 4)) | ((uint64_t)(stride_bytes >> 4) << 32) | (1ull << 62);
+}
+
 // Orders this thread's earlier shared-memory writes through the generic proxy (plain stores, cp.async)
 // before later reads through the async proxy (wgmma operands); a barrier follows before the first wgmma.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
