@@ -13,7 +13,7 @@ OUT = Path(__file__).resolve().parent.parent / "hyptorch_flash/csrc/hyperbolic_a
 TYPES = (("__nv_bfloat16", "bf16"), ("__half", "f16"))
 SS_SHAPES = (32, 64)    # S = Q Kᵀ: N = keys per tile
 RS_SHAPES = (64, 72, 128, 136)   # O += P V: N = head dim (+ 8: the time block, attention_fwd_kernel.cuh)
-SS_TT_SHAPES = (64,)  # backward dQ = dX K with dXᵀ and K in shared memory: N = head dim (bwd_kernel.cuh)
+SS_TT_SHAPES = (64, 72)  # backward dQ = dX K, dXᵀ and K in shared memory: N = head dim (+ 8: K's time block)
 
 
 def wrap(items: list[str], indent: int) -> str:

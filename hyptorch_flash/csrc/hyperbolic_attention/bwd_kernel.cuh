@@ -117,6 +117,11 @@ struct Tile {
   // 128-byte swizzle atoms; at D = 64 the tiles' own swizzle, swz<64>, is that layout)
   static constexpr bool kWgmma = HYPTORCH_BWD_WGMMA && kHeadDim == 64 && !kSplit;
   static constexpr int kAlignSlack = kWgmma ? 1024 : 0;
+  // wgmma, dot scores: K_j carries a "time block" (one more 64-column block of the swizzled layout, of which the
+  // tensor cores read 8 columns: k0_j as three parts), so dQ_i's product also gives R_i = Σ_j dX_ij k0_j (the
+  // row sums otherwise reduced across lanes with shuffles): dQ is m64n72 (attention_bwd_kv_kernel)
+  static constexpr bool kRowSumsTC = kWgmma && kFamily == FAMILY_DOT;
+  static constexpr int kKTimeElems = kRowSumsTC ? kBlockN * 64 : 0;
   // float fields (key fields, row_part, scal, row fields ×2), padded to 16 bytes (wgmma: 1024): the second
   // Q_i/dO_i buffer follows them (see Smem)
   static constexpr int kFloatAlign = kWgmma ? 256 : 4;
@@ -130,7 +135,7 @@ struct Tile {
   }
   template <typename T>
   static constexpr int smem_bytes() {
-    return kParts * (2 * kBlockN * kHeadDim + kBlockN * kBlockM) * (int)sizeof(T) +
+    return (kParts * (2 * kBlockN * kHeadDim + kBlockN * kBlockM) + kKTimeElems) * (int)sizeof(T) +
            kQueryBuffers * query_buffer_bytes<T>() + kFloats * (int)sizeof(float) + kAlignSlack;
   }
   // kernel 2 uses one query buffer: the second one, last in the layout, is not allocated (more CTAs per SM)
@@ -302,7 +307,7 @@ struct Smem {
   // one_query_buffer_smem_bytes). Split inputs have one query buffer (buf = 0).
   __device__ explicit Smem(char* base, int buf = 0) {
     k = reinterpret_cast<T*>(base);
-    v = k + kParts * kv_part;
+    v = k + kParts * kv_part + Tl::kKTimeElems;  // (K_j's time block between, Tile::kRowSumsTC)
     dxt = v + kParts * kv_part;
     T* const query0 = dxt + kParts * dxt_part;
     float* floats = reinterpret_cast<float*>(query0 + Tl::kQueryTiles * q_part);
@@ -984,6 +989,23 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   load_key_fields<kHeadDim, kFamily, kParts>(sm0.key, p, hc, b, bhk, j0);
   // every key of the tile visible (no padding, none past M): tile_step's unmasked path (also a barrier
   // after the key fields' stores)
+  // R_i on the tensor cores (Tile::kRowSumsTC): row r of K_j's time block, chunk 0 = [k0 as three parts, 0 …]
+  // (this thread wrote key r's fields; a fence and barrier follow before any wgmma reads it)
+  constexpr bool tc_rows = use_wgmma && Tl::kRowSumsTC;
+  if constexpr (tc_rows) {
+    const int r = threadIdx.x;
+    if (r < Tl::kBlockN) {
+      float rest = sm0.key[KEY_W * Tl::kBlockN + r];
+      uint32_t part[3];
+#pragma unroll
+      for (int i = 0; i < 3; ++i) {
+        part[i] = pack2<T>(rest, 0.f);   // T(rest) in the low half
+        rest -= unpack2<T>(part[i]).x;  // exact: the rounding residue
+      }
+      *reinterpret_cast<uint4*>(sm0.k + Sm::kv_part + swz<64>(r, 0)) =
+          make_uint4(part[0] | part[1] << 16, part[2], 0u, 0u);
+    }
+  }
   const bool keys_all_visible =
       HYPTORCH_BWD_LEAN_TILES &&
       __syncthreads_and(threadIdx.x >= Tl::kBlockN || sm0.key[KEY_VISIBLE * Tl::kBlockN + threadIdx.x] != 0.f);
@@ -1042,7 +1064,8 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
 
     float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
     tile_step<T, kHeadDim, kFamily, kParts, kDk, false, false, use_wgmma>(sm, hc, i0, j0, p.causal, keys_all_visible,
-                                                                       kDk && p.dq_atomic, has_lo, sp, dp, ks);
+                                                                       kDk && p.dq_atomic && !tc_rows, has_lo, sp,
+                                                                       dp, ks);
 
     // dV_j += P_ijᵀ dO_i and dK_j += dX_ijᵀ Q_i: the Sᵀ/dPᵀ accumulators become A operands
     uint32_t ax[Tl::kBlockM / 16][kParts][4];
@@ -1104,9 +1127,10 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
       store_dxt<T, kHeadDim, kFamily, kParts>(sm.dxt, ax);
       fence_proxy_async();  // the dxt stores are read by wgmma
       __syncthreads();
-      float dq[kHeadDim / 8][4];
+      constexpr int kDqCols = kHeadDim + (tc_rows ? 8 : 0);  // + R_i's n8 tile: [k0 hi, mid | lo, 0 | 0, 0 | 0, 0]
+      float dq[kDqCols / 8][4];
 #pragma unroll
-      for (int n = 0; n < kHeadDim / 8; ++n) {
+      for (int n = 0; n < kDqCols / 8; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) dq[n][e] = 0.f;
       }
@@ -1117,7 +1141,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < Tl::kBlockN / 16; ++kk) {
         const uint32_t rows = kk * (16 * 128);  // keys 16kk … 16kk + 15 (the k-step) of the [key][·] tiles
-        wgmma_ss_tt<T, kHeadDim>(dq, smem_desc_at(dxt_lo, rows, 1024), smem_desc_at(k_lo, rows, 1024));
+        wgmma_ss_tt<T, kDqCols>(dq, smem_desc_at(dxt_lo, rows, 1024), smem_desc_at(k_lo, rows, 1024));
       }
       wgmma_commit();
       wgmma_wait<0>();  // (also dV_j, dK_j above)
@@ -1130,6 +1154,12 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
             float* dst = p.dq_acc + ((size_t)bh * N + i) * kHeadDim + 2 * t;
 #pragma unroll
             for (int n = 0; n < kHeadDim / 8; ++n) add_float2(dst + n * 8, dq[n][2 * hh], dq[n][2 * hh + 1]);
+          }
+          if constexpr (tc_rows) {
+            // R_i = hi + mid (lane t = 0) + lo (t = 1); RX_i is 0 for dot scores
+            float r_i = dq[kHeadDim / 8][2 * hh] + dq[kHeadDim / 8][2 * hh + 1];
+            r_i += __shfl_xor_sync(0xffffffffu, r_i, 1);
+            if (t == 0 && i < N) atomicAdd(p.row_acc + ((size_t)bh * N + i) * 2, r_i);
           }
         }
       }
@@ -1160,7 +1190,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
           }
         }
       }
-      for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
+      for (int r = threadIdx.x; r < (tc_rows ? 0 : Tl::kBlockM); r += Tl::kThreads) {
         if (i0 + r < N) {
           float rw = 0.f, rx = 0.f;
 #pragma unroll
