@@ -9,14 +9,12 @@ on the same shapes as the yardstick.
 
 ``--build-only SETTING...`` builds (or finds cached) the extensions and exits (run it while the GPU is busy).
 """
-import hashlib
-import sys
 
 import torch
 import torch.nn.functional as F
 
 import hyptorch_flash as hf
-from ab_common import timed  # dev/ab_common.py
+from ab_common import build_settings, setting_build_name, timed  # dev/ab_common.py
 from hyptorch_flash.ops import cuda_backward, cuda_build
 
 
@@ -24,7 +22,7 @@ def build(setting: str):
     """The backward extension with extra nvcc flags ``setting``; the default ("") is the package's own."""
     if not setting:
         return cuda_backward.load_extension()
-    name = "hyptorch_flash_bwd_ab_" + hashlib.sha1(setting.encode()).hexdigest()[:10]
+    name = setting_build_name("hyptorch_flash_bwd_ab_", setting)
     return cuda_build.jit_build(name, cuda_backward.sources(), cuda_backward.hashed_sources(),
                                 cuda_build.NVCC_FLAGS + setting.split())
 
@@ -35,9 +33,7 @@ def fwd_bwd(q, k, v, dout, score):
 
 
 def main():
-    args = sys.argv[1:]
-    build_only = bool(args) and args[0] == "--build-only"
-    settings = args[1:] if build_only else args or [""]
+    settings, build_only = build_settings()
     mods = [build(s) for s in settings]
     if build_only:
         return

@@ -1,5 +1,7 @@
-"""Shared parts of the dev/ forward A/B scripts: CUDA-event timing and the benchmark problems."""
+"""Shared parts of the dev/ A/B scripts: CUDA-event timing, the benchmark problems, the command line."""
+import hashlib
 import statistics
+import sys
 
 import torch
 
@@ -28,3 +30,15 @@ def forward_problems(B=2, H=16, N=4096, device="cuda"):
         for name, score, output in (("lorentz_dot", 1, 1), ("euclidean", 0, 0), ("distance", 2, 1)):
             score_coef = coef if score != 2 else torch.ones(H, device=device)
             yield D, name, 4 * B * H * N * N * D, (q, k, v, curv, score_coef, None, score, output, False, False, 1e-6)
+
+
+def build_settings(argv=None):
+    """``[--build-only] SETTING...`` → (settings, build_only); no settings means the default build ("")."""
+    args = sys.argv[1:] if argv is None else argv
+    build_only = bool(args) and args[0] == "--build-only"
+    return (args[1:] if build_only else args or [""]), build_only
+
+
+def setting_build_name(prefix: str, setting: str) -> str:
+    """A JIT build name per nvcc-flag setting (a hash of the flags)."""
+    return prefix + hashlib.sha1(setting.encode()).hexdigest()[:10]

@@ -9,12 +9,10 @@ first setting as a sanity check.
 built while something else uses the GPU; each setting's build name is a hash of its flags. PyTorch SDPA on
 the same inputs is timed once per head dimension, as the yardstick for ratios.
 """
-import hashlib
-import sys
 
 import torch.nn.functional as F
 
-from ab_common import forward_problems, timed  # dev/ab_common.py
+from ab_common import build_settings, forward_problems, setting_build_name, timed  # dev/ab_common.py
 from hyptorch_flash.ops import cuda_build
 
 
@@ -24,14 +22,12 @@ def build(setting: str):
         return cuda_build.load()
     sources = cuda_build.extension_sources()
     hashed = sorted(p for p in cuda_build.CSRC.iterdir() if p.suffix in (".cpp", ".cu", ".cuh", ".h"))
-    name = "hyptorch_flash_ab_" + hashlib.sha1(setting.encode()).hexdigest()[:10]
+    name = setting_build_name("hyptorch_flash_ab_", setting)
     return cuda_build.jit_build(name, sources, hashed, cuda_build.NVCC_FLAGS + setting.split())
 
 
 def main():
-    args = sys.argv[1:]
-    build_only = bool(args) and args[0] == "--build-only"
-    settings = args[1:] if build_only else args or [""]
+    settings, build_only = build_settings()
     mods = [build(s) for s in settings]
     if build_only:
         return

@@ -28,36 +28,21 @@ def accumulators(n: int) -> tuple[str, str]:
     return literals, wrap(outs, 10)
 
 
-def ss(ty: str, ptx: str, n: int) -> str:
+def ss(ty: str, ptx: str, n: int, transposed: bool = False) -> str:
+    """A and B from shared memory: both K-major (``wgmma_ss``), or A M-major and B N-major (``wgmma_ss_tt``)."""
     regs, outs = accumulators(n)
     a, b = n // 2, n // 2 + 1
+    name, layouts, trans = (("wgmma_ss_tt", ("M-major", "N-major"), "1, 1") if transposed
+                            else ("wgmma_ss", ("K-major", "K-major"), "0, 0"))
     return f"""
-// D (64×{n}, fp32) += A (64×16, shared memory, K-major) · B (16×{n}, shared memory, K-major)
+// D (64×{n}, fp32) += A (64×16, shared memory, {layouts[0]}) · B (16×{n}, shared memory, {layouts[1]})
 template <>
-__device__ __forceinline__ void wgmma_ss<{ty}, {n}>(float (&d)[{n // 8}][4], uint64_t desc_a, uint64_t desc_b) {{
+__device__ __forceinline__ void {name}<{ty}, {n}>(float (&d)[{n // 8}][4], uint64_t desc_a, uint64_t desc_b) {{
   asm volatile(
       "{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"  // scale-d = 1: accumulate
       "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} {{"
       "{regs}"
-      "}}, %{a}, %{b}, p, 1, 1, 0, 0;\\n}}\\n"
-      : {outs}
-      : "l"(desc_a), "l"(desc_b));
-}}
-"""
-
-
-def ss_tt(ty: str, ptx: str, n: int) -> str:
-    regs, outs = accumulators(n)
-    a, b = n // 2, n // 2 + 1
-    return f"""
-// D (64×{n}, fp32) += A (64×16, shared memory, M-major) · B (16×{n}, shared memory, N-major)
-template <>
-__device__ __forceinline__ void wgmma_ss_tt<{ty}, {n}>(float (&d)[{n // 8}][4], uint64_t desc_a, uint64_t desc_b) {{
-  asm volatile(
-      "{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n"  // scale-d = 1: accumulate
-      "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} {{"
-      "{regs}"
-      "}}, %{a}, %{b}, p, 1, 1, 1, 1;\\n}}\\n"
+      "}}, %{a}, %{b}, p, 1, 1, {trans};\\n}}\\n"
       : {outs}
       : "l"(desc_a), "l"(desc_b));
 }}
@@ -109,6 +94,6 @@ __device__ __forceinline__ void wgmma_ss_tt(float (&d)[N / 8][4], uint64_t desc_
 if __name__ == "__main__":
     body = [ss(ty, ptx, n) for ty, ptx in TYPES for n in SS_SHAPES]
     body += [rs(ty, ptx, n) for ty, ptx in TYPES for n in RS_SHAPES]
-    body += [ss_tt(ty, ptx, n) for ty, ptx in TYPES for n in SS_TT_SHAPES]
+    body += [ss(ty, ptx, n, transposed=True) for ty, ptx in TYPES for n in SS_TT_SHAPES]
     OUT.write_text(HEADER + "".join(body) + "\n}  // namespace hyptorch_flash\n")
     print(f"wrote {OUT}")
