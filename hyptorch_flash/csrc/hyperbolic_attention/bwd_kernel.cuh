@@ -359,7 +359,8 @@ __device__ __forceinline__ void load_row_fields(float* row, const BwdParams& p, 
     } else {
       w = hc.lorentz ? sqrt_f<(kParts > 1)>(hc.kappa + sq) : 0.f;  // q0_i
     }
-    row[ROW_LSE * Tl::kBlockM + r] = lse;
+    // (HYPTORCH_BWD_LEAN_TILES, one-part inputs: L_i·log2 e, see tile_step's kLogFold)
+    row[ROW_LSE * Tl::kBlockM + r] = HYPTORCH_BWD_LEAN_TILES && kParts == 1 ? lse * kLog2e : lse;
     row[ROW_DELTA * Tl::kBlockM + r] = delta;
     row[ROW_DO0 * Tl::kBlockM + r] = do0;
     row[ROW_W * Tl::kBlockM + r] = w;
@@ -398,7 +399,8 @@ __device__ __forceinline__ void store_row_fields(float* row, const RowRaw& raw, 
   } else {
     w = hc.lorentz ? sqrt_f<(kParts > 1)>(hc.kappa + raw.sq) : 0.f;  // q0_i
   }
-  row[ROW_LSE * Tl::kBlockM + r] = raw.lse == -CUDART_INF_F ? CUDART_INF_F : raw.lse;
+  const float lse = raw.lse == -CUDART_INF_F ? CUDART_INF_F : raw.lse;
+  row[ROW_LSE * Tl::kBlockM + r] = HYPTORCH_BWD_LEAN_TILES && kParts == 1 ? lse * kLog2e : lse;
   row[ROW_DELTA * Tl::kBlockM + r] = raw.delta;
   row[ROW_DO0 * Tl::kBlockM + r] = raw.do0;
   row[ROW_W * Tl::kBlockM + r] = w;
@@ -626,6 +628,10 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
   // `masked`: some (query, key) pair of the tile is invisible (key padding, keys past M, causal diagonal);
   // the other tiles, most of them, run without the per-element visibility test and its branches.
   constexpr bool kLean = HYPTORCH_BWD_LEAN_TILES;
+  // kLean with one-part inputs: the row fields hold L_i·log2 e (store_row_fields, load_row_fields), so
+  // P = exp2(coef·log2e·u − L_i·log2e) is one FFMA (split inputs keep the unscaled form: float32-level P)
+  constexpr bool kLogFold = kLean && kParts == 1;
+  const float coef_log2e = hc.coef * kLog2e;
   // `sums`: a constant true_type/false_type for row_sums (kLean), or row_sums itself
   auto elementwise = [&](auto masked, auto sums) {
     // kLean: this thread's two keys' fields, once per step
@@ -672,10 +678,12 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
       score_terms<kFamily, (kParts > 1)>(sp[n][e], qw, qsq, kw, ksq, hc, X, u, ds_dX);
       const bool valid = !decltype(masked)::value || (visible && (!causal || j0 + r <= i0 + ii));
       // P_ij = exp(S_ij − L_i)
-      const float P = valid ? fast_exp2((hc.coef * u - lse) * kLog2e) : 0.f;
+      // (kLogFold: lse and the coefficient already scaled by log2 e, one FFMA)
+      const float P = valid ? fast_exp2(kLogFold ? fmaf(coef_log2e, u, -lse) : (hc.coef * u - lse) * kLog2e) : 0.f;
       // dP_ij = dO_L,i · lift(v_j) = λ_j (dO_s,i · v_j) + dO0_i v0_j;  dS_ij = P_ij (dP_ij − D_i)
-      const float dP = fmaf(lam, dp[n][e], do0 * v0);
-      const float dS = P * (dP - delta);
+      const float dP_delta = kLean ? fmaf(lam, dp[n][e], fmaf(do0, v0, -delta))  // one rounding fewer
+                                   : fmaf(lam, dp[n][e], do0 * v0) - delta;
+      const float dS = P * dP_delta;
       const float dx_exact = dS * ds_dX;
       const float dX = kParts == 1 ? round_to<T>(dx_exact) : dx_exact;
       if constexpr (kKeySums) {
