@@ -32,8 +32,8 @@ _ENTRY = re.compile(r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack fra
 # built for the same target with the wgmma path switched off.
 MMA_SYNC_FLAG = "-DHYPTORCH_FWD_WGMMA=0"
 MMA_SYNC_FILES = [p for p in CU_FILES if re.match(r"attention_fwd_(bf16|fp16)_", p.name)]
-# The backward's opt-in paths (bwd_kernel.cuh: wgmma in the key-parallel kernel, unmasked tiles), not yet the
-# default, are kept compiling and spill-free too.
+# The backward's opt-in paths (bwd_kernel.cuh: wgmma in the key-parallel kernel, lean tiles, row prefetch), not
+# yet the default, are kept compiling and spill-free too.
 BWD_OPT_IN_FLAGS = ("-DHYPTORCH_BWD_WGMMA=1", "-DHYPTORCH_BWD_LEAN_TILES=1", "-DHYPTORCH_BWD_ROW_PREFETCH=1")
 BWD_FILES = [p for p in CU_FILES if re.match(r"bwd_hd\d+_", p.name)]
 # and the forward's (attention_fwd_kernel.cuh), on its wgmma files

@@ -36,7 +36,8 @@ def extension_sources() -> list[Path]:
 
 
 def nvcc_flags() -> list[str]:
-    # $HYPTORCH_FLASH_NVCC_EXTRA: extra nvcc flags for tuning experiments (both extensions) (e.g. -DHYPTORCH_FWD_BLOCK_N_D64=32);
+    # $HYPTORCH_FLASH_NVCC_EXTRA: extra nvcc flags for tuning experiments, for both extensions (e.g.
+    # -DHYPTORCH_FWD_BLOCK_N_D64=32);
     # they are part of the cache key, so each setting gets its own build.
     return NVCC_FLAGS + os.environ.get("HYPTORCH_FLASH_NVCC_EXTRA", "").split()
 

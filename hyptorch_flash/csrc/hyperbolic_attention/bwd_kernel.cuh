@@ -44,7 +44,8 @@
 
 // Hopper warpgroup MMA in kernel 1 (key-parallel) for one-part bf16/fp16 inputs at D = 64: S_ijᵀ, dP_ijᵀ from
 // shared memory (wgmma, both operands K-major), dV_j and dK_j with Pᵀ/dXᵀ as register A operands and dO_i/Q_i
-// as N-major B (the forward's P·V form); the element-wise step, dQ_i and the row/key sums are unchanged.
+// as N-major B (the forward's P·V form); with 64-query tiles dQ_i by one wgmma with dXᵀ and K_j read transposed,
+// and for dot scores R_i from that product too (Tile::kRowSumsTC); the element-wise step is unchanged.
 // Opt-in (-DHYPTORCH_BWD_WGMMA=1): compile-checked, not yet run on a GPU. The host sizes shared memory from
 // HYPTORCH_BWD_WGMMA (1 KiB alignment slack, float fields padded to 1 KiB), the device uses wgmma only where
 // the build targets sm_90a.
@@ -122,6 +123,9 @@ struct Tile {
   // row sums otherwise reduced across lanes with shuffles): dQ is m64n72 (attention_bwd_kv_kernel)
   static constexpr bool kRowSumsTC = kWgmma && kFamily == FAMILY_DOT;
   static constexpr int kKTimeElems = kRowSumsTC ? kBlockN * 64 : 0;
+  // HYPTORCH_BWD_LEAN_TILES with one-part inputs: the row fields hold L_i·log2 e, so tile_step's
+  // P = exp2(coef·log2e·u − L_i·log2e) is one FFMA (split inputs keep the unscaled form: float32-level P)
+  static constexpr bool kLogFold = HYPTORCH_BWD_LEAN_TILES && !kSplit;
   // float fields (key fields, row_part, scal, row fields ×2), padded to 16 bytes (wgmma: 1024): the second
   // Q_i/dO_i buffer follows them (see Smem)
   static constexpr int kFloatAlign = kWgmma ? 256 : 4;
@@ -359,8 +363,7 @@ __device__ __forceinline__ void load_row_fields(float* row, const BwdParams& p, 
     } else {
       w = hc.lorentz ? sqrt_f<(kParts > 1)>(hc.kappa + sq) : 0.f;  // q0_i
     }
-    // (HYPTORCH_BWD_LEAN_TILES, one-part inputs: L_i·log2 e, see tile_step's kLogFold)
-    row[ROW_LSE * Tl::kBlockM + r] = HYPTORCH_BWD_LEAN_TILES && kParts == 1 ? lse * kLog2e : lse;
+    row[ROW_LSE * Tl::kBlockM + r] = Tl::kLogFold ? lse * kLog2e : lse;
     row[ROW_DELTA * Tl::kBlockM + r] = delta;
     row[ROW_DO0 * Tl::kBlockM + r] = do0;
     row[ROW_W * Tl::kBlockM + r] = w;
@@ -400,7 +403,7 @@ __device__ __forceinline__ void store_row_fields(float* row, const RowRaw& raw, 
     w = hc.lorentz ? sqrt_f<(kParts > 1)>(hc.kappa + raw.sq) : 0.f;  // q0_i
   }
   const float lse = raw.lse == -CUDART_INF_F ? CUDART_INF_F : raw.lse;
-  row[ROW_LSE * Tl::kBlockM + r] = HYPTORCH_BWD_LEAN_TILES && kParts == 1 ? lse * kLog2e : lse;
+  row[ROW_LSE * Tl::kBlockM + r] = Tl::kLogFold ? lse * kLog2e : lse;
   row[ROW_DELTA * Tl::kBlockM + r] = raw.delta;
   row[ROW_DO0 * Tl::kBlockM + r] = raw.do0;
   row[ROW_W * Tl::kBlockM + r] = w;
@@ -627,10 +630,7 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
   // the scarce resource here).
   // `masked`: some (query, key) pair of the tile is invisible (key padding, keys past M, causal diagonal);
   // the other tiles, most of them, run without the per-element visibility test and its branches.
-  constexpr bool kLean = HYPTORCH_BWD_LEAN_TILES;
-  // kLean with one-part inputs: the row fields hold L_i·log2 e (store_row_fields, load_row_fields), so
-  // P = exp2(coef·log2e·u − L_i·log2e) is one FFMA (split inputs keep the unscaled form: float32-level P)
-  constexpr bool kLogFold = kLean && kParts == 1;
+  constexpr bool kLean = HYPTORCH_BWD_LEAN_TILES, kLogFold = Tl::kLogFold;
   const float coef_log2e = hc.coef * kLog2e;
   // `sums`: a constant true_type/false_type for row_sums (kLean), or row_sums itself
   auto elementwise = [&](auto masked, auto sums) {
@@ -995,8 +995,6 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
       sm0.v, static_cast<const T*>(p.v) + bhk * M * kHeadDim, p.kv_part_stride, j0, M);
   cp_async_commit();
   load_key_fields<kHeadDim, kFamily, kParts>(sm0.key, p, hc, b, bhk, j0);
-  // every key of the tile visible (no padding, none past M): tile_step's unmasked path (also a barrier
-  // after the key fields' stores)
   // R_i on the tensor cores (Tile::kRowSumsTC): row r of K_j's time block, chunk 0 = [k0 as three parts, 0 …]
   // (this thread wrote key r's fields; a fence and barrier follow before any wgmma reads it)
   constexpr bool tc_rows = use_wgmma && Tl::kRowSumsTC;
@@ -1014,6 +1012,8 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
           make_uint4(part[0] | part[1] << 16, part[2], 0u, 0u);
     }
   }
+  // every key of the tile visible (no padding, none past M): tile_step's unmasked path (also a barrier
+  // after the key fields' stores)
   const bool keys_all_visible =
       HYPTORCH_BWD_LEAN_TILES &&
       __syncthreads_and(threadIdx.x >= Tl::kBlockN || sm0.key[KEY_VISIBLE * Tl::kBlockN + threadIdx.x] != 0.f);
@@ -1131,6 +1131,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     // read transposed from shared memory (the dxt tile's swz<64> layout is the 128-byte swizzle). Issued on
     // every path (ptxas serialises wgmma issued on some paths only); without dq_atomic the result is unused.
     constexpr bool wgmma_dq = use_wgmma && kDk && Tl::kBlockM == 64;
+    static_assert(!tc_rows || wgmma_dq, "R_i on the tensor cores comes from the wgmma dQ product");
     if constexpr (wgmma_dq) {
       store_dxt<T, kHeadDim, kFamily, kParts>(sm.dxt, ax);
       fence_proxy_async();  // the dxt stores are read by wgmma
