@@ -124,7 +124,9 @@ struct Tile {
   static constexpr bool kRowSumsTC = kWgmma && kFamily == FAMILY_DOT;
   static constexpr int kKTimeElems = kRowSumsTC ? kBlockN * 64 : 0;
   // HYPTORCH_BWD_LEAN_TILES with one-part inputs: the row fields hold L_i·log2 e, so tile_step's
-  // P = exp2(coef·log2e·u − L_i·log2e) is one FFMA (split inputs keep the unscaled form: float32-level P)
+  // P = exp2(coef·log2e·u − L_i·log2e) is one FFMA, and dP − D_i is two FFMA. Split inputs keep the unscaled
+  // form and the original order of dP − D_i: float32-level P, and the rounding the float32 gradient grid was
+  // measured with (the reordered dP − D_i failed float32 poincare_distance/lorentz dq at D = 64 on the H200).
   static constexpr bool kLogFold = HYPTORCH_BWD_LEAN_TILES && !kSplit;
   // float fields (key fields, row_part, scal, row fields ×2), padded to 16 bytes (wgmma: 1024): the second
   // Q_i/dO_i buffer follows them (see Smem)
@@ -681,8 +683,8 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
       // (kLogFold: lse and the coefficient already scaled by log2 e, one FFMA)
       const float P = valid ? fast_exp2(kLogFold ? fmaf(coef_log2e, u, -lse) : (hc.coef * u - lse) * kLog2e) : 0.f;
       // dP_ij = dO_L,i · lift(v_j) = λ_j (dO_s,i · v_j) + dO0_i v0_j;  dS_ij = P_ij (dP_ij − D_i)
-      const float dP_delta = kLean ? fmaf(lam, dp[n][e], fmaf(do0, v0, -delta))  // one rounding fewer
-                                   : fmaf(lam, dp[n][e], do0 * v0) - delta;
+      const float dP_delta = kLogFold ? fmaf(lam, dp[n][e], fmaf(do0, v0, -delta))  // one rounding fewer
+                                      : fmaf(lam, dp[n][e], do0 * v0) - delta;
       const float dS = P * dP_delta;
       const float dx_exact = dS * ds_dX;
       const float dX = kParts == 1 ? round_to<T>(dx_exact) : dx_exact;
