@@ -46,26 +46,26 @@
 // shared memory (wgmma, both operands K-major), dV_j and dK_j with Pᵀ/dXᵀ as register A operands and dO_i/Q_i
 // as N-major B (the forward's P·V form); with 64-query tiles dQ_i by one wgmma with dXᵀ and K_j read transposed,
 // and for dot scores R_i from that product too (Tile::kRowSumsTC); the element-wise step is unchanged.
-// Opt-in (-DHYPTORCH_BWD_WGMMA=1): compile-checked, not yet run on a GPU. The host sizes shared memory from
-// HYPTORCH_BWD_WGMMA (1 KiB alignment slack, float fields padded to 1 KiB), the device uses wgmma only where
-// the build targets sm_90a.
+// On by default (GPU-tested on the H200; -DHYPTORCH_BWD_WGMMA=0 builds the mma.sync path, for A/B). The host
+// sizes shared memory from HYPTORCH_BWD_WGMMA (1 KiB alignment slack, float fields padded to 1 KiB), the device
+// uses wgmma only where the build targets sm_90a.
 #ifndef HYPTORCH_BWD_WGMMA
-#define HYPTORCH_BWD_WGMMA 0
+#define HYPTORCH_BWD_WGMMA 1
 #endif
 // Leaner element-wise step of kernel 1: tiles where every (query, key) pair is visible (no key padding or
 // keys past M in the key tile, below the causal diagonal: most of them) skip the per-element visibility test
 // (a branch around each exp2 and each key-sum update: ~300 of the ~2,400 instructions per step at D = 64);
 // the thread's key fields are read once per step and the row fields as pairs (the two query columns of a
-// fragment are adjacent). Opt-in (-DHYPTORCH_BWD_LEAN_TILES=1): compile-checked, not yet run on a GPU.
+// fragment are adjacent). On by default (GPU-tested; -DHYPTORCH_BWD_LEAN_TILES=0 for A/B).
 #ifndef HYPTORCH_BWD_LEAN_TILES
-#define HYPTORCH_BWD_LEAN_TILES 0
+#define HYPTORCH_BWD_LEAN_TILES 1
 #endif
 // Kernel 1 at D = 64 prefetches the next query tile's row fields (L_i, D_i, dO0_i, |q_i|²) into registers
 // right after the step's barrier and stores them (with w_i) at the end of the step, instead of loading and
 // storing them in the prefetch itself, where the stores wait for the global loads (~1 µs exposed per step,
-// for the warps that own rows). Opt-in (-DHYPTORCH_BWD_ROW_PREFETCH=1): compile-checked, not yet run on a GPU.
+// for the warps that own rows). On by default (GPU-tested; -DHYPTORCH_BWD_ROW_PREFETCH=0 for A/B).
 #ifndef HYPTORCH_BWD_ROW_PREFETCH
-#define HYPTORCH_BWD_ROW_PREFETCH 0
+#define HYPTORCH_BWD_ROW_PREFETCH 1
 #endif
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) && HYPTORCH_BWD_WGMMA
 constexpr bool kBwdWgmmaArch = true;
