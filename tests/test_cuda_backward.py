@@ -122,6 +122,38 @@ def test_finish_gradients_takes_inputs_in_their_own_dtype(score):
         assert torch.equal(g, w.to(g.dtype)), name
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=str)
+@pytest.mark.parametrize("D", (64, 128))
+@pytest.mark.parametrize("score", ("euclidean", "lorentz_dot", "distance"))
+def test_finish_kernel_within_twice_eager_error(score, D, dtype):
+    """bwd_finish.cu (FusedKernels.finish) on random contractions, GQA and N ≠ M: every gradient within 2× the
+    error of finish_gradients in the same dtypes (float32 contractions, inputs in ``dtype``) + one unit
+    roundoff of the scale, both against finish_gradients in float64."""
+    gen = torch.Generator().manual_seed(D + SCORE_IDS[score])
+    B, H, Hkv, N, M = 2, 6, 3, 77, 130
+    curvature = (torch.rand(H, generator=gen) + 0.5).double()
+    pts = dict(score=score, generator=gen, norm_scale=0.5, curvature=curvature)
+    q, k, v = (random_points(shape, **pts).to(dtype)
+               for shape in ((B, H, N, D), (B, Hkv, M, D), (B, Hkv, M, D)))
+    rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    acc = [rnd(B, H, N, D), rnd(B, H, N, 2), rnd(B, H, M, D), rnd(B, H, M, D), rnd(B, H, M, 3), rnd(B, H, 3, 2)]
+    coef = torch.rand(H, generator=gen) + 0.5
+    sid = SCORE_IDS[score]
+    dkap_epilogue = torch.randn(H, generator=gen)
+    dev = [x.cuda() for x in (q, k, v)]
+    squares = [cb._squares(x) for x in dev]
+    kernels = cb.FusedKernels(cb.load_extension())
+    args = (curvature.float().cuda(), coef.cuda(), sid, True)
+    got = kernels.finish(*(x.cuda() for x in acc), *dev, *args, dkap_epilogue.cuda(), squares=squares)
+    eager = cb.finish_gradients(*(x.cuda() for x in acc), *dev, *args, dkap_epilogue.cuda(), squares=squares)
+    truth = cb.finish_gradients(*(x.double() for x in acc), *(x.double() for x in (q, k, v)), curvature, coef.double(),
+                                sid, True, dkap_epilogue.double(), squares=[x.double().cpu() for x in squares])
+    for name, g, e, t in zip(("dq", "dk", "dv", "dcurvature", "dcoef"), got, eager, truth):
+        assert g.dtype == e.dtype and g.shape == e.shape, name
+        assert_close_to_truth(f"finish {score} D={D} {dtype} {name}", g.cpu(), e.cpu(), t, floor_rel=UNIT_ROUNDOFF[dtype])
+
+
 def test_delta_is_zero_without_rounding():
     """dO_L·O_L = 0: the epilogue is scale-invariant, so D_i vanishes before dO_s is rounded."""
     for output in ("lorentz", "klein", "poincare"):
@@ -143,6 +175,7 @@ class DenseKernels:
         self.passes = 0
 
     operands = staticmethod(lambda x: x)
+    finish = staticmethod(cb.finish_gradients)
 
     def prepare(self, dout, out, out_refine, o0, curvature, output, dtype):
         self.passes += 1

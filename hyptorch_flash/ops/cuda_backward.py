@@ -21,9 +21,10 @@ FlashAttention-2's backward (Dao 2023, Algorithm 2) for every score variant, in 
    and return the O(N·D) contractions G, Gk, dV_s, the row/column sums R, RX, C, CX, dv0 and the
    per-head scalars Σ dS·u, Σ dX·X (``bwd_params.cuh``). dQ uses fp32 atomics, or, in deterministic mode,
    a query-parallel kernel without atomics. float32 inputs first run a delta pass (:class:`FusedKernels`).
-3. :func:`finish_gradients` (PyTorch, O(N·D)): the chain rule through the recomputed time coordinates
-   (dq_s = G − (q_s/q0)·R, dk_s, dv_s alike), the Poincaré lift factors, the curvature and the score
-   coefficient; dK/dV are summed over the query heads of a GQA group.
+3. ``csrc/hyperbolic_attention/bwd_finish.cu`` (one warp per row; :func:`finish_gradients` is the same
+   math in PyTorch, its CPU reference, and still finishes poincare_distance), O(N·D): the chain rule
+   through the recomputed time coordinates (dq_s = G − (q_s/q0)·R, dk_s, dv_s alike), the Poincaré lift
+   factors, the curvature and the score coefficient; dK/dV are summed over the query heads of a GQA group.
 
 The steps run over passes of (batch element, key head) slices (:func:`backward_in_passes`,
 :func:`slice_plan`) so that the float32 scratch stays a small share of the memory training holds anyway.
@@ -426,7 +427,8 @@ def slice_plan(batch: int, kv_heads: int, slices_per_pass: int) -> list[tuple[in
 class FusedKernels:
     """The extension's stages behind the interface :func:`backward_in_passes` calls: ``operands`` (what
     the kernels read of q, k, v: float32 as three bf16 parts), ``prepare`` (step 1, ``bwd_prepare.cu``
-    for bf16/fp16, :func:`prepare_backward` for float32) and ``bwd`` (stage 1).
+    for bf16/fp16, :func:`prepare_backward` for float32), ``bwd`` (stage 1) and ``finish`` (step 3,
+    ``bwd_finish.cu``; :func:`finish_gradients` for poincare_distance).
 
     Split float32 inputs and the poincare_distance score: ``bwd`` first runs the delta pass (extension
     ``delta``), which recomputes D_i = Σ_j P_ij dP_ij from the very P and dP of stage 1, and uses it
@@ -441,6 +443,7 @@ class FusedKernels:
         self._bwd = ext.bwd
         self._delta = ext.delta
         self._prepare = ext.prepare
+        self._finish = ext.finish
 
     def bwd(self, q, k, v, dout_hi, dout_lo, lse, delta, dout0, *common_and_deterministic):
         common = common_and_deterministic[:-1]  # (q_sq, k_sq, v_sq, curvature, coef, padding, score, …)
@@ -457,6 +460,23 @@ class FusedKernels:
             return prepare_backward(dout, out, o0, curvature, output, dtype)
         dout_hi, dout_lo, dout0, delta, dkap_rows = self._prepare(dout, out, out_refine, o0, curvature, output)
         return dout_hi, None if output == OUTPUT_EUCLIDEAN else dout_lo, dout0, delta, dkap_rows.sum((0, 2))
+
+    def finish(self, G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, score: int, squared: bool,
+               dcurvature_epilogue=None, squares=None):
+        """:func:`finish_gradients` (same arguments and results; ``squares`` required) with the O(N·D) part in
+        ``bwd_finish.cu`` for the euclidean, lorentz_dot and distance scores; poincare_distance runs
+        :func:`finish_gradients` itself."""
+        if score == SCORE_POINCARE:
+            return finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, score, squared,
+                                    dcurvature_epilogue, squares)
+        dq, dk, dv, dkap_q, dkap_k = self._finish(G, row, Gk, dVs, col, q, k, v, *squares, curvature, score)
+        s1, s2 = scalars.sum((0, 2)).unbind(-1)  # (H,) in a fixed order
+        dkap = dkap_q.sum((0, 2)) + dkap_k.sum((0, 2))
+        if score == SCORE_DISTANCE:
+            dkap = dkap + ((1.0 if squared else 0.5) * coef * s1 - s2) / curvature
+        if dcurvature_epilogue is not None:
+            dkap = dkap + dcurvature_epilogue
+        return dq, dk, dv, dkap.to(curvature.dtype), s1.to(coef.dtype)
 
 
 def _check_forward_outputs(q, out, out_refine, o0):
@@ -492,8 +512,8 @@ def _backward_pass(kernels, dout, q, k, v, out, out_refine, lse, o0, curvature, 
     acc = kernels.bwd(q_in, k_in, v_in, dout_hi.contiguous(), None if dout_lo is None else dout_lo.contiguous(), lse,
                       delta.contiguous(), dout0.contiguous(), *common, deterministic)
     del dout_hi, dout_lo, q_in, k_in, v_in
-    dq, dk, dv, dcurv, dcoef = finish_gradients(*acc, qp, kp, vp, curv, cf, score, squared, dcurv_epilogue,
-                                                squares=common[:3])
+    dq, dk, dv, dcurv, dcoef = kernels.finish(*acc, qp, kp, vp, curv, cf, score, squared, dcurv_epilogue,
+                                              squares=common[:3])
     return dq[..., : q.shape[-1]], dk[..., : k.shape[-1]], dv[..., : v.shape[-1]], dcurv, dcoef
 
 

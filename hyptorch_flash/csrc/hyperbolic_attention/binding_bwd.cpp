@@ -239,10 +239,78 @@ std::vector<at::Tensor> prepare(const at::Tensor& dout, const at::Tensor& out, c
   return {hi, lo, dout0, delta, dkap_rows};
 }
 
+// Step 3 (euclidean, lorentz_dot, distance): (dq, dk, dv, dkap_q, dkap_k) from stage 1's float32 contractions
+// (bwd's outputs but the scalars) and the inputs q, k, v (B, H|Hkv, rows, D) bf16/fp16/float32, contiguous; their
+// squares (float32); curvature (H,) float32. dq/dk/dv in the inputs' dtype; dkap_q (B, H, N) and dkap_k (B, H, M)
+// float32 per-row shares of dκ (bwd_finish.cu), zero for the euclidean score.
+std::vector<at::Tensor> finish(const at::Tensor& dq_acc, const at::Tensor& row_acc, const at::Tensor& dk_acc,
+                               const at::Tensor& dv_acc, const at::Tensor& col_acc, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_sq, const at::Tensor& k_sq,
+                               const at::Tensor& v_sq, const at::Tensor& curvature, int64_t score) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t D = q.size(-1);
+  TORCH_CHECK(D == 64 || D == 128, "hyptorch_flash_cuda_bwd: head dim must be 64 or 128, got ", D);
+  check_4d(q, "q", D);
+  check_4d(k, "k", D);
+  check_4d(v, "v", D);
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
+              "hyptorch_flash_cuda_bwd: finish takes bf16, fp16 or float32 inputs, got ", dtype);
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype, "hyptorch_flash_cuda_bwd: q, k, v must share one dtype");
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Hkv = k.size(1), M = k.size(2);
+  TORCH_CHECK(k.size(0) == B && v.sizes() == k.sizes() && Hkv > 0 && H % Hkv == 0,
+              "hyptorch_flash_cuda_bwd: shapes q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), " do not match");
+  TORCH_CHECK(score >= 0 && score <= 2, "hyptorch_flash_cuda_bwd: finish takes the score ids 0..2, got ", score);
+  check_f32(dq_acc, "dq_acc", {B, H, N, D});
+  check_f32(row_acc, "row_acc", {B, H, N, 2});
+  check_f32(dk_acc, "dk_acc", {B, H, M, D});
+  check_f32(dv_acc, "dv_acc", {B, H, M, D});
+  check_f32(col_acc, "col_acc", {B, H, M, 3});
+  check_f32(q_sq, "q_sq", {B, H, N});
+  check_f32(k_sq, "k_sq", {B, Hkv, M});
+  check_f32(v_sq, "v_sq", {B, Hkv, M});
+  check_f32(curvature, "curvature", {H});
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dkap_q = at::zeros({B, H, N}, f32), dkap_k = at::zeros({B, H, M}, f32);
+  hyptorch_flash::FinishParams p{};
+  p.dq_acc = dq_acc.data_ptr<float>();
+  p.row_acc = row_acc.data_ptr<float>();
+  p.dk_acc = dk_acc.data_ptr<float>();
+  p.dv_acc = dv_acc.data_ptr<float>();
+  p.col_acc = col_acc.data_ptr<float>();
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_sq = q_sq.data_ptr<float>();
+  p.k_sq = k_sq.data_ptr<float>();
+  p.v_sq = v_sq.data_ptr<float>();
+  p.curvature = curvature.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dkap_q = dkap_q.data_ptr<float>();
+  p.dkap_k = dkap_k.data_ptr<float>();
+  p.batch = (int)B;
+  p.heads = (int)H;
+  p.kv_heads = (int)Hkv;
+  p.n_queries = (int)N;
+  p.n_keys = (int)M;
+  p.head_dim = (int)D;
+  p.score = (int)score;
+  const hyptorch_flash::BwdDtype kind = dtype == at::kBFloat16 ? hyptorch_flash::BWD_BF16
+                                        : dtype == at::kHalf     ? hyptorch_flash::BWD_FP16
+                                                                 : hyptorch_flash::BWD_FP32_SPLIT;
+  const cudaError_t err = hyptorch_flash::launch_bwd_finish(p, kind, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "hyptorch_flash_cuda_bwd: kernel launch failed: ", cudaGetErrorString(err));
+  return {dq, dk, dv, dkap_q, dkap_k};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prepare", &prepare, "Backward step 1: the upstream gradient pulled back through the centroid epilogue");
   m.def("bwd", &bwd, "Backward stage 1: float32 gradient contractions (see bwd_params.cuh)");
+  m.def("finish", &finish, "Backward step 3 (euclidean, lorentz_dot, distance): the gradients from the contractions");
   m.def("delta", &delta, "Backward stage 2 (split float32 inputs, poincare_distance): D_i from the kernels' own P and dP");
 }

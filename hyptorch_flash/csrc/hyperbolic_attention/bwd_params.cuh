@@ -96,4 +96,31 @@ enum BwdDtype : int { BWD_BF16 = 0, BWD_FP16 = 1, BWD_FP32_SPLIT = 2 };
 // head dim on `stream`.
 cudaError_t launch_attention_bwd(const BwdParams& params, int head_dim, BwdDtype dtype, int stage, cudaStream_t stream);
 
+// Step 3 of the backward (bwd_finish.cu) for the euclidean, lorentz_dot and distance scores: dq, dk, dv from
+// stage 1's contractions (this header's comment) and the inputs, and the per-row shares of dκ.
+struct FinishParams {
+  const float* dq_acc;   // (B, H, N, D)  stage 1's outputs
+  const float* row_acc;  // (B, H, N, 2)
+  const float* dk_acc;   // (B, H, M, D)
+  const float* dv_acc;   // (B, H, M, D)
+  const float* col_acc;  // (B, H, M, 3)
+  const void* q;         // (B, H, N, D) the inputs, bf16/fp16/float32 (float32: the unsplit values)
+  const void* k;         // (B, Hkv, M, D)
+  const void* v;         // (B, Hkv, M, D)
+  const float* q_sq;     // (B, H, N)
+  const float* k_sq;     // (B, Hkv, M)
+  const float* v_sq;     // (B, Hkv, M)
+  const float* curvature;  // (H,)
+  void* dq;              // outputs in the inputs' dtype, shaped like q, k, v
+  void* dk;
+  void* dv;
+  float* dkap_q;  // (B, H, N) −R_i/(2 q0_i) (not written for the euclidean score)
+  float* dkap_k;  // (B, H, M) −C_j/(2 k0_j) + dv0_j/(2 v0_j) per query head (likewise)
+  int batch, heads, kv_heads, n_queries, n_keys, head_dim;
+  int score;  // ScoreId other than SCORE_POINCARE
+};
+
+// dtype: BWD_BF16, BWD_FP16, or BWD_FP32_SPLIT for float32 inputs (q, k, v as float32 tensors here).
+cudaError_t launch_bwd_finish(const FinishParams& params, BwdDtype dtype, cudaStream_t stream);
+
 }  // namespace hyptorch_flash
