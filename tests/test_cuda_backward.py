@@ -154,6 +154,18 @@ def test_finish_kernel_within_twice_eager_error(score, D, dtype):
         assert_close_to_truth(f"finish {score} D={D} {dtype} {name}", g.cpu(), e.cpu(), t, floor_rel=UNIT_ROUNDOFF[dtype])
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32), ids=str)
+@pytest.mark.parametrize("D", (64, 128))
+def test_squares_kernel_matches_pytorch(D, dtype):
+    """bwd_squares.cu against cuda_backward._squares (float32 sums for bf16/fp16, float64 for float32)."""
+    x = (torch.randn(2, 3, 301, D, generator=torch.Generator().manual_seed(D)) * 3).to(dtype).cuda()
+    got = cb.FusedKernels(cb.load_extension()).squares(x)
+    want = cb._squares(x)
+    assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=2.0**-21 if dtype != torch.float32 else 2.0**-23, atol=0.0)
+
+
 def test_delta_is_zero_without_rounding():
     """dO_L·O_L = 0: the epilogue is scale-invariant, so D_i vanishes before dO_s is rounded."""
     for output in ("lorentz", "klein", "poincare"):
@@ -176,6 +188,7 @@ class DenseKernels:
 
     operands = staticmethod(lambda x: x)
     finish = staticmethod(cb.finish_gradients)
+    squares = staticmethod(cb._squares)
 
     def prepare(self, dout, out, out_refine, o0, curvature, output, dtype):
         self.passes += 1

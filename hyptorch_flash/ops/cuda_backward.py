@@ -428,7 +428,8 @@ class FusedKernels:
     """The extension's stages behind the interface :func:`backward_in_passes` calls: ``operands`` (what
     the kernels read of q, k, v: float32 as three bf16 parts), ``prepare`` (step 1, ``bwd_prepare.cu``
     for bf16/fp16, :func:`prepare_backward` for float32), ``bwd`` (stage 1) and ``finish`` (step 3,
-    ``bwd_finish.cu``; :func:`finish_gradients` for poincare_distance).
+    ``bwd_finish.cu``; :func:`finish_gradients` for poincare_distance), and ``squares`` (|x|² per row,
+    ``bwd_squares.cu``).
 
     Split float32 inputs and the poincare_distance score: ``bwd`` first runs the delta pass (extension
     ``delta``), which recomputes D_i = Σ_j P_ij dP_ij from the very P and dP of stage 1, and uses it
@@ -444,6 +445,7 @@ class FusedKernels:
         self._delta = ext.delta
         self._prepare = ext.prepare
         self._finish = ext.finish
+        self.squares = ext.squares  # |x|² per row, as _squares
 
     def bwd(self, q, k, v, dout_hi, dout_lo, lse, delta, dout0, *common_and_deterministic):
         common = common_and_deterministic[:-1]  # (q_sq, k_sq, v_sq, curvature, coef, padding, score, …)
@@ -476,7 +478,7 @@ class FusedKernels:
             dkap = dkap + ((1.0 if squared else 0.5) * coef * s1 - s2) / curvature
         if dcurvature_epilogue is not None:
             dkap = dkap + dcurvature_epilogue
-        return dq, dk, dv, dkap.to(curvature.dtype), s1.to(coef.dtype)
+        return dq, dk, dv, dkap.to(curvature.dtype).contiguous(), s1.to(coef.dtype).contiguous()
 
 
 def _check_forward_outputs(q, out, out_refine, o0):
@@ -502,8 +504,8 @@ def _backward_pass(kernels, dout, q, k, v, out, out_refine, lse, o0, curvature, 
     dim = _padded_head_dim(q.shape[-1], v.shape[-1])
     qp, kp, vp = (_pad_to(x, dim) for x in (q, k, v))
     curv, cf = curvature.to(stats).contiguous(), coef.to(stats).contiguous()
-    common = (_squares(qp), _squares(kp), _squares(vp), curv, cf, key_padding_mask, score, causal, squared,
-              float(acosh_eps))
+    common = (kernels.squares(qp), kernels.squares(kp), kernels.squares(vp), curv, cf, key_padding_mask, score, causal,
+              squared, float(acosh_eps))
     lse = lse.contiguous()
     q_in, k_in, v_in = (kernels.operands(x) for x in (qp, kp, vp))
     refine = _pad_to(out_refine, dim) if out_refine.numel() else out_refine

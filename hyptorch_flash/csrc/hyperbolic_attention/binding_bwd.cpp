@@ -46,6 +46,13 @@ void check_f32(const at::Tensor& x, const char* name, at::IntArrayRef shape) {
               ", got ", x.scalar_type(), " ", x.sizes());
 }
 
+// The element type of a 4-D bf16/fp16/float32 tensor for the O(N·D) kernels (BWD_FP32_SPLIT: float32 values).
+hyptorch_flash::BwdDtype bwd_dtype_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 ? hyptorch_flash::BWD_BF16
+         : x.scalar_type() == at::kHalf   ? hyptorch_flash::BWD_FP16
+                                          : hyptorch_flash::BWD_FP32_SPLIT;
+}
+
 // Fills the fields shared by the stages; the caller sets the stage's own pointers.
 hyptorch_flash::BwdParams common_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                         const at::Tensor& lse, const at::Tensor& q_sq, const at::Tensor& k_sq,
@@ -298,12 +305,25 @@ std::vector<at::Tensor> finish(const at::Tensor& dq_acc, const at::Tensor& row_a
   p.n_keys = (int)M;
   p.head_dim = (int)D;
   p.score = (int)score;
-  const hyptorch_flash::BwdDtype kind = dtype == at::kBFloat16 ? hyptorch_flash::BWD_BF16
-                                        : dtype == at::kHalf     ? hyptorch_flash::BWD_FP16
-                                                                 : hyptorch_flash::BWD_FP32_SPLIT;
-  const cudaError_t err = hyptorch_flash::launch_bwd_finish(p, kind, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = hyptorch_flash::launch_bwd_finish(p, bwd_dtype_of(q), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "hyptorch_flash_cuda_bwd: kernel launch failed: ", cudaGetErrorString(err));
   return {dq, dk, dv, dkap_q, dkap_k};
+}
+
+// |x|² over the last dim: (B, heads, rows) float32 of a contiguous 4-D bf16/fp16/float32 x with head dim 64 or 128
+// (bwd_squares.cu; float32 sums in float64).
+at::Tensor squares(const at::Tensor& x) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(D == 64 || D == 128, "hyptorch_flash_cuda_bwd: head dim must be 64 or 128, got ", D);
+  check_4d(x, "x", D);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf || x.scalar_type() == at::kFloat,
+              "hyptorch_flash_cuda_bwd: squares takes bf16, fp16 or float32, got ", x.scalar_type());
+  at::Tensor out = at::empty({x.size(0), x.size(1), x.size(2)}, x.options().dtype(at::kFloat));
+  const cudaError_t err = hyptorch_flash::launch_row_squares(x.data_ptr(), out.data_ptr<float>(), out.numel(), (int)D,
+                                                             bwd_dtype_of(x), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "hyptorch_flash_cuda_bwd: kernel launch failed: ", cudaGetErrorString(err));
+  return out;
 }
 
 }  // namespace
@@ -311,6 +331,7 @@ std::vector<at::Tensor> finish(const at::Tensor& dq_acc, const at::Tensor& row_a
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prepare", &prepare, "Backward step 1: the upstream gradient pulled back through the centroid epilogue");
   m.def("bwd", &bwd, "Backward stage 1: float32 gradient contractions (see bwd_params.cuh)");
+  m.def("squares", &squares, "|x|² over the last dim (float32; float32 inputs summed in float64)");
   m.def("finish", &finish, "Backward step 3 (euclidean, lorentz_dot, distance): the gradients from the contractions");
   m.def("delta", &delta, "Backward stage 2 (split float32 inputs, poincare_distance): D_i from the kernels' own P and dP");
 }

@@ -67,6 +67,11 @@
 #ifndef HYPTORCH_BWD_ROW_PREFETCH
 #define HYPTORCH_BWD_ROW_PREFETCH 1
 #endif
+// Query tile of kernel 1 (and 2) at D = 128 for the dot scores (lorentz_dot, euclidean): 32 halves the per-step
+// overhead (barriers, row fields, dQ atomics) per query against 16 (-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16, for A/B).
+#ifndef HYPTORCH_BWD_D128_DOT_BLOCK_M
+#define HYPTORCH_BWD_D128_DOT_BLOCK_M 32
+#endif
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) && HYPTORCH_BWD_WGMMA
 constexpr bool kBwdWgmmaArch = true;
 #else
@@ -89,11 +94,13 @@ template <int kHeadDim, int kFamily, int kParts = 1>
 struct Tile {
   static constexpr bool kSplit = kParts > 1;
   static constexpr int kBlockN = kBwdBlockN;               // keys per CTA (kernel 1) / per step (kernel 2)
-  // queries per step (kernel 1) / per CTA (kernel 2); 16 at D = 128 keeps kernel 1 within 255
-  // registers (dK_j and dV_j alone take 128 per thread there)
-  // (and 32 for the arccosh scores at D = 64, whose element-wise work needs more registers; 16 for split
-  // inputs, whose operand fragments come in three parts)
-  static constexpr int kBlockM = (kHeadDim == 128 || kSplit) ? 16 : kFamily == FAMILY_DOT ? 64 : 32;
+  // queries per step (kernel 1) / per CTA (kernel 2); at D = 128 16 for the arccosh scores keeps kernel 1
+  // within 255 registers (dK_j and dV_j alone take 128 per thread there), while the dot scores fit 32
+  // (HYPTORCH_BWD_D128_DOT_BLOCK_M); 32 for the arccosh scores at D = 64, whose element-wise work needs more
+  // registers; 16 for split inputs, whose operand fragments come in three parts
+  static constexpr int kBlockM = kSplit ? 16
+                                 : kHeadDim == 128 ? (kFamily == FAMILY_DOT ? HYPTORCH_BWD_D128_DOT_BLOCK_M : 16)
+                                 : kFamily == FAMILY_DOT ? 64 : 32;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kQTiles = kBlockM / 8;  // n8 tiles of Sᵀ (queries)
@@ -1111,6 +1118,8 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
       }
       wgmma_commit();
     } else if constexpr (kDv) {
+      // dXᵀ packed first: its float accumulators are dead during the dV products (registers at D = 128)
+      if constexpr (kDk) to_a_operands<T, kHeadDim, kFamily, kParts>(dp, ax);
       uint32_t ap[Tl::kBlockM / 16][kParts][4];
       to_a_operands<T, kHeadDim, kFamily, kParts>(sp, ap);
       acc_mma_kn<T, kHeadDim, kFamily, kParts>(dv, ap, sm.dout);
@@ -1125,7 +1134,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
       }
     }
     if constexpr (kDk && !use_wgmma) {
-      to_a_operands<T, kHeadDim, kFamily, kParts>(dp, ax);
+      if constexpr (!kDv) to_a_operands<T, kHeadDim, kFamily, kParts>(dp, ax);
       acc_mma_kn<T, kHeadDim, kFamily, kParts>(dk, ax, sm.q);
     }
 

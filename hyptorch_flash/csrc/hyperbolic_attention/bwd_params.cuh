@@ -123,4 +123,9 @@ struct FinishParams {
 // dtype: BWD_BF16, BWD_FP16, or BWD_FP32_SPLIT for float32 inputs (q, k, v as float32 tensors here).
 cudaError_t launch_bwd_finish(const FinishParams& params, BwdDtype dtype, cudaStream_t stream);
 
+// |x_r|² (float32) per row of a contiguous (rows, head_dim) tensor x, head_dim ∈ {64, 128} (bwd_squares.cu);
+// dtype as for launch_bwd_finish.
+cudaError_t launch_row_squares(const void* x, float* out, int64_t rows, int head_dim, BwdDtype dtype,
+                               cudaStream_t stream);
+
 }  // namespace hyptorch_flash
