@@ -1,5 +1,5 @@
 // Backward step 3 on the GPU for the euclidean, lorentz_dot and distance scores: the gradients from the
-// kernels' float32 contractions (bwd_params.cuh), one warp per row, each lane two adjacent columns per 64.
+// kernels' float32 contractions (bwd_params.cuh), D/4 lanes per row, four adjacent columns each.
 // hyptorch_flash/ops/cuda_backward.py: finish_gradients is the same math in PyTorch (and still finishes the
 // poincare_distance score); with κ = curvature of the query head h, q0 = √(κ + |q|²), likewise k0, v0:
 //   dq_i = G_i − q_i·R_i/q0_i                          dκ share of row i:  −R_i/(2 q0_i)
@@ -18,59 +18,80 @@ namespace bwd {
 
 constexpr int kFinishWarps = 8;
 
-// Two adjacent elements of the inputs' dtype ↔ float2.
-__device__ __forceinline__ float2 load_pair(const __nv_bfloat16* x) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x));
+// Four adjacent elements of the inputs' dtype ↔ float4 (one 8- or 16-byte access).
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* x) {
+  const uint2 u = *reinterpret_cast<const uint2*>(x);
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+  return make_float4(a.x, a.y, b.x, b.y);
 }
-__device__ __forceinline__ float2 load_pair(const __half* x) { return __half22float2(*reinterpret_cast<const __half2*>(x)); }
-__device__ __forceinline__ float2 load_pair(const float* x) { return *reinterpret_cast<const float2*>(x); }
-__device__ __forceinline__ void store_pair(__nv_bfloat16* dst, float2 x) {
-  *reinterpret_cast<__nv_bfloat162*>(dst) = __float22bfloat162_rn(x);
+__device__ __forceinline__ float4 load4(const __half* x) {
+  const uint2 u = *reinterpret_cast<const uint2*>(x);
+  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+  return make_float4(a.x, a.y, b.x, b.y);
 }
-__device__ __forceinline__ void store_pair(__half* dst, float2 x) { *reinterpret_cast<__half2*>(dst) = __float22half2_rn(x); }
-__device__ __forceinline__ void store_pair(float* dst, float2 x) { *reinterpret_cast<float2*>(dst) = x; }
+__device__ __forceinline__ float4 load4(const float* x) { return *reinterpret_cast<const float4*>(x); }
+__device__ __forceinline__ void store4(__nv_bfloat16* dst, float4 x) {
+  const __nv_bfloat162 a = __floats2bfloat162_rn(x.x, x.y), b = __floats2bfloat162_rn(x.z, x.w);
+  *reinterpret_cast<uint2*>(dst) = make_uint2(*reinterpret_cast<const uint32_t*>(&a), *reinterpret_cast<const uint32_t*>(&b));
+}
+__device__ __forceinline__ void store4(__half* dst, float4 x) {
+  const __half2 a = __floats2half2_rn(x.x, x.y), b = __floats2half2_rn(x.z, x.w);
+  *reinterpret_cast<uint2*>(dst) = make_uint2(*reinterpret_cast<const uint32_t*>(&a), *reinterpret_cast<const uint32_t*>(&b));
+}
+__device__ __forceinline__ void store4(float* dst, float4 x) { *reinterpret_cast<float4*>(dst) = x; }
 
-// One warp per query row (b, h, i) of B·H·N.
+// g + s·x per element (one rounding each)
+__device__ __forceinline__ float4 fma4(float4 x, float s, float4 g) {
+  return make_float4(fmaf(x.x, s, g.x), fmaf(x.y, s, g.y), fmaf(x.z, s, g.z), fmaf(x.w, s, g.w));
+}
+
+// Rows are handled by groups of kHeadDim / 4 lanes, four columns per lane (a warp holds 2 rows at D = 64, 1 at 128).
+template <int kHeadDim>
+struct RowLanes {
+  static constexpr int kLanes = kHeadDim / 4;
+  static constexpr int kRowsPerWarp = 32 / kLanes;
+  static constexpr int kRowsPerBlock = kFinishWarps * kRowsPerWarp;
+  __device__ static int64_t first_row() { return (int64_t)blockIdx.x * kRowsPerBlock + threadIdx.x / kLanes; }
+  __device__ static int64_t row_step() { return (int64_t)gridDim.x * kRowsPerBlock; }
+  __device__ static int column() { return 4 * (threadIdx.x % kLanes); }
+  __device__ static bool leader() { return threadIdx.x % kLanes == 0; }
+};
+
+// One lane group per query row (b, h, i) of B·H·N.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kFinishWarps * 32) bwd_finish_queries_kernel(const FinishParams p) {
-  const int lane = threadIdx.x & 31;
+  using L = RowLanes<kHeadDim>;
   const int64_t rows = (int64_t)p.batch * p.heads * p.n_queries;
-  const int64_t n_warps = (int64_t)gridDim.x * kFinishWarps;
-  for (int64_t row = (int64_t)blockIdx.x * kFinishWarps + (threadIdx.x >> 5); row < rows; row += n_warps) {
+  const int c = L::column();
+  for (int64_t row = L::first_row(); row < rows; row += L::row_step()) {
     const int h = (int)((row / p.n_queries) % p.heads);
     float coef_q = 0.f;  // R_i / q0_i
     if (p.score != SCORE_EUCLIDEAN) {
       const float q0 = sqrtf(p.curvature[h] + p.q_sq[row]);
       const float r = p.row_acc[row * 2];
       coef_q = r / q0;
-      if (lane == 0) p.dkap_q[row] = -r / (2.f * q0);
+      if (L::leader()) p.dkap_q[row] = -r / (2.f * q0);
     }
-    const float* g = p.dq_acc + row * kHeadDim;
-    const T* q = static_cast<const T*>(p.q) + row * kHeadDim;
-    T* dq = static_cast<T*>(p.dq) + row * kHeadDim;
-#pragma unroll
-    for (int c = 2 * lane; c < kHeadDim; c += 64) {
-      const float2 gc = *reinterpret_cast<const float2*>(g + c), qc = load_pair(q + c);
-      store_pair(dq + c, make_float2(fmaf(-qc.x, coef_q, gc.x), fmaf(-qc.y, coef_q, gc.y)));
-    }
+    const float4 g = *reinterpret_cast<const float4*>(p.dq_acc + row * kHeadDim + c);
+    const float4 q = load4(static_cast<const T*>(p.q) + row * kHeadDim + c);
+    store4(static_cast<T*>(p.dq) + row * kHeadDim + c, fma4(q, -coef_q, g));
   }
 }
 
-// One warp per key row (b, hk, j) of B·Hkv·M, summing over the query heads of hk's group.
+// One lane group per key row (b, hk, j) of B·Hkv·M, summing over the query heads of hk's group.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kFinishWarps * 32) bwd_finish_keys_kernel(const FinishParams p) {
-  const int lane = threadIdx.x & 31;
+  using L = RowLanes<kHeadDim>;
   const int group = p.heads / p.kv_heads;
   const int64_t rows = (int64_t)p.batch * p.kv_heads * p.n_keys;
-  const int64_t n_warps = (int64_t)gridDim.x * kFinishWarps;
-  constexpr int kPairs = kHeadDim / 64;
-  for (int64_t row = (int64_t)blockIdx.x * kFinishWarps + (threadIdx.x >> 5); row < rows; row += n_warps) {
+  const int c = L::column();
+  for (int64_t row = L::first_row(); row < rows; row += L::row_step()) {
     const int64_t bhk = row / p.n_keys;
     const int j = (int)(row % p.n_keys);
     const int b = (int)(bhk / p.kv_heads), hk = (int)(bhk % p.kv_heads);
-    float2 gk[kPairs], gv[kPairs];
-#pragma unroll
-    for (int m = 0; m < kPairs; ++m) gk[m] = gv[m] = make_float2(0.f, 0.f);
+    float4 gk = make_float4(0.f, 0.f, 0.f, 0.f), gv = gk;
     float coef_k = 0.f, coef_v = 0.f;  // Σ_h C/k0, Σ_h dv0/v0
     for (int hh = 0; hh < group; ++hh) {
       const int h = hk * group + hh;
@@ -81,27 +102,17 @@ __global__ void __launch_bounds__(kFinishWarps * 32) bwd_finish_keys_kernel(cons
         const float cj = p.col_acc[hrow * 3], dv0 = p.col_acc[hrow * 3 + 2];
         coef_k += cj / k0;
         coef_v += dv0 / v0;
-        if (lane == 0) p.dkap_k[hrow] = -cj / (2.f * k0) + dv0 / (2.f * v0);
+        if (L::leader()) p.dkap_k[hrow] = -cj / (2.f * k0) + dv0 / (2.f * v0);
       }
-#pragma unroll
-      for (int m = 0; m < kPairs; ++m) {
-        const int c = 2 * lane + 64 * m;
-        const float2 a = *reinterpret_cast<const float2*>(p.dk_acc + hrow * kHeadDim + c);
-        const float2 d = *reinterpret_cast<const float2*>(p.dv_acc + hrow * kHeadDim + c);
-        gk[m].x += a.x, gk[m].y += a.y, gv[m].x += d.x, gv[m].y += d.y;
-      }
+      const float4 a = *reinterpret_cast<const float4*>(p.dk_acc + hrow * kHeadDim + c);
+      const float4 d = *reinterpret_cast<const float4*>(p.dv_acc + hrow * kHeadDim + c);
+      gk = make_float4(gk.x + a.x, gk.y + a.y, gk.z + a.z, gk.w + a.w);
+      gv = make_float4(gv.x + d.x, gv.y + d.y, gv.z + d.z, gv.w + d.w);
     }
-    const T* k = static_cast<const T*>(p.k) + row * kHeadDim;
-    const T* v = static_cast<const T*>(p.v) + row * kHeadDim;
-    T* dk = static_cast<T*>(p.dk) + row * kHeadDim;
-    T* dv = static_cast<T*>(p.dv) + row * kHeadDim;
-#pragma unroll
-    for (int m = 0; m < kPairs; ++m) {
-      const int c = 2 * lane + 64 * m;
-      const float2 kc = load_pair(k + c), vc = load_pair(v + c);
-      store_pair(dk + c, make_float2(fmaf(-kc.x, coef_k, gk[m].x), fmaf(-kc.y, coef_k, gk[m].y)));
-      store_pair(dv + c, make_float2(fmaf(vc.x, coef_v, gv[m].x), fmaf(vc.y, coef_v, gv[m].y)));
-    }
+    const float4 k = load4(static_cast<const T*>(p.k) + row * kHeadDim + c);
+    const float4 v = load4(static_cast<const T*>(p.v) + row * kHeadDim + c);
+    store4(static_cast<T*>(p.dk) + row * kHeadDim + c, fma4(k, -coef_k, gk));
+    store4(static_cast<T*>(p.dv) + row * kHeadDim + c, fma4(v, coef_v, gv));
   }
 }
 
@@ -110,7 +121,8 @@ cudaError_t launch_finish(const FinishParams& p, cudaStream_t stream) {
   const int64_t rows[2] = {(int64_t)p.batch * p.heads * p.n_queries, (int64_t)p.batch * p.kv_heads * p.n_keys};
   for (int which = 0; which < 2; ++which) {
     if (rows[which] == 0) continue;
-    const int64_t blocks = (rows[which] + kFinishWarps - 1) / kFinishWarps;
+    const int64_t per_block = RowLanes<kHeadDim>::kRowsPerBlock;
+    const int64_t blocks = (rows[which] + per_block - 1) / per_block;
     const unsigned grid = (unsigned)(blocks < (1 << 20) ? blocks : (1 << 20));
     if (which == 0) {
       bwd_finish_queries_kernel<T, kHeadDim><<<grid, kFinishWarps * 32, 0, stream>>>(p);

@@ -1,7 +1,7 @@
 // |x_r|² per row of a contiguous (rows, D) bf16/fp16/float32 tensor, D ∈ {64, 128}, as float32: the backward's
-// row and key fields (q_sq, k_sq, v_sq). One warp per row, each lane two adjacent columns per 64. bf16/fp16
-// accumulate in float32; float32 in float64, like the forward's split path and cuda_backward._squares (the
-// time coordinates √(κ + |x|²) enter cancelling differences at large norms).
+// row and key fields (q_sq, k_sq, v_sq), D/4 lanes per row. bf16/fp16 accumulate in float32; float32 in float64,
+// like the forward's split path and cuda_backward._squares (the time coordinates √(κ + |x|²) enter cancelling
+// differences at large norms).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -21,33 +21,46 @@ struct SquaresAcc<float> {
   using type = double;
 };
 
-__device__ __forceinline__ float2 pair_of(const __nv_bfloat16* x) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x));
+__device__ __forceinline__ float4 quad_of(const __nv_bfloat16* x) {
+  const uint2 u = *reinterpret_cast<const uint2*>(x);
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+  return make_float4(a.x, a.y, b.x, b.y);
 }
-__device__ __forceinline__ float2 pair_of(const __half* x) { return __half22float2(*reinterpret_cast<const __half2*>(x)); }
-__device__ __forceinline__ float2 pair_of(const float* x) { return *reinterpret_cast<const float2*>(x); }
+__device__ __forceinline__ float4 quad_of(const __half* x) {
+  const uint2 u = *reinterpret_cast<const uint2*>(x);
+  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+__device__ __forceinline__ float4 quad_of(const float* x) { return *reinterpret_cast<const float4*>(x); }
 
+// kHeadDim / 4 lanes per row, four columns each (2 rows per warp at D = 64, 1 at 128); every lane of a warp
+// runs the same number of iterations (the shuffles need the whole warp), rows past the end add nothing.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kSquaresWarps * 32) row_squares_kernel(const T* x, float* out, int64_t rows) {
   using Acc = typename SquaresAcc<T>::type;
-  const int lane = threadIdx.x & 31;
+  constexpr int kLanes = kHeadDim / 4, kRowsPerWarp = 32 / kLanes;
+  const int lane = threadIdx.x & 31, sub = lane / kLanes, c = 4 * (lane % kLanes);
+  const int64_t warp = (int64_t)blockIdx.x * kSquaresWarps + (threadIdx.x >> 5);
   const int64_t n_warps = (int64_t)gridDim.x * kSquaresWarps;
-  for (int64_t row = (int64_t)blockIdx.x * kSquaresWarps + (threadIdx.x >> 5); row < rows; row += n_warps) {
+  for (int64_t base = warp * kRowsPerWarp; base < rows; base += n_warps * kRowsPerWarp) {
+    const int64_t row = base + sub;
     Acc s = 0;
-#pragma unroll
-    for (int c = 2 * lane; c < kHeadDim; c += 64) {
-      const float2 v = pair_of(x + row * kHeadDim + c);
-      s += (Acc)v.x * (Acc)v.x + (Acc)v.y * (Acc)v.y;
+    if (row < rows) {
+      const float4 v = quad_of(x + row * kHeadDim + c);
+      s = (Acc)v.x * (Acc)v.x + (Acc)v.y * (Acc)v.y + (Acc)v.z * (Acc)v.z + (Acc)v.w * (Acc)v.w;
     }
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if (lane == 0) out[row] = (float)s;
+    for (int off = kLanes / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (row < rows && lane % kLanes == 0) out[row] = (float)s;
   }
 }
 
 template <typename T>
 cudaError_t launch_squares(const void* x, float* out, int64_t rows, int head_dim, cudaStream_t stream) {
-  const int64_t blocks = (rows + kSquaresWarps - 1) / kSquaresWarps;
+  const int64_t per_block = kSquaresWarps * (128 / head_dim);  // rows per block (2 per warp at D = 64)
+  const int64_t blocks = (rows + per_block - 1) / per_block;
   const unsigned grid = (unsigned)(blocks < (1 << 20) ? blocks : (1 << 20));
   if (head_dim == 64) {
     row_squares_kernel<T, 64><<<grid, kSquaresWarps * 32, 0, stream>>>(static_cast<const T*>(x), out, rows);
