@@ -1,11 +1,12 @@
-"""A/B of the backward's opt-in nvcc macros (bwd_kernel.cuh: HYPTORCH_BWD_WGMMA, HYPTORCH_BWD_LEAN_TILES,
-HYPTORCH_BWD_ROW_PREFETCH) in one process (GPU): the backward extension built once per setting, the library's
+"""A/B of the backward's switchable nvcc macros (bwd_kernel.cuh: HYPTORCH_BWD_WGMMA, HYPTORCH_BWD_LEAN_TILES,
+HYPTORCH_BWD_ROW_PREFETCH, HYPTORCH_BWD_D128_DOT_BLOCK_M; the first three were opt-in until session 10, now on by
+default) in one process (GPU): the backward extension built once per setting, the library's
 fwd+bwd (``hyperbolic_attention(..., backend="cuda")`` under autograd) timed with each in turn on the same inputs,
 interleaved (CUDA events, best of 3 medians of 7 × 3 steps), with the largest gradient difference to the first
 setting relative to the gradient's scale as a sanity check (the tests are the real check), and SDPA's fwd+bwd
 on the same shapes as the yardstick.
 
-    python dev/ab_bwd_opt_in.py "" "-DHYPTORCH_BWD_LEAN_TILES=1" "-DHYPTORCH_BWD_WGMMA=1 -DHYPTORCH_BWD_LEAN_TILES=1"
+    python dev/ab_bwd_opt_in.py "" "-DHYPTORCH_BWD_WGMMA=0" "-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16"
 
 ``--build-only SETTING...`` builds (or finds cached) the extensions and exits (run it while the GPU is busy).
 """

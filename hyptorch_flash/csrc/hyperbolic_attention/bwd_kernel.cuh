@@ -20,7 +20,8 @@
 // The host derives dO_L and D_i from the forward's output (refined to ~16 bits, see bwd_prepare.cu).
 // Layout (kernel 1, key-parallel): one CTA = 4 warps = one K_j/V_j tile of 64 keys of one (batch,
 // query head); warp w owns keys 16w..16w+15 and computes S_ijᵀ = K_j Q_iᵀ and dP_ijᵀ = V_j dO_iᵀ for
-// all kBlockM queries (mma.sync.m16n8k16, fp32 accumulate), so Pᵀ and dXᵀ stay in registers as the A
+// all kBlockM queries (mma.sync.m16n8k16, fp32 accumulate; on sm_90a at D = 64 with bf16/fp16 the
+// warpgroup's wgmma, see HYPTORCH_BWD_WGMMA), so Pᵀ and dXᵀ stay in registers as the A
 // operands of dV_j += P_ijᵀ dO_i and dK_j += dX_ijᵀ Q_i. dQ_i += dX_ij K_j goes through shared memory
 // (dXᵀ tile) and fp32 atomics; the row sums R_i, RX_i likewise. Kernel 2 (query-parallel, the
 // deterministic mode) recomputes the same tiles for one Q_i and loops over K_j, V_j, accumulating dQ_i
