@@ -1,6 +1,6 @@
 """CPU CI check of the CUDA sources: every ``.cu`` under ``hyptorch_flash/csrc`` compiles for sm_90a
 with ``nvcc -Xptxas -v`` (the bf16/fp16 forward kernels also without their wgmma path, the backward also with
-its switchable paths off, the forward also with its opt-in path), no kernel
+its switchable paths off and with its opt-in path, the forward also with its opt-in path), no kernel
 spills registers or uses a stack frame (a spill turns the register-resident tiles of a FlashAttention
 kernel into local-memory traffic) and ptxas keeps the wgmma asynchronous. Skipped where nvcc is absent. Also checks that ``numerics.cuh`` holds the float32 row of ``hyptorch_flash/numerics.py``.
 """
@@ -38,11 +38,15 @@ MMA_SYNC_FILES = [p for p in CU_FILES if re.match(r"attention_fwd_(bf16|fp16)_",
 BWD_OPT_OUT_FLAGS = ("-DHYPTORCH_BWD_WGMMA=0", "-DHYPTORCH_BWD_LEAN_TILES=0", "-DHYPTORCH_BWD_ROW_PREFETCH=0",
                      "-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16")
 BWD_FILES = [p for p in CU_FILES if re.match(r"bwd_hd\d+_", p.name)]
+# The backward's opt-in early scores (bwd_kernel.cuh: HYPTORCH_BWD_EARLY_SCORES), not yet the default.
+BWD_OPT_IN_FLAGS = ("-DHYPTORCH_BWD_EARLY_SCORES=1",)
 # and the forward's (attention_fwd_kernel.cuh), on its wgmma files
 FWD_OPT_IN_FLAGS = ("-DHYPTORCH_FWD_DESC_LO=1",)
-VARIANTS = {(MMA_SYNC_FLAG,): "mma_sync", BWD_OPT_OUT_FLAGS: "bwd_opt_out", FWD_OPT_IN_FLAGS: "fwd_opt_in"}
+VARIANTS = {(MMA_SYNC_FLAG,): "mma_sync", BWD_OPT_OUT_FLAGS: "bwd_opt_out", BWD_OPT_IN_FLAGS: "bwd_opt_in",
+            FWD_OPT_IN_FLAGS: "fwd_opt_in"}
 CASES = ([(p, ()) for p in CU_FILES] + [(p, (MMA_SYNC_FLAG,)) for p in MMA_SYNC_FILES] +
-         [(p, BWD_OPT_OUT_FLAGS) for p in BWD_FILES] + [(p, FWD_OPT_IN_FLAGS) for p in MMA_SYNC_FILES])
+         [(p, BWD_OPT_OUT_FLAGS) for p in BWD_FILES] + [(p, BWD_OPT_IN_FLAGS) for p in BWD_FILES] +
+         [(p, FWD_OPT_IN_FLAGS) for p in MMA_SYNC_FILES])
 
 
 def _case_id(case) -> str:

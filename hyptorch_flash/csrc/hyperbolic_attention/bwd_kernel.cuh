@@ -68,6 +68,14 @@
 #ifndef HYPTORCH_BWD_ROW_PREFETCH
 #define HYPTORCH_BWD_ROW_PREFETCH 1
 #endif
+// Kernel 1 with wgmma dQ (D = 64, dot scores, bf16/fp16 on sm_90a) issues the next step's S_ijᵀ/dP_ijᵀ together with
+// this step's dQ_i, so they run during the dQ atomics, the row-field stores and the barrier instead of at the start
+// of the next step, where the warps would wait for them. The next tile has to land by the dQ barrier (half a step
+// after its prefetch instead of a whole one). Opt-in (-DHYPTORCH_BWD_EARLY_SCORES=1): compile-checked, not yet
+// run on a GPU.
+#ifndef HYPTORCH_BWD_EARLY_SCORES
+#define HYPTORCH_BWD_EARLY_SCORES 0
+#endif
 // Query tile of kernel 1 (and 2) at D = 128 for the dot scores (lorentz_dot, euclidean): 32 halves the per-step
 // overhead (barriers, row fields, dQ atomics) per query against 16 (-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16, for A/B).
 #ifndef HYPTORCH_BWD_D128_DOT_BLOCK_M
@@ -578,10 +586,11 @@ __device__ __forceinline__ void score_mma(const Smem<T, kHeadDim, kFamily, kPart
 // S_ijᵀ = K_j Q_iᵀ and dP_ijᵀ = V_j (dO_i + dO_lo,i)ᵀ, each k-step one wgmma over 16 columns (32 bytes) of the
 // 128-byte swizzled rows. dO_lo is always issued (a zeroed tile without it: exact zeros added), since ptxas
 // serialises wgmma issued on some paths only. Accumulators: the mma.sync layout of the warp's 16 keys.
+// score_wgmma_issue commits them as one group; score_wgmma_wait waits for every group in flight.
 template <typename T, int kHeadDim, int kFamily>
-__device__ __forceinline__ void score_wgmma(const Smem<T, kHeadDim, kFamily, 1>& sm,
-                                            float (&sp)[Tile<kHeadDim, kFamily, 1>::kQTiles][4],
-                                            float (&dp)[Tile<kHeadDim, kFamily, 1>::kQTiles][4]) {
+__device__ __forceinline__ void score_wgmma_issue(const Smem<T, kHeadDim, kFamily, 1>& sm,
+                                                  float (&sp)[Tile<kHeadDim, kFamily, 1>::kQTiles][4],
+                                                  float (&dp)[Tile<kHeadDim, kFamily, 1>::kQTiles][4]) {
   constexpr int kBlockM = Tile<kHeadDim, kFamily, 1>::kBlockM;
 #pragma unroll
   for (int n = 0; n < kBlockM / 8; ++n) {
@@ -606,6 +615,10 @@ __device__ __forceinline__ void score_wgmma(const Smem<T, kHeadDim, kFamily, 1>&
     wgmma_ss<T, kBlockM>(dp, smem_desc_at(v_lo, col, 1024), smem_desc_at(dlo_lo, col, 1024));
   }
   wgmma_commit();
+}
+
+template <int kTiles>
+__device__ __forceinline__ void score_wgmma_wait(float (&sp)[kTiles][4], float (&dp)[kTiles][4]) {
   wgmma_wait<0>();
   fence_registers(sp);
   fence_registers(dp);
@@ -615,8 +628,9 @@ __device__ __forceinline__ void score_wgmma(const Smem<T, kHeadDim, kFamily, 1>&
 // and all kBlockM queries; leave Pᵀ in `sp` and dXᵀ in `dp` (rounded to T for one-part inputs; split
 // inputs split it into parts exactly). Row sums (R_i, RX_i) of the warp go to row_part[warp]
 // (overwritten if !kAccumulateRows, else added), or with kRowDs (the delta pass) Σ_j dS_ij; key sums to `ks`.
+// kWgmma: S/dP by wgmma (score_wgmma_issue), or with kScoresInFlight already issued by the caller (waited for here).
 template <typename T, int kHeadDim, int kFamily, int kParts, bool kKeySums, bool kAccumulateRows, bool kRowDs = false,
-          bool kWgmma = false>
+          bool kWgmma = false, bool kScoresInFlight = false>
 __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kParts>& sm, const HeadConst& hc, int i0,
                                           int j0, bool causal, bool keys_all_visible, bool row_sums, bool has_lo,
                                           float (&sp)[Tile<kHeadDim, kFamily, kParts>::kQTiles][4],
@@ -631,7 +645,8 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
   float& s2 = kParts > 1 ? tile_s2 : ks.s2;
 
   if constexpr (kWgmma) {
-    score_wgmma<T, kHeadDim, kFamily>(sm, sp, dp);
+    if constexpr (!kScoresInFlight) score_wgmma_issue<T, kHeadDim, kFamily>(sm, sp, dp);
+    score_wgmma_wait(sp, dp);
   } else {
     score_mma<T, kHeadDim, kFamily, kParts>(sm, has_lo, sp, dp);
   }
@@ -988,7 +1003,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   const HeadConst hc = head_const<kFamily, (kParts > 1)>(p, h);
   const bool has_lo = kParts == 1 && p.dout_lo != nullptr;
   if constexpr (use_wgmma) {
-    // wgmma always reads dO_lo (score_wgmma): without one, both buffers' tiles stay zero
+    // wgmma always reads dO_lo (score_wgmma_issue): without one, both buffers' tiles stay zero
     if (!has_lo) {
 #pragma unroll 1
       for (int buf = 0; buf < Tl::kQueryBuffers; ++buf) {
@@ -1057,9 +1072,24 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   constexpr bool kPrefetch = kHeadDim == 64 && Tl::kQueryBuffers == 2;
   constexpr bool kRowPrefetch = kPrefetch && HYPTORCH_BWD_ROW_PREFETCH;
   RowRaw next_rows{};  // kRowPrefetch: the next query tile's row values, stored at the end of the step
+  // wgmma with 64-query tiles: dQ_i by one warpgroup product (below); with HYPTORCH_BWD_EARLY_SCORES the next
+  // step's S/dP are issued together with it (kEarlyScores)
+  constexpr bool wgmma_dq = use_wgmma && kDk && Tl::kBlockM == 64;
+  constexpr bool kEarlyScores = wgmma_dq && kRowPrefetch && HYPTORCH_BWD_EARLY_SCORES;
   if (kPrefetch && i_begin < N) {
     prefetch(i_begin, 0);
     load_row_fields<kHeadDim, kFamily, kParts>(Sm(smem_raw, 0).row, p, hc, bh, i_begin);
+  }
+  // S_ijᵀ, dP_ijᵀ; kEarlyScores: in flight from the previous step, the first ones from here (on every path, as
+  // ptxas serialises wgmma issued on some paths only: without a query tile they read a buffer nobody uses;
+  // waited for here, since ptxas also serialises when they are in flight on entering the loop)
+  float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
+  if constexpr (kEarlyScores) {
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    score_wgmma_issue<T, kHeadDim, kFamily>(Sm(smem_raw, 0), sp, dp);
+    score_wgmma_wait(sp, dp);
   }
   int buf = 0;
   for (int i0 = i_begin; i0 < N; i0 += Tl::kBlockM, buf ^= (kPrefetch ? 1 : 0)) {
@@ -1067,8 +1097,10 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
       prefetch(i0, buf);
       load_row_fields<kHeadDim, kFamily, kParts>(Sm(smem_raw, buf).row, p, hc, bh, i0);
     }
-    cp_async_wait<0>();
-    if constexpr (use_wgmma) fence_proxy_async();  // cp.async (and the zeroing above) wrote tiles wgmma reads
+    if constexpr (!kEarlyScores) {  // (kEarlyScores: tile i0 was waited for before its S/dP were issued)
+      cp_async_wait<0>();
+      if constexpr (use_wgmma) fence_proxy_async();  // cp.async (and the zeroing above) wrote tiles wgmma reads
+    }
     __syncthreads();  // tile i0 has landed, and every warp is done with the previous step's buffers
     if (kPrefetch && i0 + Tl::kBlockM < N) {
       prefetch(i0 + Tl::kBlockM, buf ^ 1);
@@ -1080,10 +1112,8 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     }
     const Sm sm(smem_raw, buf);
 
-    float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
-    tile_step<T, kHeadDim, kFamily, kParts, kDk, false, false, use_wgmma>(sm, hc, i0, j0, p.causal, keys_all_visible,
-                                                                       kDk && p.dq_atomic && !tc_rows, has_lo, sp,
-                                                                       dp, ks);
+    tile_step<T, kHeadDim, kFamily, kParts, kDk, false, false, use_wgmma, kEarlyScores>(
+        sm, hc, i0, j0, p.causal, keys_all_visible, kDk && p.dq_atomic && !tc_rows, has_lo, sp, dp, ks);
 
     // dV_j += P_ijᵀ dO_i and dK_j += dX_ijᵀ Q_i: the Sᵀ/dPᵀ accumulators become A operands
     uint32_t ax[Tl::kBlockM / 16][kParts][4];
@@ -1142,11 +1172,13 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     // wgmma with 64-query tiles: dQ_i (64 queries × D) = dX_ij K_j by one warpgroup product, A = dXᵀ and B = K_j
     // read transposed from shared memory (the dxt tile's swz<64> layout is the 128-byte swizzle). Issued on
     // every path (ptxas serialises wgmma issued on some paths only); without dq_atomic the result is unused.
-    constexpr bool wgmma_dq = use_wgmma && kDk && Tl::kBlockM == 64;
     static_assert(!tc_rows || wgmma_dq, "R_i on the tensor cores comes from the wgmma dQ product");
     if constexpr (wgmma_dq) {
       store_dxt<T, kHeadDim, kFamily, kParts>(sm.dxt, ax);
-      fence_proxy_async();  // the dxt stores are read by wgmma
+      // kEarlyScores: the next tile (prefetched at this step's start) has landed; after the step's last tile,
+      // the other buffer's stale tiles feed S/dP nobody reads
+      if constexpr (kEarlyScores) cp_async_wait<0>();
+      fence_proxy_async();  // the dxt stores (kEarlyScores: and the next tile's cp.async) are read by wgmma
       __syncthreads();
       constexpr int kDqCols = kHeadDim + (tc_rows ? 8 : 0);  // + R_i's n8 tile: [k0 hi, mid | lo, 0 | 0, 0 | 0, 0]
       float dq[kDqCols / 8][4];
@@ -1165,7 +1197,13 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
         wgmma_ss_tt<T, kDqCols>(dq, smem_desc_at(dxt_lo, rows, 1024), smem_desc_at(k_lo, rows, 1024));
       }
       wgmma_commit();
-      wgmma_wait<0>();  // (also dV_j, dK_j above)
+      if constexpr (kEarlyScores) {
+        // S/dP of the next step run while this one's dQ atomics and row sums go out
+        score_wgmma_issue<T, kHeadDim, kFamily>(Sm(smem_raw, buf ^ 1), sp, dp);
+        wgmma_wait<1>();  // dV_j, dK_j and dQ_i of this step
+      } else {
+        wgmma_wait<0>();  // (also dV_j, dK_j above)
+      }
       fence_registers(dq);
       if (p.dq_atomic) {
 #pragma unroll
@@ -1225,7 +1263,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     }
     if constexpr (use_wgmma) {
       // dV_j, dK_j of this step have landed; their A operands were held (the fences) until now
-      wgmma_wait<0>();
+      wgmma_wait<kEarlyScores ? 1 : 0>();
       fence_registers(dv);
       fence_registers(dk);
 #pragma unroll
@@ -1243,6 +1281,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     if (!kPrefetch) __syncthreads();  // the next step reloads the same buffer
   }
   cp_async_wait<0>();  // K_j/V_j copies are still in flight when no query tile was visited
+  if constexpr (kEarlyScores) score_wgmma_wait(sp, dp);  // the S/dP issued after the last tile
 
   // Write dK_j, dV_j (fp32, this query head) and the key sums
 #pragma unroll
