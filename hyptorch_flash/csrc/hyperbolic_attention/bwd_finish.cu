@@ -12,35 +12,12 @@
 #include <cuda_fp16.h>
 
 #include "bwd_params.cuh"
+#include "device_primitives.cuh"
 
 namespace hyptorch_flash {
 namespace bwd {
 
 constexpr int kFinishWarps = 8;
-
-// Four adjacent elements of the inputs' dtype ↔ float4 (one 8- or 16-byte access).
-__device__ __forceinline__ float4 load4(const __nv_bfloat16* x) {
-  const uint2 u = *reinterpret_cast<const uint2*>(x);
-  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
-  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
-  return make_float4(a.x, a.y, b.x, b.y);
-}
-__device__ __forceinline__ float4 load4(const __half* x) {
-  const uint2 u = *reinterpret_cast<const uint2*>(x);
-  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
-  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
-  return make_float4(a.x, a.y, b.x, b.y);
-}
-__device__ __forceinline__ float4 load4(const float* x) { return *reinterpret_cast<const float4*>(x); }
-__device__ __forceinline__ void store4(__nv_bfloat16* dst, float4 x) {
-  const __nv_bfloat162 a = __floats2bfloat162_rn(x.x, x.y), b = __floats2bfloat162_rn(x.z, x.w);
-  *reinterpret_cast<uint2*>(dst) = make_uint2(*reinterpret_cast<const uint32_t*>(&a), *reinterpret_cast<const uint32_t*>(&b));
-}
-__device__ __forceinline__ void store4(__half* dst, float4 x) {
-  const __half2 a = __floats2half2_rn(x.x, x.y), b = __floats2half2_rn(x.z, x.w);
-  *reinterpret_cast<uint2*>(dst) = make_uint2(*reinterpret_cast<const uint32_t*>(&a), *reinterpret_cast<const uint32_t*>(&b));
-}
-__device__ __forceinline__ void store4(float* dst, float4 x) { *reinterpret_cast<float4*>(dst) = x; }
 
 // g + s·x per element (one rounding each)
 __device__ __forceinline__ float4 fma4(float4 x, float s, float4 g) {

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 
 #include "bwd_params.cuh"
+#include "device_primitives.cuh"
 
 namespace hyptorch_flash {
 namespace bwd {
@@ -21,20 +22,6 @@ struct SquaresAcc<float> {
   using type = double;
 };
 
-__device__ __forceinline__ float4 quad_of(const __nv_bfloat16* x) {
-  const uint2 u = *reinterpret_cast<const uint2*>(x);
-  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
-  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
-  return make_float4(a.x, a.y, b.x, b.y);
-}
-__device__ __forceinline__ float4 quad_of(const __half* x) {
-  const uint2 u = *reinterpret_cast<const uint2*>(x);
-  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
-  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
-  return make_float4(a.x, a.y, b.x, b.y);
-}
-__device__ __forceinline__ float4 quad_of(const float* x) { return *reinterpret_cast<const float4*>(x); }
-
 // kHeadDim / 4 lanes per row, four columns each (2 rows per warp at D = 64, 1 at 128); every lane of a warp
 // runs the same number of iterations (the shuffles need the whole warp), rows past the end add nothing.
 template <typename T, int kHeadDim>
@@ -48,7 +35,7 @@ __global__ void __launch_bounds__(kSquaresWarps * 32) row_squares_kernel(const T
     const int64_t row = base + sub;
     Acc s = 0;
     if (row < rows) {
-      const float4 v = quad_of(x + row * kHeadDim + c);
+      const float4 v = load4(x + row * kHeadDim + c);
       s = (Acc)v.x * (Acc)v.x + (Acc)v.y * (Acc)v.y + (Acc)v.z * (Acc)v.z + (Acc)v.w * (Acc)v.w;
     }
 #pragma unroll

@@ -93,6 +93,24 @@ __device__ __forceinline__ float2 unpack2<__half>(uint32_t u) {
   return __half22float2(*reinterpret_cast<__half2*>(&u));
 }
 
+// Four adjacent elements of x ↔ float4: one 8-byte access for bf16/fp16 (x 8-byte aligned), 16 bytes for
+// float32; stores round to nearest.
+template <typename T>
+__device__ __forceinline__ float4 load4(const T* x) {
+  const uint2 u = *reinterpret_cast<const uint2*>(x);
+  const float2 a = unpack2<T>(u.x), b = unpack2<T>(u.y);
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+template <>
+__device__ __forceinline__ float4 load4<float>(const float* x) { return *reinterpret_cast<const float4*>(x); }
+
+template <typename T>
+__device__ __forceinline__ void store4(T* dst, float4 v) {
+  *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(v.x, v.y), pack2<T>(v.z, v.w));
+}
+template <>
+__device__ __forceinline__ void store4<float>(float* dst, float4 v) { *reinterpret_cast<float4*>(dst) = v; }
+
 template <typename T>
 __device__ __forceinline__ float to_float(T x);
 template <>
