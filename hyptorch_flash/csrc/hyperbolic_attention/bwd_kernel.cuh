@@ -76,6 +76,13 @@
 #ifndef HYPTORCH_BWD_EARLY_SCORES
 #define HYPTORCH_BWD_EARLY_SCORES 0
 #endif
+// Hopper warpgroup MMA in kernel 1 also at D = 128 (bf16/fp16, the dot scores' 32-query tiles): S_ijᵀ, dP_ijᵀ
+// (m64n32) and dV_j, dK_j (m64n128, the forward's P·V form) by wgmma, dQ_i by mma.sync as before. Every D = 128
+// tile then uses the 128-byte swizzle in 64-column blocks (swz_tile), the mma.sync fragments included. Opt-in
+// (-DHYPTORCH_BWD_WGMMA_D128=1, with HYPTORCH_BWD_WGMMA): compile-checked, not yet run on a GPU.
+#ifndef HYPTORCH_BWD_WGMMA_D128
+#define HYPTORCH_BWD_WGMMA_D128 0
+#endif
 // Query tile of kernel 1 (and 2) at D = 128 for the dot scores (lorentz_dot, euclidean): 32 halves the per-step
 // overhead (barriers, row fields, dQ atomics) per query against 16 (-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16, for A/B).
 #ifndef HYPTORCH_BWD_D128_DOT_BLOCK_M
@@ -132,12 +139,13 @@ struct Tile {
   static constexpr int kQueryTiles = kSplit ? 2 * kParts : 3;
   // kernel 1 with wgmma (see HYPTORCH_BWD_WGMMA): every operand tile starts on a 1024-byte boundary (the
   // 128-byte swizzle atoms; at D = 64 the tiles' own swizzle, swz<64>, is that layout)
-  static constexpr bool kWgmma = HYPTORCH_BWD_WGMMA && kHeadDim == 64 && !kSplit;
+  static constexpr bool kWgmma =
+      HYPTORCH_BWD_WGMMA && !kSplit && (kHeadDim == 64 || (HYPTORCH_BWD_WGMMA_D128 && kBlockM == 32));
   static constexpr int kAlignSlack = kWgmma ? 1024 : 0;
   // wgmma, dot scores: K_j carries a "time block" (one more 64-column block of the swizzled layout, of which the
   // tensor cores read 8 columns: k0_j as three parts), so dQ_i's product also gives R_i = Σ_j dX_ij k0_j (the
   // row sums otherwise reduced across lanes with shuffles): dQ is m64n72 (attention_bwd_kv_kernel)
-  static constexpr bool kRowSumsTC = kWgmma && kFamily == FAMILY_DOT;
+  static constexpr bool kRowSumsTC = kWgmma && kFamily == FAMILY_DOT && kBlockM == 64;
   static constexpr int kKTimeElems = kRowSumsTC ? kBlockN * 64 : 0;
   // HYPTORCH_BWD_LEAN_TILES with one-part inputs: the row fields hold L_i·log2 e, so tile_step's
   // P = exp2(coef·log2e·u − L_i·log2e) is one FFMA, and dP − D_i is two FFMA. Split inputs keep the unscaled
@@ -178,6 +186,17 @@ __device__ __forceinline__ int swz(int row, int col) {
   return row * kCols + ((((col >> 3) ^ x)) << 3) + (col & 7);
 }
 
+// Element offset of (row, col) in a tile of kRows × kCols: swz<kCols>, or with HYPTORCH_BWD_WGMMA_D128 at 128
+// columns two blocks of kRows × 64 (swz<64> each: the 128-byte swizzle wgmma reads), the second after the first.
+template <int kCols, int kRows>
+__device__ __forceinline__ int swz_tile(int row, int col) {
+  if constexpr (kCols == 128 && HYPTORCH_BWD_WGMMA_D128) {
+    return (col >> 6) * (kRows * 64) + swz<64>(row, col & 63);
+  } else {
+    return swz<kCols>(row, col);
+  }
+}
+
 // Rows [row0, row0 + kRows) of a contiguous (n_rows, kCols) matrix → swizzled tile; rows past n_rows are 0.
 template <typename T, int kRows, int kCols, int kThreads>
 __device__ __forceinline__ void load_tile(T* tile, const T* src, int row0, int n_rows) {
@@ -188,15 +207,15 @@ __device__ __forceinline__ void load_tile(T* tile, const T* src, int row0, int n
     const int idx = it * kThreads + threadIdx.x;
     const int r = idx / kChunks, c = idx % kChunks;
     const bool valid = row0 + r < n_rows;
-    cp_async_16(smem_addr(tile + swz<kCols>(r, c * 8)), src + (size_t)(valid ? row0 + r : 0) * kCols + c * 8, valid);
+    cp_async_16(smem_addr(tile + swz_tile<kCols, kRows>(r, c * 8)), src + (size_t)(valid ? row0 + r : 0) * kCols + c * 8, valid);
   }
 }
 
-// mma fragments from swizzled shared memory (lane = thread index in the warp).
+// mma fragments from swizzled shared memory (lane = thread index in the warp); kRows: the tile's height.
 // A (16×16) of a [m][k] tile at (m0, k0).
-template <int kCols, typename T>
+template <int kCols, int kRows, typename T>
 __device__ __forceinline__ void frag_a(uint32_t (&a)[4], const T* s, int m0, int k0, int lane) {
-  ldmatrix_x4(a, smem_addr(s + swz<kCols>(m0 + (lane & 15), k0 + (lane >> 4) * 8)));
+  ldmatrix_x4(a, smem_addr(s + swz_tile<kCols, kRows>(m0 + (lane & 15), k0 + (lane >> 4) * 8)));
 }
 // A (16×16) of a tile stored transposed, [k][m], at (m0, k0).
 template <int kCols, typename T>
@@ -205,16 +224,16 @@ __device__ __forceinline__ void frag_a_trans(uint32_t (&a)[4], const T* s, int m
   ldmatrix_x4_trans(a, smem_addr(s + swz<kCols>(k0 + (mat >> 1) * 8 + r, m0 + (mat & 1) * 8)));
 }
 // B of two n8 tiles (n0..n0+15) × k16 from a [n][k] tile: b[0], b[1] → tile n0, b[2], b[3] → tile n0 + 8.
-template <int kCols, typename T>
+template <int kCols, int kRows, typename T>
 __device__ __forceinline__ void frag_b_nk(uint32_t (&b)[4], const T* s, int n0, int k0, int lane) {
   const int mat = lane >> 3, r = lane & 7;
-  ldmatrix_x4(b, smem_addr(s + swz<kCols>(n0 + (mat >> 1) * 8 + r, k0 + (mat & 1) * 8)));
+  ldmatrix_x4(b, smem_addr(s + swz_tile<kCols, kRows>(n0 + (mat >> 1) * 8 + r, k0 + (mat & 1) * 8)));
 }
 // Same from a [k][n] tile.
-template <int kCols, typename T>
+template <int kCols, int kRows, typename T>
 __device__ __forceinline__ void frag_b_kn(uint32_t (&b)[4], const T* s, int k0, int n0, int lane) {
   const int mat = lane >> 3, r = lane & 7;
-  ldmatrix_x4_trans(b, smem_addr(s + swz<kCols>(k0 + (mat & 1) * 8 + r, n0 + (mat >> 1) * 8)));
+  ldmatrix_x4_trans(b, smem_addr(s + swz_tile<kCols, kRows>(k0 + (mat & 1) * 8 + r, n0 + (mat >> 1) * 8)));
 }
 
 // 1/x on the SFU (rcp.approx, 1 ulp; no IEEE slow-path call, which would need a stack frame).
@@ -539,28 +558,28 @@ __device__ __forceinline__ void score_mma(const Smem<T, kHeadDim, kFamily, kPart
     constexpr bool kInterleave = kWithDp && kParts == 1;
     uint32_t ak[kParts][4], av[kParts][4];
 #pragma unroll
-    for (int part = 0; part < kParts; ++part) frag_a<kHeadDim>(ak[part], sm.k + part * Sm::kv_part, key0, kk * 16, lane);
-    if constexpr (kInterleave) frag_a<kHeadDim>(av[0], sm.v, key0, kk * 16, lane);
+    for (int part = 0; part < kParts; ++part) frag_a<kHeadDim, Tl::kBlockN>(ak[part], sm.k + part * Sm::kv_part, key0, kk * 16, lane);
+    if constexpr (kInterleave) frag_a<kHeadDim, Tl::kBlockN>(av[0], sm.v, key0, kk * 16, lane);
 #pragma unroll
     for (int n2 = 0; n2 < Tl::kQTiles / 2; ++n2) {
       uint32_t bq[kParts][4], bo[kParts][4];
 #pragma unroll
-      for (int part = 0; part < kParts; ++part) frag_b_nk<kHeadDim>(bq[part], sm.q + part * Sm::q_part, n2 * 16, kk * 16, lane);
+      for (int part = 0; part < kParts; ++part) frag_b_nk<kHeadDim, Tl::kBlockM>(bq[part], sm.q + part * Sm::q_part, n2 * 16, kk * 16, lane);
       mma_parts_acc<T, kParts, kParts, (kParts > 1)>(sp[2 * n2], sp[2 * n2 + 1], ak, bq);
       if constexpr (kInterleave) {
-        frag_b_nk<kHeadDim>(bo[0], sm.dout, n2 * 16, kk * 16, lane);
+        frag_b_nk<kHeadDim, Tl::kBlockM>(bo[0], sm.dout, n2 * 16, kk * 16, lane);
         mma_parts<T, 1, 1>(dp[2 * n2], dp[2 * n2 + 1], av, bo);
       }
     }
     if constexpr (kWithDp && !kInterleave) {
 #pragma unroll
-      for (int part = 0; part < kParts; ++part) frag_a<kHeadDim>(av[part], sm.v + part * Sm::kv_part, key0, kk * 16, lane);
+      for (int part = 0; part < kParts; ++part) frag_a<kHeadDim, Tl::kBlockN>(av[part], sm.v + part * Sm::kv_part, key0, kk * 16, lane);
 #pragma unroll
       for (int n2 = 0; n2 < Tl::kQTiles / 2; ++n2) {
         uint32_t bo[kParts][4];
 #pragma unroll
         for (int part = 0; part < kParts; ++part) {
-          frag_b_nk<kHeadDim>(bo[part], sm.dout + part * Sm::q_part, n2 * 16, kk * 16, lane);
+          frag_b_nk<kHeadDim, Tl::kBlockM>(bo[part], sm.dout + part * Sm::q_part, n2 * 16, kk * 16, lane);
         }
         mma_parts_acc<T, kParts, kParts, false>(dp[2 * n2], dp[2 * n2 + 1], av, bo);
       }
@@ -571,11 +590,11 @@ __device__ __forceinline__ void score_mma(const Smem<T, kHeadDim, kFamily, kPart
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
       uint32_t av[1][4];
-      frag_a<kHeadDim>(av[0], sm.v, key0, kk * 16, lane);
+      frag_a<kHeadDim, Tl::kBlockN>(av[0], sm.v, key0, kk * 16, lane);
 #pragma unroll
       for (int n2 = 0; n2 < Tl::kQTiles / 2; ++n2) {
         uint32_t bo[1][4];
-        frag_b_nk<kHeadDim>(bo[0], sm.dout_lo, n2 * 16, kk * 16, lane);
+        frag_b_nk<kHeadDim, Tl::kBlockM>(bo[0], sm.dout_lo, n2 * 16, kk * 16, lane);
         mma_parts<T, 1, 1>(dp[2 * n2], dp[2 * n2 + 1], av, bo);
       }
     }
@@ -584,7 +603,7 @@ __device__ __forceinline__ void score_mma(const Smem<T, kHeadDim, kFamily, kPart
 
 // score_mma on the Hopper tensor cores (kernel 1, Tile::kWgmma): the warpgroup's 64 keys × kBlockM queries,
 // S_ijᵀ = K_j Q_iᵀ and dP_ijᵀ = V_j (dO_i + dO_lo,i)ᵀ, each k-step one wgmma over 16 columns (32 bytes) of the
-// 128-byte swizzled rows. dO_lo is always issued (a zeroed tile without it: exact zeros added), since ptxas
+// 128-byte swizzled rows (at D = 128 in two 64-column blocks). dO_lo is always issued (a zeroed tile without it: exact zeros added), since ptxas
 // serialises wgmma issued on some paths only. Accumulators: the mma.sync layout of the warp's 16 keys.
 // score_wgmma_issue commits them as one group; score_wgmma_wait waits for every group in flight.
 template <typename T, int kHeadDim, int kFamily>
@@ -602,17 +621,19 @@ __device__ __forceinline__ void score_wgmma_issue(const Smem<T, kHeadDim, kFamil
   const uint32_t k_lo = smem_desc_lo(smem_addr(sm.k), 16), v_lo = smem_desc_lo(smem_addr(sm.v), 16);
   const uint32_t q_lo = smem_desc_lo(smem_addr(sm.q), 16), o_lo = smem_desc_lo(smem_addr(sm.dout), 16);
   const uint32_t dlo_lo = smem_desc_lo(smem_addr(sm.dout_lo), 16);
+  // k-step s: columns 16s … 16s + 15, in 64-column block s / 4 of the tile (swz_tile), 32 bytes per step within it
+  constexpr int kBlockN = Tile<kHeadDim, kFamily, 1>::kBlockN;
+  auto key_col = [](int s) { return (uint32_t)((s >> 2) * kBlockN * 128 + (s & 3) * 32); };
+  auto query_col = [](int s) { return (uint32_t)((s >> 2) * kBlockM * 128 + (s & 3) * 32); };
   wgmma_fence();
 #pragma unroll
   for (int s = 0; s < kHeadDim / 16; ++s) {
-    const uint32_t col = s * 32;
-    wgmma_ss<T, kBlockM>(sp, smem_desc_at(k_lo, col, 1024), smem_desc_at(q_lo, col, 1024));
-    wgmma_ss<T, kBlockM>(dp, smem_desc_at(v_lo, col, 1024), smem_desc_at(o_lo, col, 1024));
+    wgmma_ss<T, kBlockM>(sp, smem_desc_at(k_lo, key_col(s), 1024), smem_desc_at(q_lo, query_col(s), 1024));
+    wgmma_ss<T, kBlockM>(dp, smem_desc_at(v_lo, key_col(s), 1024), smem_desc_at(o_lo, query_col(s), 1024));
   }
 #pragma unroll
   for (int s = 0; s < kHeadDim / 16; ++s) {
-    const uint32_t col = s * 32;
-    wgmma_ss<T, kBlockM>(dp, smem_desc_at(v_lo, col, 1024), smem_desc_at(dlo_lo, col, 1024));
+    wgmma_ss<T, kBlockM>(dp, smem_desc_at(v_lo, key_col(s), 1024), smem_desc_at(dlo_lo, query_col(s), 1024));
   }
   wgmma_commit();
 }
@@ -853,7 +874,7 @@ __device__ __forceinline__ void acc_mma_kn(float (&acc)[Tile<kHeadDim, kFamily, 
 #pragma unroll
       for (int ib = kParts - 1; ib >= 0; --ib) {
         uint32_t b[1][4];
-        frag_b_kn<kHeadDim>(b[0], tile + ib * Smem<T, kHeadDim, kFamily, kParts>::q_part, kk * 16, n2 * 16, lane);
+        frag_b_kn<kHeadDim, Tl::kBlockM>(b[0], tile + ib * Smem<T, kHeadDim, kFamily, kParts>::q_part, kk * 16, n2 * 16, lane);
 #pragma unroll
         for (int ia = kParts - 1 - ib; ia >= 0; --ia) {
           mma_16816<T>(c0, a[kk][ia], b[0][0], b[0][1]);
@@ -917,7 +938,7 @@ __device__ __forceinline__ void rows_mma(const T* a_tile, const T* b_tile, float
 #pragma unroll
       for (int ib = kParts - 1; ib >= 0; --ib) {
         uint32_t b[4];
-        frag_b_kn<kHeadDim>(b, b_tile + ib * Sm::kv_part, kk * 16, col0 + n2 * 16, lane);
+        frag_b_kn<kHeadDim, Tl::kBlockN>(b, b_tile + ib * Sm::kv_part, kk * 16, col0 + n2 * 16, lane);
 #pragma unroll
         for (int ia = kAParts - 1; ia >= 0; --ia) {
           if (ia + ib < kTerms) {
@@ -1148,6 +1169,13 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
         wgmma_rs_bt<T, kHeadDim>(dk, ax[kk][0], smem_desc_at(q_lo, rows, 1024));
       }
       wgmma_commit();
+      if constexpr (kHeadDim == 128) {
+        // dQ_i by mma.sync below: dV_j, dK_j first, so their A operands' registers are free for it (at D = 64 the
+        // distance scores' dQ, by mma.sync too, runs while they do)
+        wgmma_wait<0>();
+        fence_registers(dv);
+        fence_registers(dk);
+      }
     } else if constexpr (kDv) {
       // dXᵀ packed first: its float accumulators are dead during the dV products (registers at D = 128)
       if constexpr (kDk) to_a_operands<T, kHeadDim, kFamily, kParts>(dp, ax);
