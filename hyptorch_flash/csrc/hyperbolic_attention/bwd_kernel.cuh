@@ -83,6 +83,12 @@
 #ifndef HYPTORCH_BWD_WGMMA_D128
 #define HYPTORCH_BWD_WGMMA_D128 0
 #endif
+// Query tile at D = 64 for the arccosh scores (distance, poincare_distance): 32, or 64 (opt-in,
+// -DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64: with wgmma they fit 255 registers, and the tile gets the dQ_i wgmma;
+// compile-checked on sm_90a, not yet run on a GPU; the mma.sync build of other GPUs keeps 32).
+#ifndef HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M
+#define HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M 32
+#endif
 // Query tile of kernel 1 (and 2) at D = 128 for the dot scores (lorentz_dot, euclidean): 32 halves the per-step
 // overhead (barriers, row fields, dQ atomics) per query against 16 (-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16, for A/B).
 #ifndef HYPTORCH_BWD_D128_DOT_BLOCK_M
@@ -113,10 +119,10 @@ struct Tile {
   // queries per step (kernel 1) / per CTA (kernel 2); at D = 128 16 for the arccosh scores keeps kernel 1
   // within 255 registers (dK_j and dV_j alone take 128 per thread there), while the dot scores fit 32
   // (HYPTORCH_BWD_D128_DOT_BLOCK_M); 32 for the arccosh scores at D = 64, whose element-wise work needs more
-  // registers; 16 for split inputs, whose operand fragments come in three parts
+  // registers (HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M); 16 for split inputs, whose operand fragments come in three parts
   static constexpr int kBlockM = kSplit ? 16
                                  : kHeadDim == 128 ? (kFamily == FAMILY_DOT ? HYPTORCH_BWD_D128_DOT_BLOCK_M : 16)
-                                 : kFamily == FAMILY_DOT ? 64 : 32;
+                                 : kFamily == FAMILY_DOT ? 64 : HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kQTiles = kBlockM / 8;  // n8 tiles of Sᵀ (queries)
@@ -1096,7 +1102,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   // wgmma with 64-query tiles: dQ_i by one warpgroup product (below); with HYPTORCH_BWD_EARLY_SCORES the next
   // step's S/dP are issued together with it (kEarlyScores)
   constexpr bool wgmma_dq = use_wgmma && kDk && Tl::kBlockM == 64;
-  constexpr bool kEarlyScores = wgmma_dq && kRowPrefetch && HYPTORCH_BWD_EARLY_SCORES;
+  constexpr bool kEarlyScores = wgmma_dq && kRowPrefetch && HYPTORCH_BWD_EARLY_SCORES && kFamily == FAMILY_DOT;
   if (kPrefetch && i_begin < N) {
     prefetch(i_begin, 0);
     load_row_fields<kHeadDim, kFamily, kParts>(Sm(smem_raw, 0).row, p, hc, bh, i_begin);
