@@ -65,8 +65,7 @@ cuda_build.load(); cuda_backward.load_extension()"
       step bwd_opt_in_ab 400 bash -c 'cd dev && python3 ab_bwd_opt_in.py "" "-DHYPTORCH_BWD_EARLY_SCORES=1" \
         "-DHYPTORCH_BWD_WGMMA_D128=1" "-DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64"' ;;
     bwd_ab) step bwd_ab 540 bash -c 'cd dev && python3 ab_bwd_opt_in.py "" "-DHYPTORCH_BWD_WGMMA=0" \
-      "-DHYPTORCH_BWD_LEAN_TILES=0 -DHYPTORCH_BWD_ROW_PREFETCH=0" "-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16" \
-      "-DHYPTORCH_BWD_WGMMA=0 -DHYPTORCH_BWD_LEAN_TILES=0 -DHYPTORCH_BWD_ROW_PREFETCH=0 -DHYPTORCH_BWD_D128_DOT_BLOCK_M=16"' ;;
+      "-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16" "-DHYPTORCH_BWD_WGMMA=0 -DHYPTORCH_BWD_D128_DOT_BLOCK_M=16"' ;;
     fwd_opt_in)
       HYPTORCH_FLASH_NVCC_EXTRA=-DHYPTORCH_FWD_DESC_LO=1 step fwd_opt_in_tests 400 python3 -m pytest -q -x \
         -p no:warnings tests/test_cuda_forward.py tests/test_out_dtype.py

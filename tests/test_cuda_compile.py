@@ -32,11 +32,10 @@ _ENTRY = re.compile(r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack fra
 # built for the same target with the wgmma path switched off.
 MMA_SYNC_FLAG = "-DHYPTORCH_FWD_WGMMA=0"
 MMA_SYNC_FILES = [p for p in CU_FILES if re.match(r"attention_fwd_(bf16|fp16)_", p.name)]
-# The backward's switchable paths (bwd_kernel.cuh: wgmma in the key-parallel kernel, lean tiles, row prefetch,
-# 32-query tiles at D = 128; on by default) are kept compiling and spill-free when switched off too (the A/B
-# baseline, the kernel before them).
-BWD_OPT_OUT_FLAGS = ("-DHYPTORCH_BWD_WGMMA=0", "-DHYPTORCH_BWD_LEAN_TILES=0", "-DHYPTORCH_BWD_ROW_PREFETCH=0",
-                     "-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16")
+# The backward's switchable paths (bwd_kernel.cuh: wgmma in the key-parallel kernel, 32-query tiles at D = 128;
+# on by default) are kept compiling and spill-free when switched off too (the mma.sync kernel of other GPUs, the
+# A/B baseline).
+BWD_OPT_OUT_FLAGS = ("-DHYPTORCH_BWD_WGMMA=0", "-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16")
 BWD_FILES = [p for p in CU_FILES if re.match(r"bwd_hd\d+_", p.name)]
 # The backward's opt-in paths (bwd_kernel.cuh: HYPTORCH_BWD_EARLY_SCORES and HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M at
 # D = 64, HYPTORCH_BWD_WGMMA_D128), not yet the default.

@@ -53,21 +53,6 @@
 #ifndef HYPTORCH_BWD_WGMMA
 #define HYPTORCH_BWD_WGMMA 1
 #endif
-// Leaner element-wise step of kernel 1: tiles where every (query, key) pair is visible (no key padding or
-// keys past M in the key tile, below the causal diagonal: most of them) skip the per-element visibility test
-// (a branch around each exp2 and each key-sum update: ~300 of the ~2,400 instructions per step at D = 64);
-// the thread's key fields are read once per step and the row fields as pairs (the two query columns of a
-// fragment are adjacent). On by default (GPU-tested; -DHYPTORCH_BWD_LEAN_TILES=0 for A/B).
-#ifndef HYPTORCH_BWD_LEAN_TILES
-#define HYPTORCH_BWD_LEAN_TILES 1
-#endif
-// Kernel 1 at D = 64 prefetches the next query tile's row fields (L_i, D_i, dO0_i, |q_i|²) into registers
-// right after the step's barrier and stores them (with w_i) at the end of the step, instead of loading and
-// storing them in the prefetch itself, where the stores wait for the global loads (~1 µs exposed per step,
-// for the warps that own rows). On by default (GPU-tested; -DHYPTORCH_BWD_ROW_PREFETCH=0 for A/B).
-#ifndef HYPTORCH_BWD_ROW_PREFETCH
-#define HYPTORCH_BWD_ROW_PREFETCH 1
-#endif
 // Kernel 1 with wgmma dQ (D = 64, dot scores, bf16/fp16 on sm_90a) issues the next step's S_ijᵀ/dP_ijᵀ together with
 // this step's dQ_i, so they run during the dQ atomics, the row-field stores and the barrier instead of at the start
 // of the next step, where the warps would wait for them. The next tile has to land by the dQ barrier (half a step
@@ -153,11 +138,11 @@ struct Tile {
   // row sums otherwise reduced across lanes with shuffles): dQ is m64n72 (attention_bwd_kv_kernel)
   static constexpr bool kRowSumsTC = kWgmma && kFamily == FAMILY_DOT && kBlockM == 64;
   static constexpr int kKTimeElems = kRowSumsTC ? kBlockN * 64 : 0;
-  // HYPTORCH_BWD_LEAN_TILES with one-part inputs: the row fields hold L_i·log2 e, so tile_step's
+  // One-part inputs: the row fields hold L_i·log2 e, so tile_step's
   // P = exp2(coef·log2e·u − L_i·log2e) is one FFMA, and dP − D_i is two FFMA. Split inputs keep the unscaled
   // form and the original order of dP − D_i: float32-level P, and the rounding the float32 gradient grid was
   // measured with (the reordered dP − D_i failed float32 poincare_distance/lorentz dq at D = 64 on the H200).
-  static constexpr bool kLogFold = HYPTORCH_BWD_LEAN_TILES && !kSplit;
+  static constexpr bool kLogFold = !kSplit;
   // float fields (key fields, row_part, scal, row fields ×2), padded to 16 bytes (wgmma: 1024): the second
   // Q_i/dO_i buffer follows them (see Smem)
   static constexpr int kFloatAlign = kWgmma ? 256 : 4;
@@ -414,8 +399,8 @@ __device__ __forceinline__ void load_row_fields(float* row, const BwdParams& p, 
   }
 }
 
-// load_row_fields in two halves (HYPTORCH_BWD_ROW_PREFETCH): the global loads of thread r's row into
-// registers, and later the derived fields and the shared-memory stores.
+// load_row_fields in two halves (kernel 1's row prefetch): the global loads of thread r's row into registers,
+// and later the derived fields and the shared-memory stores.
 struct RowRaw {
   float lse, delta, do0, sq;
 };
@@ -678,54 +663,42 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
     score_mma<T, kHeadDim, kFamily, kParts>(sm, has_lo, sp, dp);
   }
 
-  // Key fields of this thread's two key rows are read from shared memory where used (registers are
-  // the scarce resource here).
   // `masked`: some (query, key) pair of the tile is invisible (key padding, keys past M, causal diagonal);
-  // the other tiles, most of them, run without the per-element visibility test and its branches.
-  constexpr bool kLean = HYPTORCH_BWD_LEAN_TILES, kLogFold = Tl::kLogFold;
+  // the other tiles, most of them, run without the per-element visibility test and its branches (a branch
+  // around each exp2 and each key-sum update). `sums`: whether the row sums are formed (a constant
+  // true_type/false_type, so the branch is taken once per step).
+  constexpr bool kLogFold = Tl::kLogFold;
   const float coef_log2e = hc.coef * kLog2e;
-  // `sums`: a constant true_type/false_type for row_sums (kLean), or row_sums itself
   auto elementwise = [&](auto masked, auto sums) {
-    // kLean: this thread's two keys' fields, once per step
+    // this thread's two keys' fields, once per step
     float key_w[2], key_sq[2], key_v0[2], key_lam[2];
-    if constexpr (kLean) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = key0 + g + 8 * h;
-        key_w[h] = sm.key[KEY_W * Tl::kBlockN + r];
-        key_sq[h] = sm.key[KEY_SQ * Tl::kBlockN + r];
-        key_v0[h] = sm.key[KEY_V0 * Tl::kBlockN + r];
-        key_lam[h] = sm.key[KEY_LAMBDA * Tl::kBlockN + r];
-      }
+    for (int h = 0; h < 2; ++h) {
+      const int r = key0 + g + 8 * h;
+      key_w[h] = sm.key[KEY_W * Tl::kBlockN + r];
+      key_sq[h] = sm.key[KEY_SQ * Tl::kBlockN + r];
+      key_v0[h] = sm.key[KEY_V0 * Tl::kBlockN + r];
+      key_lam[h] = sm.key[KEY_LAMBDA * Tl::kBlockN + r];
     }
 #pragma unroll
   for (int n = 0; n < Tl::kQTiles; ++n) {
     float r_w[2] = {0.f, 0.f}, r_x[2] = {0.f, 0.f};
-    // kLean: the row fields of this thread's two query columns n·8 + 2t, + 1
+    // the row fields of this thread's two query columns n·8 + 2t, + 1 (adjacent: one 8-byte load each)
     auto row_pair = [&](int field) {
       return *reinterpret_cast<const float2*>(sm.row + field * Tl::kBlockM + n * 8 + 2 * t);
     };
-    float2 lse2, delta2, do02, qw2, qsq2;
-    if constexpr (kLean) {
-      lse2 = row_pair(ROW_LSE), delta2 = row_pair(ROW_DELTA), do02 = row_pair(ROW_DO0), qw2 = row_pair(ROW_W);
-      qsq2 = kFamily == FAMILY_POINCARE ? row_pair(ROW_SQ) : make_float2(0.f, 0.f);
-    }
+    const float2 lse2 = row_pair(ROW_LSE), delta2 = row_pair(ROW_DELTA), do02 = row_pair(ROW_DO0),
+                 qw2 = row_pair(ROW_W);
+    const float2 qsq2 = kFamily == FAMILY_POINCARE ? row_pair(ROW_SQ) : make_float2(0.f, 0.f);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int h = e >> 1, c = e & 1;
       const int ii = n * 8 + 2 * t + c;
       const int r = key0 + g + 8 * h;
-      const float kw = kLean ? key_w[h] : sm.key[KEY_W * Tl::kBlockN + r];
-      const float ksq = kLean ? key_sq[h] : sm.key[KEY_SQ * Tl::kBlockN + r];
-      const float v0 = kLean ? key_v0[h] : sm.key[KEY_V0 * Tl::kBlockN + r];
-      const float lam = kLean ? key_lam[h] : sm.key[KEY_LAMBDA * Tl::kBlockN + r];
+      const float kw = key_w[h], ksq = key_sq[h], v0 = key_v0[h], lam = key_lam[h];
       const bool visible = decltype(masked)::value && sm.key[KEY_VISIBLE * Tl::kBlockN + r] != 0.f;
-
-      const float lse = kLean ? (c ? lse2.y : lse2.x) : sm.row[ROW_LSE * Tl::kBlockM + ii];
-      const float delta = kLean ? (c ? delta2.y : delta2.x) : sm.row[ROW_DELTA * Tl::kBlockM + ii];
-      const float do0 = kLean ? (c ? do02.y : do02.x) : sm.row[ROW_DO0 * Tl::kBlockM + ii];
-      const float qw = kLean ? (c ? qw2.y : qw2.x) : sm.row[ROW_W * Tl::kBlockM + ii];
-      const float qsq = kLean ? (c ? qsq2.y : qsq2.x) : sm.row[ROW_SQ * Tl::kBlockM + ii];
+      const float lse = c ? lse2.y : lse2.x, delta = c ? delta2.y : delta2.x, do0 = c ? do02.y : do02.x;
+      const float qw = c ? qw2.y : qw2.x, qsq = c ? qsq2.y : qsq2.x;
       float X, u, ds_dX;
       score_terms<kFamily, (kParts > 1)>(sp[n][e], qw, qsq, kw, ksq, hc, X, u, ds_dX);
       const bool valid = !decltype(masked)::value || (visible && (!causal || j0 + r <= i0 + ii));
@@ -787,19 +760,14 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
     }
   }
   };
-  if constexpr (kLean) {
-    // one branch per step instead of one per n8 tile for the row sums, too
-    const std::true_type yes;
-    const std::false_type no;
-    if (!keys_all_visible || (causal && j0 + Tl::kBlockN - 1 > i0)) {
-      if (row_sums) elementwise(yes, yes);
-      else elementwise(yes, no);
-    } else {
-      if (row_sums) elementwise(no, yes);
-      else elementwise(no, no);
-    }
+  const std::true_type yes;
+  const std::false_type no;
+  if (!keys_all_visible || (causal && j0 + Tl::kBlockN - 1 > i0)) {
+    if (row_sums) elementwise(yes, yes);
+    else elementwise(yes, no);
   } else {
-    elementwise(std::true_type{}, row_sums);
+    if (row_sums) elementwise(no, yes);
+    else elementwise(no, no);
   }
   if constexpr (kKeySums && kParts > 1) {
     kahan_add(ks.s1, ks.s1_err, tile_s1);
@@ -1067,7 +1035,6 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   // every key of the tile visible (no padding, none past M): tile_step's unmasked path (also a barrier
   // after the key fields' stores)
   const bool keys_all_visible =
-      HYPTORCH_BWD_LEAN_TILES &&
       __syncthreads_and(threadIdx.x >= Tl::kBlockN || sm0.key[KEY_VISIBLE * Tl::kBlockN + threadIdx.x] != 0.f);
 
   float dk[kDk ? Tl::kDTiles : 1][4], dv[kDv ? Tl::kDTiles : 1][4];
@@ -1095,14 +1062,15 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     cp_async_commit();
   };
   // At D = 128 (and for split inputs, which have one query buffer) the prefetch's extra registers would
-  // spill: load-then-compute there.
+  // spill: load-then-compute there. The next tile's row fields (L_i, D_i, dO0_i, |q_i|²) go to registers right
+  // after the step's barrier and to shared memory (with w_i) at the end of the step: stored in the prefetch
+  // itself, the stores would wait for the global loads (~1 µs exposed per step for the warps that own rows).
   constexpr bool kPrefetch = kHeadDim == 64 && Tl::kQueryBuffers == 2;
-  constexpr bool kRowPrefetch = kPrefetch && HYPTORCH_BWD_ROW_PREFETCH;
-  RowRaw next_rows{};  // kRowPrefetch: the next query tile's row values, stored at the end of the step
+  RowRaw next_rows{};  // kPrefetch: the next query tile's row values, stored at the end of the step
   // wgmma with 64-query tiles: dQ_i by one warpgroup product (below); with HYPTORCH_BWD_EARLY_SCORES the next
   // step's S/dP are issued together with it (kEarlyScores)
   constexpr bool wgmma_dq = use_wgmma && kDk && Tl::kBlockM == 64;
-  constexpr bool kEarlyScores = wgmma_dq && kRowPrefetch && HYPTORCH_BWD_EARLY_SCORES && kFamily == FAMILY_DOT;
+  constexpr bool kEarlyScores = wgmma_dq && kPrefetch && HYPTORCH_BWD_EARLY_SCORES && kFamily == FAMILY_DOT;
   if (kPrefetch && i_begin < N) {
     prefetch(i_begin, 0);
     load_row_fields<kHeadDim, kFamily, kParts>(Sm(smem_raw, 0).row, p, hc, bh, i_begin);
@@ -1131,11 +1099,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     __syncthreads();  // tile i0 has landed, and every warp is done with the previous step's buffers
     if (kPrefetch && i0 + Tl::kBlockM < N) {
       prefetch(i0 + Tl::kBlockM, buf ^ 1);
-      if constexpr (kRowPrefetch) {
-        next_rows = load_row_raw<kHeadDim, kFamily, kParts>(p, bh, i0 + Tl::kBlockM);
-      } else {
-        load_row_fields<kHeadDim, kFamily, kParts>(Sm(smem_raw, buf ^ 1).row, p, hc, bh, i0 + Tl::kBlockM);
-      }
+      next_rows = load_row_raw<kHeadDim, kFamily, kParts>(p, bh, i0 + Tl::kBlockM);
     }
     const Sm sm(smem_raw, buf);
 
@@ -1307,7 +1271,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
         fence_registers(ax[kk]);
       }
     }
-    if constexpr (kRowPrefetch) {
+    if constexpr (kPrefetch) {
       // the other buffer's row fields were last read in the previous step, and are next read after the
       // next step's barrier
       if (i0 + Tl::kBlockM < N) store_row_fields<kHeadDim, kFamily, kParts>(Sm(smem_raw, buf ^ 1).row, next_rows, hc);
