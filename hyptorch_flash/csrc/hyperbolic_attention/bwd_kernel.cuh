@@ -370,43 +370,18 @@ __device__ __forceinline__ HeadConst head_const(const BwdParams& p, int h) {
   return hc;
 }
 
-// Row fields of Q_i (rows i0..i0+kBlockM-1 of head bh); rows ≥ N and rows that see no key get L = +inf,
-// so every P_ij of theirs is exp2(−inf) = 0.
-template <int kHeadDim, int kFamily, int kParts>
-__device__ __forceinline__ void load_row_fields(float* row, const BwdParams& p, const HeadConst& hc, size_t bh, int i0) {
-  using Tl = Tile<kHeadDim, kFamily, kParts>;
-  for (int r = threadIdx.x; r < Tl::kBlockM; r += Tl::kThreads) {
-    const int i = i0 + r;
-    float lse = CUDART_INF_F, delta = 0.f, do0 = 0.f, w = 0.f, sq = 0.f;
-    if (i < p.n_queries) {
-      const size_t idx = bh * p.n_queries + i;
-      const float l = p.lse[idx];
-      lse = l == -CUDART_INF_F ? CUDART_INF_F : l;
-      delta = p.delta[idx];
-      do0 = p.dout0[idx];
-      sq = p.q_sq[idx];
-    }
-    if constexpr (kFamily == FAMILY_POINCARE) {
-      w = rcp_f<(kParts > 1)>(1.f - fminf(hc.inv_kappa * sq, 1.f - numerics::BALL_MARGIN_F32));  // a_i
-    } else {
-      w = hc.lorentz ? sqrt_f<(kParts > 1)>(hc.kappa + sq) : 0.f;  // q0_i
-    }
-    row[ROW_LSE * Tl::kBlockM + r] = Tl::kLogFold ? lse * kLog2e : lse;
-    row[ROW_DELTA * Tl::kBlockM + r] = delta;
-    row[ROW_DO0 * Tl::kBlockM + r] = do0;
-    row[ROW_W * Tl::kBlockM + r] = w;
-    row[ROW_SQ * Tl::kBlockM + r] = sq;
-  }
-}
-
-// load_row_fields in two halves (kernel 1's row prefetch): the global loads of thread r's row into registers,
-// and later the derived fields and the shared-memory stores.
+// Row fields of Q_i (rows i0..i0+kBlockM-1 of head bh), in two halves so that kernel 1 can prefetch them: the
+// global loads of thread r's row into registers (load_row_raw), and later the derived fields and the
+// shared-memory stores (store_row_fields). Rows ≥ N and rows that see no key get L = +inf, so every P_ij of
+// theirs is exp2(−inf) = 0.
 struct RowRaw {
   float lse, delta, do0, sq;
 };
 
 template <int kHeadDim, int kFamily, int kParts>
 __device__ __forceinline__ RowRaw load_row_raw(const BwdParams& p, size_t bh, int i0) {
+  static_assert(Tile<kHeadDim, kFamily, kParts>::kBlockM <= Tile<kHeadDim, kFamily, kParts>::kThreads,
+                "one row per thread");
   RowRaw raw{CUDART_INF_F, 0.f, 0.f, 0.f};
   const int i = i0 + threadIdx.x;
   if (threadIdx.x < Tile<kHeadDim, kFamily, kParts>::kBlockM && i < p.n_queries) {
@@ -436,6 +411,11 @@ __device__ __forceinline__ void store_row_fields(float* row, const RowRaw& raw, 
   row[ROW_DO0 * Tl::kBlockM + r] = raw.do0;
   row[ROW_W * Tl::kBlockM + r] = w;
   row[ROW_SQ * Tl::kBlockM + r] = raw.sq;
+}
+
+template <int kHeadDim, int kFamily, int kParts>
+__device__ __forceinline__ void load_row_fields(float* row, const BwdParams& p, const HeadConst& hc, size_t bh, int i0) {
+  store_row_fields<kHeadDim, kFamily, kParts>(row, load_row_raw<kHeadDim, kFamily, kParts>(p, bh, i0), hc);
 }
 
 // Key fields of K_j/V_j (keys j0..j0+kBlockN-1 of kv head (b, hk)); invisible = j ≥ M or padded.
