@@ -38,8 +38,9 @@ MMA_SYNC_FILES = [p for p in CU_FILES if re.match(r"attention_fwd_(bf16|fp16)_",
 BWD_OPT_OUT_FLAGS = ("-DHYPTORCH_BWD_WGMMA=0", "-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16")
 BWD_FILES = [p for p in CU_FILES if re.match(r"bwd_hd\d+_", p.name)]
 # The backward's opt-in paths (bwd_kernel.cuh: HYPTORCH_BWD_EARLY_SCORES and HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M at
-# D = 64, HYPTORCH_BWD_WGMMA_D128), not yet the default.
-BWD_OPT_IN_FLAGS = ("-DHYPTORCH_BWD_EARLY_SCORES=1", "-DHYPTORCH_BWD_WGMMA_D128=1", "-DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64")
+# D = 64, HYPTORCH_BWD_WGMMA_D128, HYPTORCH_BWD_SPLIT_STEP), not yet the default.
+BWD_OPT_IN_FLAGS = ("-DHYPTORCH_BWD_EARLY_SCORES=1", "-DHYPTORCH_BWD_WGMMA_D128=1", "-DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64",
+                    "-DHYPTORCH_BWD_SPLIT_STEP=1")
 # and the forward's (attention_fwd_kernel.cuh), on its wgmma files
 FWD_OPT_IN_FLAGS = ("-DHYPTORCH_FWD_DESC_LO=1",)
 VARIANTS = {(MMA_SYNC_FLAG,): "mma_sync", BWD_OPT_OUT_FLAGS: "bwd_opt_out", BWD_OPT_IN_FLAGS: "bwd_opt_in",

@@ -68,6 +68,13 @@
 #ifndef HYPTORCH_BWD_WGMMA_D128
 #define HYPTORCH_BWD_WGMMA_D128 0
 #endif
+// Kernel 1 with wgmma issues the dV_j/dK_j products of the first half of the step's queries as soon as their P and
+// dX are final, so the tensor cores work on them while the element-wise step does the second half (FlashAttention-3's
+// intra-warpgroup overlap, here between the element-wise work and the GEMMs that consume it). Opt-in
+// (-DHYPTORCH_BWD_SPLIT_STEP=1): compile-checked, not yet run on a GPU.
+#ifndef HYPTORCH_BWD_SPLIT_STEP
+#define HYPTORCH_BWD_SPLIT_STEP 0
+#endif
 // Query tile at D = 64 for the arccosh scores (distance, poincare_distance): 32, or 64 (opt-in,
 // -DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64: with wgmma they fit 255 registers, and the tile gets the dQ_i wgmma;
 // compile-checked on sm_90a, not yet run on a GPU; the mma.sync build of other GPUs keeps 32).
@@ -621,12 +628,19 @@ __device__ __forceinline__ void score_wgmma_wait(float (&sp)[kTiles][4], float (
 // inputs split it into parts exactly). Row sums (R_i, RX_i) of the warp go to row_part[warp]
 // (overwritten if !kAccumulateRows, else added), or with kRowDs (the delta pass) Σ_j dS_ij; key sums to `ks`.
 // kWgmma: S/dP by wgmma (score_wgmma_issue), or with kScoresInFlight already issued by the caller (waited for here).
+// on_half (HYPTORCH_BWD_SPLIT_STEP): called between the element-wise work of the first and the second half of the
+// queries, with P and dX of the first half final in sp/dp (kernel 1 issues their dV/dK products there).
+struct NoHalfCallback {
+  __device__ void operator()() const {}
+};
+
 template <typename T, int kHeadDim, int kFamily, int kParts, bool kKeySums, bool kAccumulateRows, bool kRowDs = false,
-          bool kWgmma = false, bool kScoresInFlight = false>
+          bool kWgmma = false, bool kScoresInFlight = false, typename OnHalf = NoHalfCallback>
 __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kParts>& sm, const HeadConst& hc, int i0,
                                           int j0, bool causal, bool keys_all_visible, bool row_sums, bool has_lo,
                                           float (&sp)[Tile<kHeadDim, kFamily, kParts>::kQTiles][4],
-                                          float (&dp)[Tile<kHeadDim, kFamily, kParts>::kQTiles][4], KeySums& ks) {
+                                          float (&dp)[Tile<kHeadDim, kFamily, kParts>::kQTiles][4], KeySums& ks,
+                                          const OnHalf& on_half = {}) {
   using Tl = Tile<kHeadDim, kFamily, kParts>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -646,10 +660,10 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
   // `masked`: some (query, key) pair of the tile is invisible (key padding, keys past M, causal diagonal);
   // the other tiles, most of them, run without the per-element visibility test and its branches (a branch
   // around each exp2 and each key-sum update). `sums`: whether the row sums are formed (a constant
-  // true_type/false_type, so the branch is taken once per step).
+  // true_type/false_type, so the branch is taken once per step). n-tiles [n0, n1) of the queries.
   constexpr bool kLogFold = Tl::kLogFold;
   const float coef_log2e = hc.coef * kLog2e;
-  auto elementwise = [&](auto masked, auto sums) {
+  auto elementwise = [&](auto masked, auto sums, auto n0, auto n1) {
     // this thread's two keys' fields, once per step
     float key_w[2], key_sq[2], key_v0[2], key_lam[2];
 #pragma unroll
@@ -661,7 +675,7 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
       key_lam[h] = sm.key[KEY_LAMBDA * Tl::kBlockN + r];
     }
 #pragma unroll
-  for (int n = 0; n < Tl::kQTiles; ++n) {
+  for (int n = decltype(n0)::value; n < decltype(n1)::value; ++n) {
     float r_w[2] = {0.f, 0.f}, r_x[2] = {0.f, 0.f};
     // the row fields of this thread's two query columns n·8 + 2t, + 1 (adjacent: one 8-byte load each)
     auto row_pair = [&](int field) {
@@ -742,12 +756,22 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
   };
   const std::true_type yes;
   const std::false_type no;
-  if (!keys_all_visible || (causal && j0 + Tl::kBlockN - 1 > i0)) {
-    if (row_sums) elementwise(yes, yes);
-    else elementwise(yes, no);
+  const bool masked = !keys_all_visible || (causal && j0 + Tl::kBlockN - 1 > i0);
+  auto run = [&](auto n0, auto n1) {
+    if (masked) {
+      if (row_sums) elementwise(yes, yes, n0, n1);
+      else elementwise(yes, no, n0, n1);
+    } else {
+      if (row_sums) elementwise(no, yes, n0, n1);
+      else elementwise(no, no, n0, n1);
+    }
+  };
+  if constexpr (std::is_same<OnHalf, NoHalfCallback>::value) {
+    run(std::integral_constant<int, 0>{}, std::integral_constant<int, Tl::kQTiles>{});
   } else {
-    if (row_sums) elementwise(no, yes);
-    else elementwise(no, no);
+    run(std::integral_constant<int, 0>{}, std::integral_constant<int, Tl::kQTiles / 2>{});
+    on_half();
+    run(std::integral_constant<int, Tl::kQTiles / 2>{}, std::integral_constant<int, Tl::kQTiles>{});
   }
   if constexpr (kKeySums && kParts > 1) {
     kahan_add(ks.s1, ks.s1_err, tile_s1);
@@ -758,11 +782,13 @@ __device__ __forceinline__ void tile_step(const Smem<T, kHeadDim, kFamily, kPart
 // m16n8 accumulators of kBlockM columns → A operands (16 × kBlockM), the FA2 register reuse:
 // the C fragments of n-tiles 2kk and 2kk+1 are the A fragment of k-step kk. With kParts > 1 the
 // values are split, c = Σ_part a[.][part] (each part the rounding of what the previous ones leave).
-template <typename T, int kHeadDim, int kFamily, int kParts>
+// (k-steps [kKBegin, kKEnd) only: the A operands of part of the queries)
+template <typename T, int kHeadDim, int kFamily, int kParts, int kKBegin = 0,
+          int kKEnd = Tile<kHeadDim, kFamily, kParts>::kBlockM / 16>
 __device__ __forceinline__ void to_a_operands(const float (&c)[Tile<kHeadDim, kFamily, kParts>::kQTiles][4],
                                               uint32_t (&a)[Tile<kHeadDim, kFamily, kParts>::kBlockM / 16][kParts][4]) {
 #pragma unroll
-  for (int kk = 0; kk < Tile<kHeadDim, kFamily, kParts>::kBlockM / 16; ++kk) {
+  for (int kk = kKBegin; kk < kKEnd; ++kk) {
 #pragma unroll
     for (int reg = 0; reg < 4; ++reg) {  // reg: bit 1 = n-tile 2kk / 2kk + 1, bit 0 = elements 0, 1 / 2, 3
       float x0 = c[2 * kk + (reg >> 1)][2 * (reg & 1)], x1 = c[2 * kk + (reg >> 1)][2 * (reg & 1) + 1];
@@ -793,12 +819,12 @@ __device__ __forceinline__ void to_a_operands_lo(const float (&c)[Tile<kHeadDim,
 
 // to_a_operands_lo from the packed hi operands `hi` (= to_a_operands(c)): the residues c − hi from
 // unpacking instead of rounding every element again (the same values; ~30 fewer instructions per step).
-template <typename T, int kHeadDim, int kFamily>
+template <typename T, int kHeadDim, int kFamily, int kKBegin = 0, int kKEnd = Tile<kHeadDim, kFamily>::kBlockM / 16>
 __device__ __forceinline__ void to_a_operands_lo_from_hi(const float (&c)[Tile<kHeadDim, kFamily>::kQTiles][4],
                                                          const uint32_t (&hi)[Tile<kHeadDim, kFamily>::kBlockM / 16][1][4],
                                                          uint32_t (&lo)[Tile<kHeadDim, kFamily>::kBlockM / 16][1][4]) {
 #pragma unroll
-  for (int kk = 0; kk < Tile<kHeadDim, kFamily>::kBlockM / 16; ++kk) {
+  for (int kk = kKBegin; kk < kKEnd; ++kk) {
 #pragma unroll
     for (int reg = 0; reg < 4; ++reg) {  // the register order of to_a_operands
       const float2 h = unpack2<T>(hi[kk][0][reg]);
@@ -1051,6 +1077,8 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   // step's S/dP are issued together with it (kEarlyScores)
   constexpr bool wgmma_dq = use_wgmma && kDk && Tl::kBlockM == 64;
   constexpr bool kEarlyScores = wgmma_dq && kPrefetch && HYPTORCH_BWD_EARLY_SCORES && kFamily == FAMILY_DOT;
+  // HYPTORCH_BWD_SPLIT_STEP: the first half's dV/dK products issued between the halves of the element-wise work
+  constexpr bool kSplitStep = use_wgmma && HYPTORCH_BWD_SPLIT_STEP;
   if (kPrefetch && i_begin < N) {
     prefetch(i_begin, 0);
     load_row_fields<kHeadDim, kFamily, kParts>(Sm(smem_raw, 0).row, p, hc, bh, i_begin);
@@ -1083,42 +1111,57 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     }
     const Sm sm(smem_raw, buf);
 
-    tile_step<T, kHeadDim, kFamily, kParts, kDk, false, false, use_wgmma, kEarlyScores>(
-        sm, hc, i0, j0, p.causal, keys_all_visible, kDk && p.dq_atomic && !tc_rows, has_lo, sp, dp, ks);
-
     // dV_j += P_ijᵀ dO_i and dK_j += dX_ijᵀ Q_i: the Sᵀ/dPᵀ accumulators become A operands
     uint32_t ax[Tl::kBlockM / 16][kParts][4];
     uint32_t ap[Tl::kBlockM / 16][1][4], ap_lo[Tl::kBlockM / 16][1][4];  // wgmma: P as hi + lo, in flight
+    // wgmma: P in two terms (hi, lo = 0 without dO_lo, as in the mma.sync path) and dO in two (dO_lo is a zeroed
+    // tile without one): dV_j += P_hi dO + P_hi dO_lo + P_lo dO; dK_j += dXᵀ Q_i, for the k-steps (16 queries
+    // each) [kk0, kk1), issued as one group. They run while dQ_i below is computed (kSplitStep: the first half's
+    // also while the element-wise work of the second half runs), and are waited for at the end of the step.
+    auto issue_kv_products = [&](auto kk0, auto kk1) {
+      if constexpr (use_wgmma) {  // (the mma.sync kernels' accumulators have other shapes)
+        constexpr int kK0 = decltype(kk0)::value, kK1 = decltype(kk1)::value;
+        to_a_operands<T, kHeadDim, kFamily, 1, kK0, kK1>(sp, ap);
+        to_a_operands_lo_from_hi<T, kHeadDim, kFamily, kK0, kK1>(sp, ap, ap_lo);
+        to_a_operands<T, kHeadDim, kFamily, 1, kK0, kK1>(dp, ax);
+#pragma unroll
+        for (int kk = kK0; kk < kK1; ++kk) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) ap_lo[kk][0][r] = has_lo ? ap_lo[kk][0][r] : 0u;
+          fence_registers(ap[kk]);
+          fence_registers(ap_lo[kk]);
+          fence_registers(ax[kk]);
+        }
+        fence_registers(dv);
+        fence_registers(dk);
+        constexpr uint32_t kLeading = Tl::kBlockM * 128;
+        const uint32_t q_lo = smem_desc_lo(smem_addr(sm.q), kLeading), o_lo = smem_desc_lo(smem_addr(sm.dout), kLeading);
+        const uint32_t dlo_lo = smem_desc_lo(smem_addr(sm.dout_lo), kLeading);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = kK0; kk < kK1; ++kk) {
+          const uint32_t rows = kk * (16 * 128);  // queries 16kk … 16kk + 15 (the k-step) of the [query][D] tiles
+          wgmma_rs_bt<T, kHeadDim>(dv, ap[kk][0], smem_desc_at(o_lo, rows, 1024));
+          wgmma_rs_bt<T, kHeadDim>(dv, ap[kk][0], smem_desc_at(dlo_lo, rows, 1024));
+          wgmma_rs_bt<T, kHeadDim>(dv, ap_lo[kk][0], smem_desc_at(o_lo, rows, 1024));
+          wgmma_rs_bt<T, kHeadDim>(dk, ax[kk][0], smem_desc_at(q_lo, rows, 1024));
+        }
+        wgmma_commit();
+      }
+    };
+    constexpr int kKSteps = Tl::kBlockM / 16;
+    if constexpr (kSplitStep) {
+      tile_step<T, kHeadDim, kFamily, kParts, kDk, false, false, use_wgmma, kEarlyScores>(
+          sm, hc, i0, j0, p.causal, keys_all_visible, kDk && p.dq_atomic && !tc_rows, has_lo, sp, dp, ks,
+          [&] { issue_kv_products(std::integral_constant<int, 0>{}, std::integral_constant<int, kKSteps / 2>{}); });
+    } else {
+      tile_step<T, kHeadDim, kFamily, kParts, kDk, false, false, use_wgmma, kEarlyScores>(
+          sm, hc, i0, j0, p.causal, keys_all_visible, kDk && p.dq_atomic && !tc_rows, has_lo, sp, dp, ks);
+    }
+
     if constexpr (use_wgmma) {
-      // P in two terms (hi, lo = 0 without dO_lo, as in the mma.sync path) and dO in two (dO_lo is a zeroed
-      // tile without one): dV_j += P_hi dO + P_hi dO_lo + P_lo dO; dK_j += dXᵀ Q_i. Issued together; they run
-      // while dQ_i below is computed, and are waited for at the end of the step.
-      to_a_operands<T, kHeadDim, kFamily, 1>(sp, ap);
-      to_a_operands_lo_from_hi<T, kHeadDim, kFamily>(sp, ap, ap_lo);
-      to_a_operands<T, kHeadDim, kFamily, 1>(dp, ax);
-#pragma unroll
-      for (int kk = 0; kk < Tl::kBlockM / 16; ++kk) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) ap_lo[kk][0][r] = has_lo ? ap_lo[kk][0][r] : 0u;
-        fence_registers(ap[kk]);
-        fence_registers(ap_lo[kk]);
-        fence_registers(ax[kk]);
-      }
-      fence_registers(dv);
-      fence_registers(dk);
-      constexpr uint32_t kLeading = Tl::kBlockM * 128;
-      const uint32_t q_lo = smem_desc_lo(smem_addr(sm.q), kLeading), o_lo = smem_desc_lo(smem_addr(sm.dout), kLeading);
-      const uint32_t dlo_lo = smem_desc_lo(smem_addr(sm.dout_lo), kLeading);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < Tl::kBlockM / 16; ++kk) {
-        const uint32_t rows = kk * (16 * 128);  // queries 16kk … 16kk + 15 (the k-step) of the [query][D] tiles
-        wgmma_rs_bt<T, kHeadDim>(dv, ap[kk][0], smem_desc_at(o_lo, rows, 1024));
-        wgmma_rs_bt<T, kHeadDim>(dv, ap[kk][0], smem_desc_at(dlo_lo, rows, 1024));
-        wgmma_rs_bt<T, kHeadDim>(dv, ap_lo[kk][0], smem_desc_at(o_lo, rows, 1024));
-        wgmma_rs_bt<T, kHeadDim>(dk, ax[kk][0], smem_desc_at(q_lo, rows, 1024));
-      }
-      wgmma_commit();
+      issue_kv_products(std::integral_constant<int, kSplitStep ? kKSteps / 2 : 0>{},
+                        std::integral_constant<int, kKSteps>{});
       if constexpr (kHeadDim == 128) {
         // dQ_i by mma.sync below: dV_j, dK_j first, so their A operands' registers are free for it (at D = 64 the
         // distance scores' dQ, by mma.sync too, runs while they do)
