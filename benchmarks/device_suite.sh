@@ -8,7 +8,7 @@
 # Steps: build, tests, sanitizer, sanitizer_fp32, fwd_quick, fwd_sweep, fwd_fp32, bwd, bwd_fp32, bwd_memory, bwd_flex,
 # bwd_opt_in (the backward's opt-in paths, -DHYPTORCH_BWD_EARLY_SCORES=1 -DHYPTORCH_BWD_WGMMA_D128=1
 # -DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64 -DHYPTORCH_BWD_SPLIT_STEP=1: builds, the backward tests, the bf16 sanitizer,
-# and a same-process A/B of each against the default), bwd_ab (same-process A/B of the backward against its
+# and a same-process A/B against the default, ~8 min), bwd_ab (same-process A/B of the backward against its
 # switchable paths turned off one at a time and all together: dev/ab_bwd_opt_in.py), fwd_opt_in (the forward tests with -DHYPTORCH_FWD_DESC_LO=1 and a same-process
 # A/B against the default).
 # Each step has its own time limit and a failing step does not stop the next ones; the script exits
@@ -63,8 +63,11 @@ cuda_build.load(); cuda_backward.load_extension()"
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 step bwd_opt_in_sanitizer 200 compute-sanitizer --tool memcheck \
         --error-exitcode 1 python3 tests/cuda_sanitizer_cases.py bfloat16
       unset HYPTORCH_FLASH_NVCC_EXTRA
-      step bwd_opt_in_ab 500 bash -c 'cd dev && python3 ab_bwd_opt_in.py "" "-DHYPTORCH_BWD_EARLY_SCORES=1" \
-        "-DHYPTORCH_BWD_WGMMA_D128=1" "-DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64" "-DHYPTORCH_BWD_SPLIT_STEP=1"' ;;
+      # each of the first three changes other rows (D = 64 dot, D = 128 dot, D = 64 distance), so one setting
+      # with all three and one more with the split step tell them apart
+      step bwd_opt_in_ab 500 bash -c 'cd dev && python3 ab_bwd_opt_in.py "" \
+        "-DHYPTORCH_BWD_EARLY_SCORES=1 -DHYPTORCH_BWD_WGMMA_D128=1 -DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64" \
+        "-DHYPTORCH_BWD_EARLY_SCORES=1 -DHYPTORCH_BWD_WGMMA_D128=1 -DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64 -DHYPTORCH_BWD_SPLIT_STEP=1"' ;;
     bwd_ab) step bwd_ab 540 bash -c 'cd dev && python3 ab_bwd_opt_in.py "" "-DHYPTORCH_BWD_WGMMA=0" \
       "-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16" "-DHYPTORCH_BWD_WGMMA=0 -DHYPTORCH_BWD_D128_DOT_BLOCK_M=16"' ;;
     fwd_opt_in)
