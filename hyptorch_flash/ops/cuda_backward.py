@@ -293,6 +293,16 @@ def contractions_reference(q, k, v, dout_hi, dout_lo, lse, delta, dout0, curvatu
 # Step 3: chain rule through time coordinates, lifts, curvature and coefficient
 # --------------------------------------------------------------------------------------------------
 
+def _per_head_scalars(scalars: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s1, s2) ``(H,)`` = Σ dS·u, Σ dX·X from the kernels' per-(batch, head, key block) partials, in a fixed order."""
+    return scalars.to(dtype).sum((0, 2)).unbind(-1)
+
+
+def _distance_dcurvature(s1, s2, coef, curvature, squared: bool) -> torch.Tensor:
+    """The distance score's own share of dκ ``(H,)``: (e·coef·s1 − s2)/κ, e = 1 squared, ½ not."""
+    return ((1.0 if squared else 0.5) * coef * s1 - s2) / curvature
+
+
 def finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, score: int, squared: bool,
                      dcurvature_epilogue=None, squares=None):
     """Gradients ``(dq, dk, dv, dcurvature, dcoef)`` from the kernels' contractions (shapes in bwd_params.cuh).
@@ -326,7 +336,7 @@ def finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, sc
     cf = coef.to(dt).view(1, H)
     R, RX = row[..., :1], row[..., 1:]
     C, CX, dv0 = col[..., :1], col[..., 1:2], col[..., 2:]
-    s1, s2 = scalars.to(dt).sum((0, 2)).unbind(-1)  # (H,) in a fixed order
+    s1, s2 = _per_head_scalars(scalars, dt)
     heads_sum = lambda x: x.sum((0, 2, 3))  # noqa: E731 - (B,H,n,1) → (H,)
     if squares is None:
         squares = tuple(x.to(dt).square().sum(-1) for x in (q, k, v))
@@ -344,7 +354,7 @@ def finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, sc
         dv = group_sum(dVs).addcmul_(v, group_sum(dv0 / v0))
         dkap = heads_sum(-R / (2 * q0)) + heads_sum(-C / (2 * k0) + dv0 / (2 * v0))
         if score == SCORE_DISTANCE:
-            dkap = dkap + (e * cf[0] * s1 - s2) / kap.view(H)
+            dkap = dkap + _distance_dcurvature(s1, s2, cf[0], kap.view(H), squared)
     elif score == SCORE_POINCARE:
         c = 1.0 / kap
         qa_raw, kb_raw = c * q_sq, c * k_sq
@@ -472,10 +482,10 @@ class FusedKernels:
             return finish_gradients(G, row, Gk, dVs, col, scalars, q, k, v, curvature, coef, score, squared,
                                     dcurvature_epilogue, squares)
         dq, dk, dv, dkap_q, dkap_k = self._finish(G, row, Gk, dVs, col, q, k, v, *squares, curvature, score)
-        s1, s2 = scalars.sum((0, 2)).unbind(-1)  # (H,) in a fixed order
+        s1, s2 = _per_head_scalars(scalars, dkap_q.dtype)
         dkap = dkap_q.sum((0, 2)) + dkap_k.sum((0, 2))
         if score == SCORE_DISTANCE:
-            dkap = dkap + ((1.0 if squared else 0.5) * coef * s1 - s2) / curvature
+            dkap = dkap + _distance_dcurvature(s1, s2, coef, curvature, squared)
         if dcurvature_epilogue is not None:
             dkap = dkap + dcurvature_epilogue
         return dq, dk, dv, dkap.to(curvature.dtype).contiguous(), s1.to(coef.dtype).contiguous()
