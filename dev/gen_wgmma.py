@@ -11,7 +11,7 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent.parent / "hyptorch_flash/csrc/hyperbolic_attention/wgmma_ops.cuh"
 TYPES = (("__nv_bfloat16", "bf16"), ("__half", "f16"))
-SS_SHAPES = (32, 64)    # S = Q Kᵀ: N = keys per tile
+SS_SHAPES = (16, 32, 64)    # S = Q Kᵀ: N = keys per tile (backward: queries per step)
 RS_SHAPES = (64, 72, 128, 136)   # O += P V: N = head dim (+ 8: the time block, attention_fwd_kernel.cuh)
 SS_TT_SHAPES = (64, 72)  # backward dQ = dX K, dXᵀ and K in shared memory: N = head dim (+ 8: K's time block)
 

@@ -61,8 +61,9 @@
 #ifndef HYPTORCH_BWD_EARLY_SCORES
 #define HYPTORCH_BWD_EARLY_SCORES 0
 #endif
-// Hopper warpgroup MMA in kernel 1 also at D = 128 (bf16/fp16, the dot scores' 32-query tiles): S_ijᵀ, dP_ijᵀ
-// (m64n32) and dV_j, dK_j (m64n128, the forward's P·V form) by wgmma, dQ_i by mma.sync as before. Every D = 128
+// Hopper warpgroup MMA in kernel 1 also at D = 128 (bf16/fp16; 32-query tiles for the dot scores, 16 for the
+// arccosh ones): S_ijᵀ, dP_ijᵀ (m64n32 / m64n16) and dV_j, dK_j (m64n128, the forward's P·V form) by wgmma, dQ_i by
+// mma.sync as before. Every D = 128
 // tile then uses the 128-byte swizzle in 64-column blocks (swz_tile), the mma.sync fragments included. Opt-in
 // (-DHYPTORCH_BWD_WGMMA_D128=1, with HYPTORCH_BWD_WGMMA): compile-checked, not yet run on a GPU.
 #ifndef HYPTORCH_BWD_WGMMA_D128
@@ -137,8 +138,7 @@ struct Tile {
   static constexpr int kQueryTiles = kSplit ? 2 * kParts : 3;
   // kernel 1 with wgmma (see HYPTORCH_BWD_WGMMA): every operand tile starts on a 1024-byte boundary (the
   // 128-byte swizzle atoms; at D = 64 the tiles' own swizzle, swz<64>, is that layout)
-  static constexpr bool kWgmma =
-      HYPTORCH_BWD_WGMMA && !kSplit && (kHeadDim == 64 || (HYPTORCH_BWD_WGMMA_D128 && kBlockM == 32));
+  static constexpr bool kWgmma = HYPTORCH_BWD_WGMMA && !kSplit && (kHeadDim == 64 || HYPTORCH_BWD_WGMMA_D128);
   static constexpr int kAlignSlack = kWgmma ? 1024 : 0;
   // wgmma, dot scores: K_j carries a "time block" (one more 64-column block of the swizzled layout, of which the
   // tensor cores read 8 columns: k0_j as three parts), so dQ_i's product also gives R_i = Σ_j dX_ij k0_j (the
@@ -1078,7 +1078,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   constexpr bool wgmma_dq = use_wgmma && kDk && Tl::kBlockM == 64;
   constexpr bool kEarlyScores = wgmma_dq && kPrefetch && HYPTORCH_BWD_EARLY_SCORES && kFamily == FAMILY_DOT;
   // HYPTORCH_BWD_SPLIT_STEP: the first half's dV/dK products issued between the halves of the element-wise work
-  constexpr bool kSplitStep = use_wgmma && HYPTORCH_BWD_SPLIT_STEP;
+  constexpr bool kSplitStep = use_wgmma && HYPTORCH_BWD_SPLIT_STEP && Tl::kBlockM >= 32;  // (two k-steps or more)
   if (kPrefetch && i_begin < N) {
     prefetch(i_begin, 0);
     load_row_fields<kHeadDim, kFamily, kParts>(Sm(smem_raw, 0).row, p, hc, bh, i_begin);

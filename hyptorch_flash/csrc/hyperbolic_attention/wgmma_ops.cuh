@@ -20,6 +20,19 @@ __device__ __forceinline__ void wgmma_rs_bt(float (&d)[N / 8][4], const uint32_t
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_ss_tt(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b);
 
+// D (64×16, fp32) += A (64×16, shared memory, K-major) · B (16×16, shared memory, K-major)
+template <>
+__device__ __forceinline__ void wgmma_ss<__nv_bfloat16, 16>(float (&d)[2][4], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"  // scale-d = 1: accumulate
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7"
+      "}, %8, %9, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+          "+f"(d[1][2]), "+f"(d[1][3])
+      : "l"(desc_a), "l"(desc_b));
+}
+
 // D (64×32, fp32) += A (64×16, shared memory, K-major) · B (16×32, shared memory, K-major)
 template <>
 __device__ __forceinline__ void wgmma_ss<__nv_bfloat16, 32>(float (&d)[4][4], uint64_t desc_a, uint64_t desc_b) {
@@ -49,6 +62,19 @@ __device__ __forceinline__ void wgmma_ss<__nv_bfloat16, 64>(float (&d)[8][4], ui
           "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
           "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
           "+f"(d[7][2]), "+f"(d[7][3])
+      : "l"(desc_a), "l"(desc_b));
+}
+
+// D (64×16, fp32) += A (64×16, shared memory, K-major) · B (16×16, shared memory, K-major)
+template <>
+__device__ __forceinline__ void wgmma_ss<__half, 16>(float (&d)[2][4], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"  // scale-d = 1: accumulate
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7"
+      "}, %8, %9, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+          "+f"(d[1][2]), "+f"(d[1][3])
       : "l"(desc_a), "l"(desc_b));
 }
 
