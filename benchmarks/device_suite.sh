@@ -58,7 +58,8 @@ cuda_build.load(); cuda_backward.load_extension()" ;;
         -DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64 -DHYPTORCH_BWD_SPLIT_STEP=1"
       step bwd_opt_in_build 300 python3 -c "from hyptorch_flash.ops import cuda_build, cuda_backward
 cuda_build.load(); cuda_backward.load_extension()"
-      step bwd_opt_in_tests 400 python3 -m pytest -q -x -p no:warnings tests/test_cuda_backward.py tests/test_out_dtype.py \
+      # (not -x: which cases fail points at the macro: D = 64 dot, D = 128, D = 64 distance/poincare, or all)
+      step bwd_opt_in_tests 400 python3 -m pytest -q --maxfail=40 -p no:warnings tests/test_cuda_backward.py tests/test_out_dtype.py \
         tests/test_layers_cuda.py tests/test_training_cuda.py
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 step bwd_opt_in_sanitizer 200 compute-sanitizer --tool memcheck \
         --error-exitcode 1 python3 tests/cuda_sanitizer_cases.py bfloat16
