@@ -63,9 +63,9 @@
 #endif
 // Hopper warpgroup MMA in kernel 1 also at D = 128 (bf16/fp16; 32-query tiles for the dot scores, 16 for the
 // arccosh ones): S_ijᵀ, dP_ijᵀ (m64n32 / m64n16) and dV_j, dK_j (m64n128, the forward's P·V form) by wgmma, dQ_i by
-// mma.sync as before. Every D = 128
-// tile then uses the 128-byte swizzle in 64-column blocks (swz_tile), the mma.sync fragments included. Opt-in
-// (-DHYPTORCH_BWD_WGMMA_D128=1, with HYPTORCH_BWD_WGMMA): compile-checked, not yet run on a GPU.
+// mma.sync as before. Every D = 128 tile then uses the 128-byte swizzle in 64-column blocks (swz_tile), the
+// mma.sync fragments included. Opt-in (-DHYPTORCH_BWD_WGMMA_D128=1, with HYPTORCH_BWD_WGMMA): compile-checked, not
+// yet run on a GPU.
 #ifndef HYPTORCH_BWD_WGMMA_D128
 #define HYPTORCH_BWD_WGMMA_D128 0
 #endif
@@ -78,7 +78,8 @@
 #endif
 // Query tile at D = 64 for the arccosh scores (distance, poincare_distance): 32, or 64 (opt-in,
 // -DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64: with wgmma they fit 255 registers, and the tile gets the dQ_i wgmma;
-// compile-checked on sm_90a, not yet run on a GPU; the mma.sync build of other GPUs keeps 32).
+// compile-checked for sm_90a only, not yet run on a GPU; the macro applies to the mma.sync build of other GPUs
+// too, whose registers were not checked with it).
 #ifndef HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M
 #define HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M 32
 #endif
