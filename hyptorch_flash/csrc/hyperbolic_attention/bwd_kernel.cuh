@@ -77,9 +77,8 @@
 #define HYPTORCH_BWD_SPLIT_STEP 0
 #endif
 // Query tile at D = 64 for the arccosh scores (distance, poincare_distance): 32, or 64 (opt-in,
-// -DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64: with wgmma they fit 255 registers, and the tile gets the dQ_i wgmma;
-// compile-checked for sm_90a only, not yet run on a GPU; the macro applies to the mma.sync build of other GPUs
-// too, whose registers were not checked with it).
+// -DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64: the tile gets the dQ_i wgmma; no spills for sm_90a with and without
+// wgmma (-DHYPTORCH_BWD_WGMMA=0, the mma.sync kernel of other GPUs); not yet run on a GPU).
 #ifndef HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M
 #define HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M 32
 #endif
