@@ -98,9 +98,7 @@ cudaError_t launch_finish(const FinishParams& p, cudaStream_t stream) {
   const int64_t rows[2] = {(int64_t)p.batch * p.heads * p.n_queries, (int64_t)p.batch * p.kv_heads * p.n_keys};
   for (int which = 0; which < 2; ++which) {
     if (rows[which] == 0) continue;
-    const int64_t per_block = RowLanes<kHeadDim>::kRowsPerBlock;
-    const int64_t blocks = (rows[which] + per_block - 1) / per_block;
-    const unsigned grid = (unsigned)(blocks < (1 << 20) ? blocks : (1 << 20));
+    const unsigned grid = row_kernel_grid(rows[which], RowLanes<kHeadDim>::kRowsPerBlock);
     if (which == 0) {
       bwd_finish_queries_kernel<T, kHeadDim><<<grid, kFinishWarps * 32, 0, stream>>>(p);
     } else {

@@ -88,6 +88,13 @@ struct PrepareParams {
 
 cudaError_t launch_bwd_prepare(const PrepareParams& params, bool is_bf16, cudaStream_t stream);
 
+// Grid of the grid-stride row kernels (prepare, finish, squares): enough blocks of rows_per_block rows for every
+// row, at most 2^20 (the blocks then loop over the rest).
+inline unsigned row_kernel_grid(int64_t rows, int64_t rows_per_block) {
+  const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
+  return (unsigned)(blocks < (1 << 20) ? blocks : (1 << 20));
+}
+
 // Operand types of the backward kernels: bf16, fp16, or float32 split into three bf16 parts.
 enum BwdDtype : int { BWD_BF16 = 0, BWD_FP16 = 1, BWD_FP32_SPLIT = 2 };
 

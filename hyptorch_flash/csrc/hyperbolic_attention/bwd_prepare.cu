@@ -116,8 +116,7 @@ cudaError_t launch_bwd_prepare(const PrepareParams& p, bool is_bf16, cudaStream_
   using bwd::kPrepareWarps;
   if (p.head_dim % 32 != 0 || p.head_dim > 32 * kMaxPerLane) return cudaErrorInvalidValue;
   if (p.rows == 0) return cudaSuccess;
-  const int64_t blocks = (p.rows + kPrepareWarps - 1) / kPrepareWarps;
-  const unsigned grid = (unsigned)(blocks < (1 << 20) ? blocks : (1 << 20));
+  const unsigned grid = row_kernel_grid(p.rows, kPrepareWarps);
   if (is_bf16) {
     bwd::bwd_prepare_kernel<__nv_bfloat16><<<grid, kPrepareWarps * 32, 0, stream>>>(p);
   } else {

@@ -46,9 +46,7 @@ __global__ void __launch_bounds__(kSquaresWarps * 32) row_squares_kernel(const T
 
 template <typename T>
 cudaError_t launch_squares(const void* x, float* out, int64_t rows, int head_dim, cudaStream_t stream) {
-  const int64_t per_block = kSquaresWarps * (128 / head_dim);  // rows per block (2 per warp at D = 64)
-  const int64_t blocks = (rows + per_block - 1) / per_block;
-  const unsigned grid = (unsigned)(blocks < (1 << 20) ? blocks : (1 << 20));
+  const unsigned grid = row_kernel_grid(rows, kSquaresWarps * (128 / head_dim));  // (2 rows per warp at D = 64)
   if (head_dim == 64) {
     row_squares_kernel<T, 64><<<grid, kSquaresWarps * 32, 0, stream>>>(static_cast<const T*>(x), out, rows);
   } else {
