@@ -6,10 +6,10 @@
 #   benchmarks/device_suite.sh build tests fwd_fp32 bwd_memory
 #
 # Steps: build, tests, sanitizer, sanitizer_fp32, fwd_quick, fwd_sweep, fwd_fp32, bwd, bwd_fp32, bwd_memory, bwd_flex,
-# bwd_opt_in (the backward's opt-in paths, -DHYPTORCH_BWD_EARLY_SCORES=1 -DHYPTORCH_BWD_WGMMA_D128=1
-# -DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64 -DHYPTORCH_BWD_SPLIT_STEP=1: builds, the backward tests, the bf16 sanitizer,
-# and a same-process A/B against the default, ~8 min), bwd_ab (same-process A/B of the backward against its
-# switchable paths turned off one at a time and all together: dev/ab_bwd_opt_in.py), fwd_opt_in (the forward tests with -DHYPTORCH_FWD_DESC_LO=1 and a same-process
+# bwd_opt_in (the backward's opt-in path -DHYPTORCH_BWD_SPLIT_STEP=1: its tests and a same-process A/B against
+# the default), bwd_mma_sync (the backward tests with the mma.sync kernel that GPUs other than sm_90a run,
+# -DHYPTORCH_BWD_WGMMA=0), bwd_ab (same-process A/B of the backward against its switchable paths turned off one at
+# a time: dev/ab_bwd_opt_in.py), fwd_opt_in (the forward tests with -DHYPTORCH_FWD_DESC_LO=1 and a same-process
 # A/B against the default).
 # Each step has its own time limit and a failing step does not stop the next ones; the script exits
 # non-zero if any step failed. On the lent device, install geoopt first (the device README's notes).
@@ -54,23 +54,14 @@ cuda_build.load(); cuda_backward.load_extension()" ;;
     bwd_flex) step bwd_flex 300 python3 benchmarks/bench_cuda_backward.py --dims 64 \
       --scores distance flex_distance --iters 5 ;;
     bwd_opt_in)
-      export HYPTORCH_FLASH_NVCC_EXTRA="-DHYPTORCH_BWD_EARLY_SCORES=1 -DHYPTORCH_BWD_WGMMA_D128=1 \
-        -DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64 -DHYPTORCH_BWD_SPLIT_STEP=1"
-      step bwd_opt_in_build 300 python3 -c "from hyptorch_flash.ops import cuda_build, cuda_backward
-cuda_build.load(); cuda_backward.load_extension()"
-      # (not -x: which cases fail points at the macro: D = 64 dot, D = 128, D = 64 distance/poincare, or all)
-      step bwd_opt_in_tests 400 python3 -m pytest -q --maxfail=40 -p no:warnings tests/test_cuda_backward.py tests/test_out_dtype.py \
-        tests/test_layers_cuda.py tests/test_training_cuda.py
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 step bwd_opt_in_sanitizer 200 compute-sanitizer --tool memcheck \
-        --error-exitcode 1 python3 tests/cuda_sanitizer_cases.py bfloat16
-      unset HYPTORCH_FLASH_NVCC_EXTRA
-      # each of the first three changes other rows (D = 64 dot, D = 128 dot, D = 64 distance), so one setting
-      # with all three and one more with the split step tell them apart
-      step bwd_opt_in_ab 500 bash -c 'cd dev && python3 ab_bwd_opt_in.py "" \
-        "-DHYPTORCH_BWD_EARLY_SCORES=1 -DHYPTORCH_BWD_WGMMA_D128=1 -DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64" \
-        "-DHYPTORCH_BWD_EARLY_SCORES=1 -DHYPTORCH_BWD_WGMMA_D128=1 -DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64 -DHYPTORCH_BWD_SPLIT_STEP=1"' ;;
+      HYPTORCH_FLASH_NVCC_EXTRA=-DHYPTORCH_BWD_SPLIT_STEP=1 step bwd_opt_in_tests 400 python3 -m pytest -q \
+        --maxfail=40 -p no:warnings tests/test_cuda_backward.py tests/test_out_dtype.py
+      step bwd_opt_in_ab 300 bash -c 'cd dev && python3 ab_bwd_opt_in.py "" -DHYPTORCH_BWD_SPLIT_STEP=1' ;;
+    bwd_mma_sync)
+      HYPTORCH_FLASH_NVCC_EXTRA=-DHYPTORCH_BWD_WGMMA=0 step bwd_mma_sync_tests 400 python3 -m pytest -q \
+        --maxfail=40 -p no:warnings tests/test_cuda_backward.py ;;
     bwd_ab) step bwd_ab 540 bash -c 'cd dev && python3 ab_bwd_opt_in.py "" "-DHYPTORCH_BWD_WGMMA=0" \
-      "-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16" "-DHYPTORCH_BWD_WGMMA=0 -DHYPTORCH_BWD_D128_DOT_BLOCK_M=16"' ;;
+      "-DHYPTORCH_BWD_EARLY_SCORES=0" "-DHYPTORCH_BWD_WGMMA_D128=0" "-DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=32"' ;;
     fwd_opt_in)
       HYPTORCH_FLASH_NVCC_EXTRA=-DHYPTORCH_FWD_DESC_LO=1 step fwd_opt_in_tests 400 python3 -m pytest -q -x \
         -p no:warnings tests/test_cuda_forward.py tests/test_out_dtype.py

@@ -1,7 +1,6 @@
-"""A/B of the backward's switchable nvcc macros (bwd_kernel.cuh: HYPTORCH_BWD_WGMMA and HYPTORCH_BWD_D128_DOT_BLOCK_M,
-on by default; the opt-ins HYPTORCH_BWD_EARLY_SCORES, HYPTORCH_BWD_WGMMA_D128, HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M,
-HYPTORCH_BWD_SPLIT_STEP) in one
-process (GPU): the backward extension built once per setting, the library's
+"""A/B of the backward's switchable nvcc macros (bwd_kernel.cuh: HYPTORCH_BWD_WGMMA, HYPTORCH_BWD_EARLY_SCORES,
+HYPTORCH_BWD_WGMMA_D128, HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M and HYPTORCH_BWD_D128_DOT_BLOCK_M, on by default; the
+opt-in HYPTORCH_BWD_SPLIT_STEP) in one process (GPU): the backward extension built once per setting, the library's
 fwd+bwd (``hyperbolic_attention(..., backend="cuda")`` under autograd) timed with each in turn on the same inputs,
 interleaved (CUDA events, best of 3 medians of 7 × 3 steps), with the largest gradient difference to the first
 setting relative to the gradient's scale as a sanity check (the tests are the real check), and SDPA's fwd+bwd

@@ -32,21 +32,21 @@ _ENTRY = re.compile(r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack fra
 # built for the same target with the wgmma path switched off.
 MMA_SYNC_FLAG = "-DHYPTORCH_FWD_WGMMA=0"
 MMA_SYNC_FILES = [p for p in CU_FILES if re.match(r"attention_fwd_(bf16|fp16)_", p.name)]
-# The backward's switchable paths (bwd_kernel.cuh: wgmma in the key-parallel kernel, 32-query tiles at D = 128;
-# on by default) are kept compiling and spill-free when switched off too (the mma.sync kernel of other GPUs, the
-# A/B baseline).
-BWD_OPT_OUT_FLAGS = ("-DHYPTORCH_BWD_WGMMA=0", "-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16")
+# The backward's switchable paths (bwd_kernel.cuh: wgmma in the key-parallel kernel, 32-query tiles at D = 128,
+# 64-query tiles for the arccosh scores at D = 64; on by default) are kept compiling and spill-free when switched
+# off too (the A/B baseline; the default mma.sync kernel of other GPUs is the mma_sync_bwd case).
+BWD_OPT_OUT_FLAGS = ("-DHYPTORCH_BWD_WGMMA=0", "-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16", "-DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=32")
+BWD_MMA_SYNC_FLAGS = ("-DHYPTORCH_BWD_WGMMA=0",)
 BWD_FILES = [p for p in CU_FILES if re.match(r"bwd_hd\d+_", p.name)]
-# The backward's opt-in paths (bwd_kernel.cuh: HYPTORCH_BWD_EARLY_SCORES and HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M at
-# D = 64, HYPTORCH_BWD_WGMMA_D128, HYPTORCH_BWD_SPLIT_STEP), not yet the default.
-BWD_OPT_IN_FLAGS = ("-DHYPTORCH_BWD_EARLY_SCORES=1", "-DHYPTORCH_BWD_WGMMA_D128=1", "-DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64",
-                    "-DHYPTORCH_BWD_SPLIT_STEP=1")
+# The backward's opt-in path (bwd_kernel.cuh: HYPTORCH_BWD_SPLIT_STEP), not the default.
+BWD_OPT_IN_FLAGS = ("-DHYPTORCH_BWD_SPLIT_STEP=1",)
 # and the forward's (attention_fwd_kernel.cuh), on its wgmma files
 FWD_OPT_IN_FLAGS = ("-DHYPTORCH_FWD_DESC_LO=1",)
-VARIANTS = {(MMA_SYNC_FLAG,): "mma_sync", BWD_OPT_OUT_FLAGS: "bwd_opt_out", BWD_OPT_IN_FLAGS: "bwd_opt_in",
-            FWD_OPT_IN_FLAGS: "fwd_opt_in"}
+VARIANTS = {(MMA_SYNC_FLAG,): "mma_sync", BWD_OPT_OUT_FLAGS: "bwd_opt_out", BWD_MMA_SYNC_FLAGS: "mma_sync_bwd",
+            BWD_OPT_IN_FLAGS: "bwd_opt_in", FWD_OPT_IN_FLAGS: "fwd_opt_in"}
 CASES = ([(p, ()) for p in CU_FILES] + [(p, (MMA_SYNC_FLAG,)) for p in MMA_SYNC_FILES] +
-         [(p, BWD_OPT_OUT_FLAGS) for p in BWD_FILES] + [(p, BWD_OPT_IN_FLAGS) for p in BWD_FILES] +
+         [(p, BWD_OPT_OUT_FLAGS) for p in BWD_FILES] + [(p, BWD_MMA_SYNC_FLAGS) for p in BWD_FILES] +
+         [(p, BWD_OPT_IN_FLAGS) for p in BWD_FILES] +
          [(p, FWD_OPT_IN_FLAGS) for p in MMA_SYNC_FILES])
 
 

@@ -56,31 +56,32 @@
 // Kernel 1 with wgmma dQ (D = 64, dot scores, bf16/fp16 on sm_90a) issues the next step's S_ijᵀ/dP_ijᵀ together with
 // this step's dQ_i, so they run during the dQ atomics, the row-field stores and the barrier instead of at the start
 // of the next step, where the warps would wait for them. The next tile has to land by the dQ barrier (half a step
-// after its prefetch instead of a whole one). Opt-in (-DHYPTORCH_BWD_EARLY_SCORES=1): compile-checked, not yet
-// run on a GPU.
+// after its prefetch instead of a whole one). On by default (GPU-tested on the H200, session 11: lorentz_dot D = 64
+// fwd+bwd 2.865 → 2.596 ms with the two below; -DHYPTORCH_BWD_EARLY_SCORES=0 for A/B).
 #ifndef HYPTORCH_BWD_EARLY_SCORES
-#define HYPTORCH_BWD_EARLY_SCORES 0
+#define HYPTORCH_BWD_EARLY_SCORES 1
 #endif
 // Hopper warpgroup MMA in kernel 1 also at D = 128 (bf16/fp16; 32-query tiles for the dot scores, 16 for the
 // arccosh ones): S_ijᵀ, dP_ijᵀ (m64n32 / m64n16) and dV_j, dK_j (m64n128, the forward's P·V form) by wgmma, dQ_i by
 // mma.sync as before. Every D = 128 tile then uses the 128-byte swizzle in 64-column blocks (swz_tile), the
-// mma.sync fragments included. Opt-in (-DHYPTORCH_BWD_WGMMA_D128=1, with HYPTORCH_BWD_WGMMA): compile-checked, not
-// yet run on a GPU.
+// mma.sync fragments included. On by default with HYPTORCH_BWD_WGMMA (GPU-tested on the H200, session 11: lorentz_dot
+// D = 128 fwd+bwd 7.011 → 5.904 ms, distance 9.097 → 7.937; -DHYPTORCH_BWD_WGMMA_D128=0 for A/B).
 #ifndef HYPTORCH_BWD_WGMMA_D128
-#define HYPTORCH_BWD_WGMMA_D128 0
+#define HYPTORCH_BWD_WGMMA_D128 1
 #endif
 // Kernel 1 with wgmma issues the dV_j/dK_j products of the first half of the step's queries as soon as their P and
 // dX are final, so the tensor cores work on them while the element-wise step does the second half (FlashAttention-3's
 // intra-warpgroup overlap, here between the element-wise work and the GEMMs that consume it). Opt-in
-// (-DHYPTORCH_BWD_SPLIT_STEP=1): compile-checked, not yet run on a GPU.
+// (-DHYPTORCH_BWD_SPLIT_STEP=1): passes the tests on the H200 but is slower at D = 64 (session 11: lorentz_dot
+// 2.596 → 2.644 ms, distance 4.083 → 4.247) and ties at D = 128.
 #ifndef HYPTORCH_BWD_SPLIT_STEP
 #define HYPTORCH_BWD_SPLIT_STEP 0
 #endif
-// Query tile at D = 64 for the arccosh scores (distance, poincare_distance): 32, or 64 (opt-in,
-// -DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=64: the tile gets the dQ_i wgmma; no spills for sm_90a with and without
-// wgmma (-DHYPTORCH_BWD_WGMMA=0, the mma.sync kernel of other GPUs); not yet run on a GPU).
+// Query tile at D = 64 for the arccosh scores (distance, poincare_distance): 64, so the tile gets the dQ_i wgmma
+// (GPU-tested on the H200, session 11: distance fwd+bwd 4.349 → 4.083 ms with the two above), or 32
+// (-DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=32, for A/B). No spills for sm_90a with and without wgmma.
 #ifndef HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M
-#define HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M 32
+#define HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M 64
 #endif
 // Query tile of kernel 1 (and 2) at D = 128 for the dot scores (lorentz_dot, euclidean): 32 halves the per-step
 // overhead (barriers, row fields, dQ atomics) per query against 16 (-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16, for A/B).
@@ -111,8 +112,7 @@ struct Tile {
   static constexpr int kBlockN = kBwdBlockN;               // keys per CTA (kernel 1) / per step (kernel 2)
   // queries per step (kernel 1) / per CTA (kernel 2); at D = 128 16 for the arccosh scores keeps kernel 1
   // within 255 registers (dK_j and dV_j alone take 128 per thread there), while the dot scores fit 32
-  // (HYPTORCH_BWD_D128_DOT_BLOCK_M); 32 for the arccosh scores at D = 64, whose element-wise work needs more
-  // registers (HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M); 16 for split inputs, whose operand fragments come in three parts
+  // (HYPTORCH_BWD_D128_DOT_BLOCK_M); 64 for the arccosh scores at D = 64 (HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M); 16 for split inputs, whose operand fragments come in three parts
   static constexpr int kBlockM = kSplit ? 16
                                  : kHeadDim == 128 ? (kFamily == FAMILY_DOT ? HYPTORCH_BWD_D128_DOT_BLOCK_M : 16)
                                  : kFamily == FAMILY_DOT ? 64 : HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M;
