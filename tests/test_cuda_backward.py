@@ -512,6 +512,33 @@ def test_autograd_through_cuda_backend(score, output, dtype):
         assert_close_to_truth(f"{score}/{output} autograd {name}", g, r, t, floor_rel=GRAD_FLOOR[dtype])
 
 
+def _misaligned_copy(x):
+    """A contiguous copy of ``x`` whose data starts one element past a 16-byte boundary."""
+    view = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view(x.shape)
+    view.copy_(x)
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    return view
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+def test_misaligned_contiguous_inputs_give_the_aligned_gradients(dtype):
+    """Contiguous inputs and upstream gradient that do not start on a 16-byte boundary (views into a larger
+    buffer): the backward copies them for its vector loads and gets the gradients of aligned copies."""
+    leaves, kw, dout = make_grad_case("lorentz_dot", "lorentz", device="cuda", N=70, M=90, D=64, mode="padded")
+    params = [x.detach().float() for x in leaves[3:]]
+    aligned = [x.detach().to(dtype).requires_grad_() for x in leaves[:3]]
+    shifted = [_misaligned_copy(x.detach()).requires_grad_() for x in aligned]
+    dout = dout.to(dtype)
+    _, want = grads_of(aligned + params, kw, dout, "cuda")
+    _, got = grads_of(shifted + params, kw, _misaligned_copy(dout), "cuda")
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        # equal up to the order of the dQ atomics (as in test_deterministic_mode_is_bit_identical_and_agrees)
+        tol = 1e-5 if dtype == torch.float32 else 2 * UNIT_ROUNDOFF[dtype]
+        scale = w.double().abs().max().item()
+        assert (g.double() - w.double()).abs().max().item() <= tol * scale, name
+
+
 @pytest.mark.cuda
 def test_opcheck_backward_op():
     args, params, kw, dout, fwd, eps, _ = _cuda_inputs("distance", "lorentz", torch.bfloat16, N=40, M=70, D=64,

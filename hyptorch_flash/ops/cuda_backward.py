@@ -397,7 +397,10 @@ def _padded_head_dim(*dims: int) -> int:
 
 
 def _pad_to(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return (x if x.shape[-1] == dim else F.pad(x, (0, dim - x.shape[-1]))).contiguous()
+    """``x`` zero-padded to last dim ``dim``, contiguous, its data 16-byte aligned (the kernels' vector loads; a
+    contiguous view can start anywhere in its storage, and then it is copied)."""
+    x = (x if x.shape[-1] == dim else F.pad(x, (0, dim - x.shape[-1]))).contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
 
 
 # The backward runs over passes of (batch element, key head) slices so that its scratch stays a small

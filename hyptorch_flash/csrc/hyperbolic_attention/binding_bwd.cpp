@@ -16,6 +16,8 @@ void check_4d(const at::Tensor& x, const char* name, int64_t head_dim) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4 && x.is_contiguous() && x.size(3) == head_dim,
               "hyptorch_flash_cuda_bwd: ", name, " must be a contiguous 4-D CUDA tensor with head dim ", head_dim,
               ", got ", x.sizes());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "hyptorch_flash_cuda_bwd: ", name,
+              " must start on a 16-byte boundary (the kernels' vector loads); copy it with .clone()");
 }
 
 // A kernel operand: a 4-D bf16/fp16 tensor, or a float32 one split into three bf16 parts, (3, B, H, rows, D)
