@@ -83,6 +83,14 @@
 #ifndef HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M
 #define HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M 64
 #endif
+// Kernel 1 with wgmma dQ (64-query tiles at D = 64) adds dQ_i to the float32 dQ rows in global memory by bulk
+// asynchronous reductions (cp.reduce.async.bulk .add.f32, one 256-byte row per lane of the 16 that a warp's
+// accumulators hold, staged in shared memory) instead of 16 two-float atomics per thread and step: the L2 gets
+// whole rows, the warps issue 16 stores and one instruction per row. Opt-in (-DHYPTORCH_BWD_DQ_BULK=1):
+// compile-checked, not yet run on a GPU.
+#ifndef HYPTORCH_BWD_DQ_BULK
+#define HYPTORCH_BWD_DQ_BULK 0
+#endif
 // Query tile of kernel 1 (and 2) at D = 128 for the dot scores (lorentz_dot, euclidean): 32 halves the per-step
 // overhead (barriers, row fields, dQ atomics) per query against 16 (-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16, for A/B).
 #ifndef HYPTORCH_BWD_D128_DOT_BLOCK_M
@@ -145,6 +153,11 @@ struct Tile {
   // row sums otherwise reduced across lanes with shuffles): dQ is m64n72 (attention_bwd_kv_kernel)
   static constexpr bool kRowSumsTC = kWgmma && kFamily == FAMILY_DOT && kBlockM == 64;
   static constexpr int kKTimeElems = kRowSumsTC ? kBlockN * 64 : 0;
+  // HYPTORCH_BWD_DQ_BULK: kernel 1's dQ_i staging rows (float32, padded by 8 floats so that a warp's float2
+  // stores of its accumulators hit every bank twice, the minimum for 256 bytes)
+  static constexpr bool kDqBulk = HYPTORCH_BWD_DQ_BULK && kWgmma && kBlockM == 64;
+  static constexpr int kDqStageStride = kHeadDim + 8;
+  static constexpr int kDqStageBytes = kDqBulk ? kBlockM * kDqStageStride * 4 : 0;
   // One-part inputs: the row fields hold L_i·log2 e, so tile_step's
   // P = exp2(coef·log2e·u − L_i·log2e) is one FFMA, and dP − D_i is two FFMA. Split inputs keep the unscaled
   // form and the original order of dP − D_i: float32-level P, and the rounding the float32 gradient grid was
@@ -164,12 +177,13 @@ struct Tile {
   template <typename T>
   static constexpr int smem_bytes() {
     return (kParts * (2 * kBlockN * kHeadDim + kBlockN * kBlockM) + kKTimeElems) * (int)sizeof(T) +
-           kQueryBuffers * query_buffer_bytes<T>() + kFloats * (int)sizeof(float) + kAlignSlack;
+           kQueryBuffers * query_buffer_bytes<T>() + kFloats * (int)sizeof(float) + kDqStageBytes + kAlignSlack;
   }
-  // kernel 2 uses one query buffer: the second one, last in the layout, is not allocated (more CTAs per SM)
+  // kernel 2 uses one query buffer: the second one and the dQ staging rows, last in the layout, are not
+  // allocated (more CTAs per SM)
   template <typename T>
   static constexpr int one_query_buffer_smem_bytes() {
-    return smem_bytes<T>() - (kQueryBuffers - 1) * query_buffer_bytes<T>();
+    return smem_bytes<T>() - (kQueryBuffers - 1) * query_buffer_bytes<T>() - kDqStageBytes;
   }
 };
 
@@ -340,9 +354,10 @@ struct Smem {
   float* key;  // [kKeyFields][kBlockN]
   float* row_part;  // [kWarps][kBlockM][2]: per-warp partial row sums (R_i, RX_i)
   float* scal;      // [kWarps][2]
+  float* dq_stage;  // [kBlockM][kDqStageStride] (Tile::kDqBulk; kernel 1 only)
   // buf selects one of the two Q_i/dO_i/row-field buffers (kernel 1 prefetches the next query tile into
   // the other while it computes); K/V and dxt are single. Layout: K/V | dxt | Q/dO/dO-lo buffer 0 |
-  // floats | Q/dO/dO-lo buffer 1 (last, so kernel 2, which uses buffer 0 only, allocates
+  // floats | Q/dO/dO-lo buffer 1 | dQ staging (last, so kernel 2, which uses buffer 0 only, allocates
   // one_query_buffer_smem_bytes). Split inputs have one query buffer (buf = 0).
   __device__ explicit Smem(char* base, int buf = 0) {
     k = reinterpret_cast<T*>(base);
@@ -358,6 +373,8 @@ struct Smem {
     q = query0 + buf * (Tl::kQueryTiles * q_part + Tl::kFloats * (int)(sizeof(float) / sizeof(T)));
     dout = q + kParts * q_part;
     dout_lo = dout + q_part;
+    dq_stage = reinterpret_cast<float*>(query0 + Tl::kQueryBuffers * Tl::kQueryTiles * q_part +
+                                        Tl::kFloats * (int)(sizeof(float) / sizeof(T)));
   }
 };
 
@@ -1227,10 +1244,35 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
       }
       fence_registers(dq);
       if (p.dq_atomic) {
+        if constexpr (Tl::kDqBulk) {
+          // the warp's 16 rows → its staging rows (free once this lane's reduction of the previous step has read
+          // them), then one bulk reduction per row by lanes 0-15
+          float* const stage = sm.dq_stage + warp * 16 * Tl::kDqStageStride;
+          if (lane < 16) bulk_wait_read<0>();
+          __syncwarp();
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+#pragma unroll
+            for (int n = 0; n < kHeadDim / 8; ++n) {
+              *reinterpret_cast<float2*>(stage + (g + 8 * hh) * Tl::kDqStageStride + n * 8 + 2 * t) =
+                  make_float2(dq[n][2 * hh], dq[n][2 * hh + 1]);
+            }
+          }
+          fence_proxy_async();  // the stores above are read by the bulk reductions (async proxy)
+          __syncwarp();
+          if (lane < 16) {
+            const int i = i0 + warp * 16 + lane;
+            if (i < N) {
+              bulk_reduce_add_f32(p.dq_acc + ((size_t)bh * N + i) * kHeadDim,
+                                  smem_addr(stage + lane * Tl::kDqStageStride), kHeadDim * 4);
+            }
+            bulk_commit();
+          }
+        }
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           const int i = i0 + warp * 16 + g + 8 * hh;
-          if (i < N) {
+          if (!Tl::kDqBulk && i < N) {
             float* dst = p.dq_acc + ((size_t)bh * N + i) * kHeadDim + 2 * t;
 #pragma unroll
             for (int n = 0; n < kHeadDim / 8; ++n) add_float2(dst + n * 8, dq[n][2 * hh], dq[n][2 * hh + 1]);
@@ -1303,6 +1345,10 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   }
   cp_async_wait<0>();  // K_j/V_j copies are still in flight when no query tile was visited
   if constexpr (kEarlyScores) score_wgmma_wait(sp, dp);  // the S/dP issued after the last tile
+  // the dQ staging rows are read before the CTA's shared memory goes away
+  if constexpr (use_wgmma && Tl::kDqBulk) {
+    if (lane < 16) bulk_wait_read<0>();
+  }
 
   // Write dK_j, dV_j (fp32, this query head) and the key sums
 #pragma unroll

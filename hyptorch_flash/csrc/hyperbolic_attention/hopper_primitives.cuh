@@ -38,6 +38,22 @@ __device__ __forceinline__ uint64_t smem_desc_at(uint32_t desc_lo, uint32_t offs
 // before later reads through the async proxy (wgmma operands); a barrier follows before the first wgmma.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// Bulk asynchronous reduction (TMA unit): dst[0 .. bytes/4) += the float32 values at shared-memory address src,
+// element-wise atomic in global memory; dst and src 16-byte aligned, bytes a multiple of 16. Committed per
+// thread into bulk groups; bulk_wait_read<N> returns once at most N of this thread's groups still read
+// shared memory (then the source may be overwritten).
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+               ::"l"(dst), "r"(src), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
+
 // Before the first wgmma of a group: makes the warpgroup's register writes (accumulators, A fragments)
 // visible to the tensor cores.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
