@@ -83,10 +83,10 @@
 #ifndef HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M
 #define HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M 64
 #endif
-// Kernel 1 with wgmma dQ (64-query tiles at D = 64) adds dQ_i to the float32 dQ rows in global memory by bulk
-// asynchronous reductions (cp.reduce.async.bulk .add.f32, one 256-byte row per lane of the 16 that a warp's
-// accumulators hold, staged in shared memory) instead of 16 two-float atomics per thread and step: the L2 gets
-// whole rows, the warps issue 16 stores and one instruction per row. Opt-in (-DHYPTORCH_BWD_DQ_BULK=1):
+// Kernel 1 with wgmma (sm_90a, one-part inputs) adds dQ_i to the float32 dQ rows in global memory by bulk
+// asynchronous reductions (cp.reduce.async.bulk .add.f32: each warp stages its 16 rows × (D or D/2) columns in
+// shared memory, and lanes 0-15 add one row each) instead of 16 two-float atomics per thread and step: the L2 gets
+// 128-256-byte rows, the warps issue stores and one instruction per row. Opt-in (-DHYPTORCH_BWD_DQ_BULK=1):
 // compile-checked, not yet run on a GPU.
 #ifndef HYPTORCH_BWD_DQ_BULK
 #define HYPTORCH_BWD_DQ_BULK 0
@@ -155,7 +155,7 @@ struct Tile {
   static constexpr int kKTimeElems = kRowSumsTC ? kBlockN * 64 : 0;
   // HYPTORCH_BWD_DQ_BULK: kernel 1's dQ_i staging rows (float32, padded by 8 floats so that a warp's float2
   // stores of its accumulators hit every bank twice, the minimum for 256 bytes)
-  static constexpr bool kDqBulk = HYPTORCH_BWD_DQ_BULK && kWgmma && kBlockM == 64;
+  static constexpr bool kDqBulk = HYPTORCH_BWD_DQ_BULK && kWgmma;
   static constexpr int kDqStageStride = kHeadDim + 8;
   static constexpr int kDqStageBytes = kDqBulk ? kBlockM * kDqStageStride * 4 : 0;
   // One-part inputs: the row fields hold L_i·log2 e, so tile_step's
@@ -974,6 +974,27 @@ __device__ __forceinline__ void store_warp_rows(float* dst,
   }
 }
 
+// HYPTORCH_BWD_DQ_BULK, per warp: dq_stage_acquire before the warp writes its staging rows (the bulk reductions
+// its lanes 0-15 issued from them in the previous step have read them); dq_stage_release after: the warp's 16
+// staged rows (kCols floats each, kStride apart) are added to the float32 rows dst (kHeadDim apart; rows from
+// rows_left on lie past N and are skipped), one bulk reduction per row.
+__device__ __forceinline__ void dq_stage_acquire(int lane) {
+  if (lane < 16) bulk_wait_read<0>();
+  __syncwarp();
+}
+
+template <int kHeadDim, int kStride, int kCols>
+__device__ __forceinline__ void dq_stage_release(float* dst, const float* stage, int rows_left, int lane) {
+  fence_proxy_async();  // the staging stores are read by the bulk reductions (async proxy)
+  __syncwarp();
+  if (lane < 16) {
+    if (lane < rows_left) {
+      bulk_reduce_add_f32(dst + (size_t)lane * kHeadDim, smem_addr(stage + lane * kStride), kCols * 4);
+    }
+    bulk_commit();
+  }
+}
+
 __device__ __forceinline__ void add_float2(float* dst, float x, float y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x, y));
@@ -1244,12 +1265,9 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
       }
       fence_registers(dq);
       if (p.dq_atomic) {
-        if constexpr (Tl::kDqBulk) {
-          // the warp's 16 rows → its staging rows (free once this lane's reduction of the previous step has read
-          // them), then one bulk reduction per row by lanes 0-15
+        if constexpr (Tl::kDqBulk) {  // the warp's 16 rows, whole
           float* const stage = sm.dq_stage + warp * 16 * Tl::kDqStageStride;
-          if (lane < 16) bulk_wait_read<0>();
-          __syncwarp();
+          dq_stage_acquire(lane);
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
 #pragma unroll
@@ -1258,16 +1276,8 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
                   make_float2(dq[n][2 * hh], dq[n][2 * hh + 1]);
             }
           }
-          fence_proxy_async();  // the stores above are read by the bulk reductions (async proxy)
-          __syncwarp();
-          if (lane < 16) {
-            const int i = i0 + warp * 16 + lane;
-            if (i < N) {
-              bulk_reduce_add_f32(p.dq_acc + ((size_t)bh * N + i) * kHeadDim,
-                                  smem_addr(stage + lane * Tl::kDqStageStride), kHeadDim * 4);
-            }
-            bulk_commit();
-          }
+          dq_stage_release<kHeadDim, Tl::kDqStageStride, kHeadDim>(
+              p.dq_acc + ((size_t)bh * N + i0 + warp * 16) * kHeadDim, stage, N - (i0 + warp * 16), lane);
         }
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
@@ -1292,9 +1302,12 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
         store_dxt<T, kHeadDim, kFamily, kParts>(sm.dxt, ax);
         __syncthreads();
         // in chunks of kDqChunk columns, so the chunk's accumulators fit next to dK_j, dV_j
-        const int row0 = 16 * (warp % Tl::kRowGroups);
+        const int row0 = 16 * (warp % Tl::kRowGroups), col_begin = (warp / Tl::kRowGroups) * Tl::kDqCols;
+        constexpr bool kBulk = use_wgmma && Tl::kDqBulk;  // (the warp's 16 rows × kDqCols columns from col_begin)
+        float* const stage = sm.dq_stage + row0 * Tl::kDqStageStride + col_begin;
+        if constexpr (kBulk) dq_stage_acquire(lane);
 #pragma unroll 1
-        for (int col0 = (warp / Tl::kRowGroups) * Tl::kDqCols; col0 < (warp / Tl::kRowGroups + 1) * Tl::kDqCols; col0 += Tl::kDqChunk) {
+        for (int col0 = col_begin; col0 < (warp / Tl::kRowGroups + 1) * Tl::kDqCols; col0 += Tl::kDqChunk) {
           float acc[Tl::kDqChunk / 8][4];
 #pragma unroll
           for (int n = 0; n < Tl::kDqChunk / 8; ++n) {
@@ -1307,9 +1320,18 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
               const int i = i0 + row0 + g + 8 * hh;
-              if (i < N) add_float2(p.dq_acc + ((size_t)bh * N + i) * kHeadDim + col0 + n * 8 + 2 * t, acc[n][2 * hh], acc[n][2 * hh + 1]);
+              if constexpr (kBulk) {
+                *reinterpret_cast<float2*>(stage + (g + 8 * hh) * Tl::kDqStageStride + col0 - col_begin + n * 8 + 2 * t) =
+                    make_float2(acc[n][2 * hh], acc[n][2 * hh + 1]);
+              } else if (i < N) {
+                add_float2(p.dq_acc + ((size_t)bh * N + i) * kHeadDim + col0 + n * 8 + 2 * t, acc[n][2 * hh], acc[n][2 * hh + 1]);
+              }
             }
           }
+        }
+        if constexpr (kBulk) {
+          dq_stage_release<kHeadDim, Tl::kDqStageStride, Tl::kDqCols>(
+              p.dq_acc + ((size_t)bh * N + i0 + row0) * kHeadDim + col_begin, stage, N - (i0 + row0), lane);
         }
       }
       for (int r = threadIdx.x; r < (tc_rows ? 0 : Tl::kBlockM); r += Tl::kThreads) {
