@@ -29,6 +29,15 @@ def random_points(shape, score: str, *, generator=None, dtype=torch.float64, nor
     return x.to(dtype)
 
 
+def offset_copy(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``x`` whose data starts one element past a 16-byte boundary (a view into a larger
+    buffer, as a slice of a flat parameter or activation buffer would be)."""
+    view = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view(x.shape)
+    view.copy_(x)
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    return view
+
+
 def max_err(x: torch.Tensor, truth: torch.Tensor) -> float:
     return (x.double() - truth.double()).abs().max().item()
 

@@ -22,7 +22,7 @@ from hyptorch_flash.ops import output_refinement as refinement
 from hyptorch_flash.ops.problem import build_problem
 from hyptorch_flash.ops.reference import attention_probabilities
 
-from attention_cases import SCORES, assert_close_to_truth, outputs_for, random_points
+from attention_cases import SCORES, assert_close_to_truth, offset_copy, outputs_for, random_points
 
 SCORE_IDS = {"euclidean": 0, "lorentz_dot": 1, "distance": 2, "poincare_distance": 3}
 OUTPUT_IDS = {"euclidean": 0, "lorentz": 1, "klein": 2, "poincare": 3}
@@ -313,6 +313,16 @@ def test_backward_needs_the_refinement_codes():
                               o0.float(), curvature.float(), coef.float(), None, 2, 1, False, False, 1e-6, False)
 
 
+@pytest.mark.parametrize("width", (64, 40))
+def test_pad_to_gives_aligned_contiguous_rows(width):
+    """The backward's kernel inputs: zero-padded to the native head dim, contiguous, 16-byte aligned even when
+    the caller's contiguous tensor starts off a 16-byte boundary."""
+    x = offset_copy(torch.randn(2, 3, 5, width, dtype=torch.float64))
+    y = cb._pad_to(x, 64)
+    assert y.shape == (2, 3, 5, 64) and y.is_contiguous() and y.data_ptr() % 16 == 0
+    assert torch.equal(y[..., :width], x) and not y[..., width:].any()
+
+
 @pytest.mark.parametrize("batch,kv_heads", ((1, 1), (3, 4), (2, 16), (5, 3)))
 def test_slice_plan_covers_every_slice_once(batch, kv_heads):
     for per_pass in range(batch * kv_heads + 2):
@@ -512,14 +522,6 @@ def test_autograd_through_cuda_backend(score, output, dtype):
         assert_close_to_truth(f"{score}/{output} autograd {name}", g, r, t, floor_rel=GRAD_FLOOR[dtype])
 
 
-def _misaligned_copy(x):
-    """A contiguous copy of ``x`` whose data starts one element past a 16-byte boundary."""
-    view = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view(x.shape)
-    view.copy_(x)
-    assert view.is_contiguous() and view.data_ptr() % 16 != 0
-    return view
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
 def test_misaligned_contiguous_inputs_give_the_aligned_gradients(dtype):
@@ -528,10 +530,10 @@ def test_misaligned_contiguous_inputs_give_the_aligned_gradients(dtype):
     leaves, kw, dout = make_grad_case("lorentz_dot", "lorentz", device="cuda", N=70, M=90, D=64, mode="padded")
     params = [x.detach().float() for x in leaves[3:]]
     aligned = [x.detach().to(dtype).requires_grad_() for x in leaves[:3]]
-    shifted = [_misaligned_copy(x.detach()).requires_grad_() for x in aligned]
+    shifted = [offset_copy(x.detach()).requires_grad_() for x in aligned]
     dout = dout.to(dtype)
     _, want = grads_of(aligned + params, kw, dout, "cuda")
-    _, got = grads_of(shifted + params, kw, _misaligned_copy(dout), "cuda")
+    _, got = grads_of(shifted + params, kw, offset_copy(dout), "cuda")
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         # equal up to the order of the dQ atomics (as in test_deterministic_mode_is_bit_identical_and_agrees)
         tol = 1e-5 if dtype == torch.float32 else 2 * UNIT_ROUNDOFF[dtype]

@@ -17,7 +17,7 @@ from hyptorch_flash.ops import cuda_backend
 from hyptorch_flash.ops.problem import build_problem
 from hyptorch_flash.ops.reference import attention_probabilities
 
-from attention_cases import SCORES, assert_close_to_truth, coefficient_kw, outputs_for, random_points
+from attention_cases import SCORES, assert_close_to_truth, coefficient_kw, offset_copy, outputs_for, random_points
 
 pytestmark = pytest.mark.cuda
 
@@ -146,17 +146,20 @@ def test_head_dims_are_padded(D, Dv):
     check_against_truth(q, k, v, kw, torch.bfloat16, f"padded head dims {D}/{Dv}")
 
 
-@pytest.mark.parametrize("layout", ("transposed", "unaligned"))
+@pytest.mark.parametrize("layout", ("transposed", "unaligned", "offset"))
 def test_strided_inputs(layout):
-    """(B, N, H, D) projections viewed as (B, H, N, D), and rows that are not 16-byte aligned (stride 65),
-    give exactly the result of contiguous inputs."""
+    """(B, N, H, D) projections viewed as (B, H, N, D), rows that are not 16-byte aligned (stride 65), and
+    contiguous inputs that start off a 16-byte boundary give exactly the result of contiguous inputs."""
     q, k, v, kw = make_case("lorentz_dot", N=100, M=80, mode="gqa_causal_padded", seed=9)
     args = [x.bfloat16() for x in (q, k, v)]
     if layout == "transposed":
         strided = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in args]
-    else:
+    elif layout == "unaligned":
         strided = [torch.nn.functional.pad(x, (0, 1))[..., :-1] for x in args]
-    assert not strided[0].is_contiguous()
+    else:
+        strided = [offset_copy(x) for x in args]
+    if layout != "offset":  # (offset_copy asserts its own layout)
+        assert not strided[0].is_contiguous()
     expected = hf.hyperbolic_attention(*args, backend="cuda", **kw)
     assert torch.equal(hf.hyperbolic_attention(*strided, backend="cuda", **kw), expected)
 

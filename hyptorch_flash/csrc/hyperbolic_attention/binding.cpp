@@ -20,18 +20,23 @@ void check_input(const at::Tensor& x, const char* name, int64_t head_dim) {
               ", expected ", head_dim);
 }
 
-// The kernel reads 16-byte row chunks: last dim contiguous, other strides and the base 16-byte aligned.
+bool starts_16_byte_aligned(const at::Tensor& x) { return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0; }
+
+// The kernel reads 16-byte row chunks: last dim contiguous, other strides and the base 16-byte aligned. A
+// contiguous tensor can still start off a 16-byte boundary (a view into a larger buffer): then a copy.
 at::Tensor with_kernel_strides(const at::Tensor& x) {
   const bool ok = x.stride(3) == 1 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0 &&
-                  reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
-  return ok ? x : x.contiguous();
+                  starts_16_byte_aligned(x);
+  if (ok) return x;
+  at::Tensor c = x.contiguous();
+  return starts_16_byte_aligned(c) ? c : c.clone();
 }
 
 // float32 input x → (3, B, H, rows, D) bf16 parts with x = hi + mid + lo to float32 precision, by one
 // kernel (attention_fwd_split.cu); the current device and stream are x's.
 at::Tensor split_into_bf16_parts(const at::Tensor& x) {
   at::Tensor src = x.contiguous();
-  if (reinterpret_cast<uintptr_t>(src.data_ptr()) % 16 != 0) src = src.clone();  // float4 loads
+  if (!starts_16_byte_aligned(src)) src = src.clone();  // float4 loads
   std::vector<int64_t> sizes{3};
   sizes.insert(sizes.end(), x.sizes().begin(), x.sizes().end());
   at::Tensor parts = at::empty(sizes, x.options().dtype(at::kBFloat16));
