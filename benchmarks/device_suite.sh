@@ -9,7 +9,8 @@
 # bwd_opt_in (a backward opt-in, $BWD_OPT_IN, by default -DHYPTORCH_BWD_DQ_BULK=1: its tests, the bf16
 # sanitizer and a same-process A/B against the default), bwd_mma_sync (the backward tests with the mma.sync kernel that GPUs other than sm_90a run,
 # -DHYPTORCH_BWD_WGMMA=0), bwd_ab (same-process A/B of the backward against its switchable paths turned off one at
-# a time: dev/ab_bwd_opt_in.py), fwd_opt_in (the forward tests with -DHYPTORCH_FWD_DESC_LO=1 and a same-process
+# a time: dev/ab_bwd_opt_in.py), bwd_ncu (Nsight Compute on the backward's kernel 1 at D = 64 and 128: stall
+# reasons, scheduler and memory statistics, the hottest SASS lines), fwd_opt_in (the forward tests with -DHYPTORCH_FWD_DESC_LO=1 and a same-process
 # A/B against the default).
 # Each step has its own time limit and a failing step does not stop the next ones; the script exits
 # non-zero if any step failed. On the lent device, install geoopt first (the device README's notes).
@@ -65,6 +66,14 @@ cuda_build.load(); cuda_backward.load_extension()" ;;
         --maxfail=40 -p no:warnings tests/test_cuda_backward.py ;;
     bwd_ab) step bwd_ab 540 bash -c 'cd dev && python3 ab_bwd_opt_in.py "" "-DHYPTORCH_BWD_WGMMA=0" \
       "-DHYPTORCH_BWD_EARLY_SCORES=0" "-DHYPTORCH_BWD_WGMMA_D128=0" "-DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=32"' ;;
+    bwd_ncu)  # kernel 1's warp stall reasons, D = 64 and 128 (lorentz_dot), $BWD_NCU_FLAGS: extra nvcc flags
+      for d in 64 128; do
+        HYPTORCH_FLASH_NVCC_EXTRA=${BWD_NCU_FLAGS:-} step "bwd_ncu_d$d" 300 ncu -k regex:attention_bwd_kv \
+          --launch-skip 1 --launch-count 1 --section SpeedOfLight --section Occupancy --section SchedulerStats \
+          --section WarpStateStats --section SourceCounters --section MemoryWorkloadAnalysis --print-details all \
+          --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+          python3 dev/one_fwd_bwd.py "$d"
+      done ;;
     fwd_opt_in)
       HYPTORCH_FLASH_NVCC_EXTRA=-DHYPTORCH_FWD_DESC_LO=1 step fwd_opt_in_tests 400 python3 -m pytest -q -x \
         -p no:warnings tests/test_cuda_forward.py tests/test_out_dtype.py
