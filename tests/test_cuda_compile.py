@@ -38,8 +38,9 @@ MMA_SYNC_FILES = [p for p in CU_FILES if re.match(r"attention_fwd_(bf16|fp16)_",
 BWD_OPT_OUT_FLAGS = ("-DHYPTORCH_BWD_WGMMA=0", "-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16", "-DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=32")
 BWD_MMA_SYNC_FLAGS = ("-DHYPTORCH_BWD_WGMMA=0",)
 BWD_FILES = [p for p in CU_FILES if re.match(r"bwd_hd\d+_", p.name)]
-# The backward's opt-in paths (bwd_kernel.cuh: HYPTORCH_BWD_SPLIT_STEP, HYPTORCH_BWD_DQ_BULK), not the default.
-BWD_OPT_IN_FLAGS = ("-DHYPTORCH_BWD_SPLIT_STEP=1", "-DHYPTORCH_BWD_DQ_BULK=1")
+# The backward's opt-in paths (bwd_kernel.cuh: HYPTORCH_BWD_SPLIT_STEP, HYPTORCH_BWD_DQ_BULK,
+# HYPTORCH_BWD_D128_PREFETCH), not the default.
+BWD_OPT_IN_FLAGS = ("-DHYPTORCH_BWD_SPLIT_STEP=1", "-DHYPTORCH_BWD_DQ_BULK=1", "-DHYPTORCH_BWD_D128_PREFETCH=1")
 # and the forward's (attention_fwd_kernel.cuh), on its wgmma files
 FWD_OPT_IN_FLAGS = ("-DHYPTORCH_FWD_DESC_LO=1",)
 VARIANTS = {(MMA_SYNC_FLAG,): "mma_sync", BWD_OPT_OUT_FLAGS: "bwd_opt_out", BWD_MMA_SYNC_FLAGS: "mma_sync_bwd",

@@ -91,6 +91,13 @@
 #ifndef HYPTORCH_BWD_DQ_BULK
 #define HYPTORCH_BWD_DQ_BULK 0
 #endif
+// Kernel 1 with wgmma at D = 128 loads the next query tile (Q_i, dO_i, dO_lo,i into the second query buffer, the
+// row fields into registers) right after the step's dV_j/dK_j products have landed, instead of at the start of the
+// next step, where every step waited for the global loads (the prefetch at the start of a step, as at D = 64,
+// does not fit in registers there). Opt-in (-DHYPTORCH_BWD_D128_PREFETCH=1): compile-checked, not yet run on a GPU.
+#ifndef HYPTORCH_BWD_D128_PREFETCH
+#define HYPTORCH_BWD_D128_PREFETCH 0
+#endif
 // Query tile of kernel 1 (and 2) at D = 128 for the dot scores (lorentz_dot, euclidean): 32 halves the per-step
 // overhead (barriers, row fields, dQ atomics) per query against 16 (-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16, for A/B).
 #ifndef HYPTORCH_BWD_D128_DOT_BLOCK_M
@@ -1110,14 +1117,18 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   // after the step's barrier and to shared memory (with w_i) at the end of the step: stored in the prefetch
   // itself, the stores would wait for the global loads (~1 µs exposed per step for the warps that own rows).
   constexpr bool kPrefetch = kHeadDim == 64 && Tl::kQueryBuffers == 2;
-  RowRaw next_rows{};  // kPrefetch: the next query tile's row values, stored at the end of the step
+  // HYPTORCH_BWD_D128_PREFETCH: the same two buffers at D = 128, the next tile loaded after the dV_j/dK_j wait
+  constexpr bool kLatePrefetch =
+      HYPTORCH_BWD_D128_PREFETCH && use_wgmma && kHeadDim == 128 && Tl::kQueryBuffers == 2;
+  constexpr bool kTwoBuffers = kPrefetch || kLatePrefetch;
+  RowRaw next_rows{};  // kTwoBuffers: the next query tile's row values, stored at the end of the step
   // wgmma with 64-query tiles: dQ_i by one warpgroup product (below); with HYPTORCH_BWD_EARLY_SCORES the next
   // step's S/dP are issued together with it (kEarlyScores)
   constexpr bool wgmma_dq = use_wgmma && kDk && Tl::kBlockM == 64;
   constexpr bool kEarlyScores = wgmma_dq && kPrefetch && HYPTORCH_BWD_EARLY_SCORES && kFamily == FAMILY_DOT;
   // HYPTORCH_BWD_SPLIT_STEP: the first half's dV/dK products issued between the halves of the element-wise work
   constexpr bool kSplitStep = use_wgmma && HYPTORCH_BWD_SPLIT_STEP && Tl::kBlockM >= 32;  // (two k-steps or more)
-  if (kPrefetch && i_begin < N) {
+  if (kTwoBuffers && i_begin < N) {
     prefetch(i_begin, 0);
     load_row_fields<kHeadDim, kFamily, kParts>(Sm(smem_raw, 0).row, p, hc, bh, i_begin);
   }
@@ -1133,8 +1144,8 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     score_wgmma_wait(sp, dp);
   }
   int buf = 0;
-  for (int i0 = i_begin; i0 < N; i0 += Tl::kBlockM, buf ^= (kPrefetch ? 1 : 0)) {
-    if (!kPrefetch) {
+  for (int i0 = i_begin; i0 < N; i0 += Tl::kBlockM, buf ^= (kTwoBuffers ? 1 : 0)) {
+    if (!kTwoBuffers) {
       prefetch(i0, buf);
       load_row_fields<kHeadDim, kFamily, kParts>(Sm(smem_raw, buf).row, p, hc, bh, i0);
     }
@@ -1206,6 +1217,11 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
         wgmma_wait<0>();
         fence_registers(dv);
         fence_registers(dk);
+        // (the other buffer was last read in the previous step: every warp passed this step's barrier since)
+        if (kLatePrefetch && i0 + Tl::kBlockM < N) {
+          prefetch(i0 + Tl::kBlockM, buf ^ 1);
+          next_rows = load_row_raw<kHeadDim, kFamily, kParts>(p, bh, i0 + Tl::kBlockM);
+        }
       }
     } else if constexpr (kDv) {
       // dXᵀ packed first: its float accumulators are dead during the dV products (registers at D = 128)
@@ -1358,12 +1374,12 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
         fence_registers(ax[kk]);
       }
     }
-    if constexpr (kPrefetch) {
+    if constexpr (kTwoBuffers) {
       // the other buffer's row fields were last read in the previous step, and are next read after the
       // next step's barrier
       if (i0 + Tl::kBlockM < N) store_row_fields<kHeadDim, kFamily, kParts>(Sm(smem_raw, buf ^ 1).row, next_rows, hc);
     }
-    if (!kPrefetch) __syncthreads();  // the next step reloads the same buffer
+    if (!kTwoBuffers) __syncthreads();  // the next step reloads the same buffer
   }
   cp_async_wait<0>();  // K_j/V_j copies are still in flight when no query tile was visited
   if constexpr (kEarlyScores) score_wgmma_wait(sp, dp);  // the S/dP issued after the last tile
