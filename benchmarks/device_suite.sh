@@ -8,11 +8,11 @@
 # Steps: build, tests, sanitizer, sanitizer_fp32, fwd_quick, fwd_sweep, fwd_fp32, bwd, bwd_fp32, bwd_memory, bwd_flex,
 # bwd_opt_in (the backward opt-ins in $BWD_OPT_IN, by default -DHYPTORCH_BWD_DQ_BULK=1
 # -DHYPTORCH_BWD_D128_PREFETCH=1: the tests and the bf16 sanitizer with all of them, a same-process A/B of the
-# default against each and all, ~7 min), bwd_mma_sync (the backward tests with the mma.sync kernel that GPUs other than sm_90a run,
-# -DHYPTORCH_BWD_WGMMA=0), bwd_ab (same-process A/B of the backward against its switchable paths turned off one at
-# a time: dev/ab_bwd_opt_in.py), bwd_ncu (Nsight Compute on the backward's kernel 1 at D = 64 and 128: stall
-# reasons, scheduler and memory statistics, the hottest SASS lines), fwd_opt_in (the forward tests with -DHYPTORCH_FWD_DESC_LO=1 and a same-process
-# A/B against the default).
+# default against each and all, ~7 min), bwd_mma_sync (the backward tests with the mma.sync kernel that GPUs other
+# than sm_90a run, -DHYPTORCH_BWD_WGMMA=0), bwd_ab (same-process A/B of the backward against its switchable paths
+# turned off one at a time: dev/ab_bwd_opt_in.py), bwd_ncu (Nsight Compute on the backward's kernel 1 at D = 64
+# and 128: stall reasons, scheduler and memory statistics, the hottest SASS lines), fwd_opt_in (the forward tests
+# with -DHYPTORCH_FWD_DESC_LO=1 and a same-process A/B against the default).
 # Each step has its own time limit and a failing step does not stop the next ones; the script exits
 # non-zero if any step failed. On the lent device, install geoopt first (the device README's notes).
 set -uo pipefail

@@ -35,7 +35,8 @@ MMA_SYNC_FILES = [p for p in CU_FILES if re.match(r"attention_fwd_(bf16|fp16)_",
 # The backward's switchable paths (bwd_kernel.cuh: wgmma in the key-parallel kernel, 32-query tiles at D = 128,
 # 64-query tiles for the arccosh scores at D = 64; on by default) are kept compiling and spill-free when switched
 # off too (the A/B baseline; the default mma.sync kernel of other GPUs is the mma_sync_bwd case).
-BWD_OPT_OUT_FLAGS = ("-DHYPTORCH_BWD_WGMMA=0", "-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16", "-DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=32")
+BWD_OPT_OUT_FLAGS = ("-DHYPTORCH_BWD_WGMMA=0", "-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16",
+                     "-DHYPTORCH_BWD_D64_ARCCOSH_BLOCK_M=32")
 BWD_MMA_SYNC_FLAGS = ("-DHYPTORCH_BWD_WGMMA=0",)
 BWD_FILES = [p for p in CU_FILES if re.match(r"bwd_hd\d+_", p.name)]
 # The backward's opt-in paths (bwd_kernel.cuh: HYPTORCH_BWD_SPLIT_STEP, HYPTORCH_BWD_DQ_BULK,

@@ -127,7 +127,8 @@ struct Tile {
   static constexpr int kBlockN = kBwdBlockN;               // keys per CTA (kernel 1) / per step (kernel 2)
   // queries per step (kernel 1) / per CTA (kernel 2); at D = 128 16 for the arccosh scores keeps kernel 1
   // within 255 registers (dK_j and dV_j alone take 128 per thread there), while the dot scores fit 32
-  // (HYPTORCH_BWD_D128_DOT_BLOCK_M); 64 for the arccosh scores at D = 64 (HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M); 16 for split inputs, whose operand fragments come in three parts
+  // (HYPTORCH_BWD_D128_DOT_BLOCK_M); 64 for the arccosh scores at D = 64 (HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M); 16 for
+  // split inputs, whose operand fragments come in three parts
   static constexpr int kBlockM = kSplit ? 16
                                  : kHeadDim == 128 ? (kFamily == FAMILY_DOT ? HYPTORCH_BWD_D128_DOT_BLOCK_M : 16)
                                  : kFamily == FAMILY_DOT ? 64 : HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M;
@@ -1113,7 +1114,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     cp_async_commit();
   };
   // At D = 128 (and for split inputs, which have one query buffer) the prefetch's extra registers would
-  // spill: load-then-compute there. The next tile's row fields (L_i, D_i, dO0_i, |q_i|²) go to registers right
+  // spill: load-then-compute there (or with HYPTORCH_BWD_D128_PREFETCH, the load after the dV_j/dK_j wait). The next tile's row fields (L_i, D_i, dO0_i, |q_i|²) go to registers right
   // after the step's barrier and to shared memory (with w_i) at the end of the step: stored in the prefetch
   // itself, the stores would wait for the global loads (~1 µs exposed per step for the warps that own rows).
   constexpr bool kPrefetch = kHeadDim == 64 && Tl::kQueryBuffers == 2;
