@@ -98,6 +98,13 @@
 #ifndef HYPTORCH_BWD_D128_PREFETCH
 #define HYPTORCH_BWD_D128_PREFETCH 0
 #endif
+// Tile loads (Q_i, dO_i, dO_lo,i every step) of whole tiles, the common case: one shared and one global address per
+// thread, advanced by constant steps (cp.async with immediate offsets), instead of a clamped row index and both
+// addresses per 16-byte chunk; partial tiles (rows past the end, zero-filled) keep the general loop. Opt-in
+// (-DHYPTORCH_BWD_FULL_TILE_LOADS=1): compile-checked, not yet run on a GPU.
+#ifndef HYPTORCH_BWD_FULL_TILE_LOADS
+#define HYPTORCH_BWD_FULL_TILE_LOADS 0
+#endif
 // Query tile of kernel 1 (and 2) at D = 128 for the dot scores (lorentz_dot, euclidean): 32 halves the per-step
 // overhead (barriers, row fields, dQ atomics) per query against 16 (-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16, for A/B).
 #ifndef HYPTORCH_BWD_D128_DOT_BLOCK_M
@@ -222,6 +229,23 @@ template <typename T, int kRows, int kCols, int kThreads>
 __device__ __forceinline__ void load_tile(T* tile, const T* src, int row0, int n_rows) {
   constexpr int kChunks = kCols / 8;
   static_assert(kRows * kChunks % kThreads == 0, "tile must split evenly over the threads");
+  // HYPTORCH_BWD_FULL_TILE_LOADS: thread t copies chunk t % kChunks of rows t / kChunks + k·kRowStep; the swizzle
+  // repeats every 8 rows, so each next row's shared offset is the first one's plus a constant (kSmemStep)
+  constexpr int kRowStep = kThreads / kChunks;
+  if constexpr (HYPTORCH_BWD_FULL_TILE_LOADS && kThreads % kChunks == 0 && kRowStep % 8 == 0) {
+    if (row0 + kRows <= n_rows) {
+      // = swz_tile(kRowStep, 0): whole rows of kCols, or of 64 in swz_tile's 64-column blocks
+      constexpr int kSmemStep = kRowStep * ((kCols == 128 && HYPTORCH_BWD_WGMMA_D128) ? 64 : kCols);
+      const int r = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
+      const uint32_t dst = smem_addr(tile + swz_tile<kCols, kRows>(r, c * 8));
+      const T* from = src + (size_t)(row0 + r) * kCols + c * 8;
+#pragma unroll
+      for (int it = 0; it < kRows / kRowStep; ++it) {
+        cp_async_16(dst + it * kSmemStep * (int)sizeof(T), from + it * kRowStep * kCols, true);
+      }
+      return;
+    }
+  }
 #pragma unroll
   for (int it = 0; it < kRows * kChunks / kThreads; ++it) {
     const int idx = it * kThreads + threadIdx.x;
