@@ -105,6 +105,12 @@
 #ifndef HYPTORCH_BWD_FULL_TILE_LOADS
 #define HYPTORCH_BWD_FULL_TILE_LOADS 0
 #endif
+// Kernel 1 with wgmma: the first k-step of S_ijᵀ, dP_ijᵀ and (64-query tiles) dQ_i overwrites the accumulators
+// (scale-d = 0) instead of the warpgroup zeroing them first (64-100 MOVs per step at D = 64, in the issue-bound
+// loop). Same products. Opt-in (-DHYPTORCH_BWD_OVERWRITE_FIRST=1): compile-checked, not yet run on a GPU.
+#ifndef HYPTORCH_BWD_OVERWRITE_FIRST
+#define HYPTORCH_BWD_OVERWRITE_FIRST 0
+#endif
 // Query tile of kernel 1 (and 2) at D = 128 for the dot scores (lorentz_dot, euclidean): 32 halves the per-step
 // overhead (barriers, row fields, dQ atomics) per query against 16 (-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16, for A/B).
 #ifndef HYPTORCH_BWD_D128_DOT_BLOCK_M
@@ -638,13 +644,15 @@ __device__ __forceinline__ void score_wgmma_issue(const Smem<T, kHeadDim, kFamil
                                                   float (&sp)[Tile<kHeadDim, kFamily, 1>::kQTiles][4],
                                                   float (&dp)[Tile<kHeadDim, kFamily, 1>::kQTiles][4]) {
   constexpr int kBlockM = Tile<kHeadDim, kFamily, 1>::kBlockM;
+  if constexpr (!HYPTORCH_BWD_OVERWRITE_FIRST) {
 #pragma unroll
-  for (int n = 0; n < kBlockM / 8; ++n) {
+    for (int n = 0; n < kBlockM / 8; ++n) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) sp[n][e] = dp[n][e] = 0.f;
+      for (int e = 0; e < 4; ++e) sp[n][e] = dp[n][e] = 0.f;
+    }
+    fence_registers(sp);
+    fence_registers(dp);
   }
-  fence_registers(sp);
-  fence_registers(dp);
   const uint32_t k_lo = smem_desc_lo(smem_addr(sm.k), 16), v_lo = smem_desc_lo(smem_addr(sm.v), 16);
   const uint32_t q_lo = smem_desc_lo(smem_addr(sm.q), 16), o_lo = smem_desc_lo(smem_addr(sm.dout), 16);
   const uint32_t dlo_lo = smem_desc_lo(smem_addr(sm.dout_lo), 16);
@@ -655,8 +663,13 @@ __device__ __forceinline__ void score_wgmma_issue(const Smem<T, kHeadDim, kFamil
   wgmma_fence();
 #pragma unroll
   for (int s = 0; s < kHeadDim / 16; ++s) {
-    wgmma_ss<T, kBlockM>(sp, smem_desc_at(k_lo, key_col(s), 1024), smem_desc_at(q_lo, query_col(s), 1024));
-    wgmma_ss<T, kBlockM>(dp, smem_desc_at(v_lo, key_col(s), 1024), smem_desc_at(o_lo, query_col(s), 1024));
+    if (HYPTORCH_BWD_OVERWRITE_FIRST && s == 0) {  // (s is a constant: the loop is unrolled)
+      wgmma_ss<T, kBlockM, false>(sp, smem_desc_at(k_lo, key_col(s), 1024), smem_desc_at(q_lo, query_col(s), 1024));
+      wgmma_ss<T, kBlockM, false>(dp, smem_desc_at(v_lo, key_col(s), 1024), smem_desc_at(o_lo, query_col(s), 1024));
+    } else {
+      wgmma_ss<T, kBlockM>(sp, smem_desc_at(k_lo, key_col(s), 1024), smem_desc_at(q_lo, query_col(s), 1024));
+      wgmma_ss<T, kBlockM>(dp, smem_desc_at(v_lo, key_col(s), 1024), smem_desc_at(o_lo, query_col(s), 1024));
+    }
   }
 #pragma unroll
   for (int s = 0; s < kHeadDim / 16; ++s) {
@@ -1282,19 +1295,25 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
       __syncthreads();
       constexpr int kDqCols = kHeadDim + (tc_rows ? 8 : 0);  // + R_i's n8 tile: [k0 hi, mid | lo, 0 | 0, 0 | 0, 0]
       float dq[kDqCols / 8][4];
+      if constexpr (!HYPTORCH_BWD_OVERWRITE_FIRST) {
 #pragma unroll
-      for (int n = 0; n < kDqCols / 8; ++n) {
+        for (int n = 0; n < kDqCols / 8; ++n) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dq[n][e] = 0.f;
+          for (int e = 0; e < 4; ++e) dq[n][e] = 0.f;
+        }
+        fence_registers(dq);
       }
-      fence_registers(dq);
       const uint32_t dxt_lo = smem_desc_lo(smem_addr(sm.dxt), Tl::kBlockN * 128);
       const uint32_t k_lo = smem_desc_lo(smem_addr(sm.k), Tl::kBlockN * 128);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < Tl::kBlockN / 16; ++kk) {
         const uint32_t rows = kk * (16 * 128);  // keys 16kk … 16kk + 15 (the k-step) of the [key][·] tiles
-        wgmma_ss_tt<T, kDqCols>(dq, smem_desc_at(dxt_lo, rows, 1024), smem_desc_at(k_lo, rows, 1024));
+        if (HYPTORCH_BWD_OVERWRITE_FIRST && kk == 0) {
+          wgmma_ss_tt<T, kDqCols, false>(dq, smem_desc_at(dxt_lo, rows, 1024), smem_desc_at(k_lo, rows, 1024));
+        } else {
+          wgmma_ss_tt<T, kDqCols>(dq, smem_desc_at(dxt_lo, rows, 1024), smem_desc_at(k_lo, rows, 1024));
+        }
       }
       wgmma_commit();
       if constexpr (kEarlyScores) {
