@@ -1,10 +1,10 @@
 """A/B of the backward's switchable nvcc macros (bwd_kernel.cuh: HYPTORCH_BWD_WGMMA, HYPTORCH_BWD_EARLY_SCORES,
 HYPTORCH_BWD_WGMMA_D128, HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M and HYPTORCH_BWD_D128_DOT_BLOCK_M, on by default; the
-opt-in HYPTORCH_BWD_SPLIT_STEP) in one process (GPU): the backward extension built once per setting, the library's
-fwd+bwd (``hyperbolic_attention(..., backend="cuda")`` under autograd) timed with each in turn on the same inputs,
-interleaved (CUDA events, best of 3 medians of 7 × 3 steps), with the largest gradient difference to the first
-setting relative to the gradient's scale as a sanity check (the tests are the real check), and SDPA's fwd+bwd
-on the same shapes as the yardstick.
+opt-in ones, HYPTORCH_BWD_SPLIT_STEP and the others there) in one process (GPU): the backward extension built once
+per setting, the library's fwd+bwd (``hyperbolic_attention(..., backend="cuda")`` under autograd) timed with each in turn on the same inputs,
+interleaved (CUDA events, best of 3 medians of 7 × 3 steps), with each setting's largest gradient difference to
+the first setting relative to the gradient's scale as a sanity check (the tests are the real check), and SDPA's
+fwd+bwd on the same shapes as the yardstick.
 
     python dev/ab_bwd_opt_in.py "" "-DHYPTORCH_BWD_WGMMA=0" "-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16"
 
@@ -53,14 +53,16 @@ def main():
             for m in mods:
                 cuda_backward._module = m
                 grads.append([g.float() for g in fwd_bwd(q, k, v, dout, score)])
-            diff = max(((g - g0).abs().max() / g0.abs().max()).item() for gs in grads for g, g0 in zip(gs, grads[0]))
+            # per setting: the largest gradient difference to the first setting, relative to the gradient's scale
+            diffs = [max(((g - g0).abs().max() / g0.abs().max()).item() for g, g0 in zip(gs, grads[0])) for gs in grads]
             ms = [[] for _ in mods]
             for _ in range(3):
                 for i, m in enumerate(mods):
                     cuda_backward._module = m
                     ms[i].append(timed(lambda: fwd_bwd(q, k, v, dout, score), reps=7, inner=3))
-            line = "  ".join(f"[{i}] {min(t):.3f} ms {flops / min(t) / 1e9:.1f}" for i, t in enumerate(ms))
-            print(f"D={D} {score:11s} {line}  max rel grad diff {diff:.1e}", flush=True)
+            line = "  ".join(f"[{i}] {min(t):.3f} ms {flops / min(t) / 1e9:.1f} (diff {d:.1e})"
+                             for i, (t, d) in enumerate(zip(ms, diffs)))
+            print(f"D={D} {score:11s} {line}", flush=True)
     cuda_backward._module = mods[0]
     for i, s in enumerate(settings):
         print(f"[{i}] {s or '(default)'}")

@@ -13,7 +13,8 @@ OUT = Path(__file__).resolve().parent.parent / "hyptorch_flash/csrc/hyperbolic_a
 TYPES = (("__nv_bfloat16", "bf16"), ("__half", "f16"))
 SS_SHAPES = (16, 32, 64)    # S = Q Kᵀ: N = keys per tile (backward: queries per step)
 RS_SHAPES = (64, 72, 128, 136)   # O += P V: N = head dim (+ 8: the time block, attention_fwd_kernel.cuh)
-SS_TT_SHAPES = (64, 72)  # backward dQ = dX K, dXᵀ and K in shared memory: N = head dim (+ 8: K's time block)
+SS_TT_SHAPES = (16, 32, 64, 72)  # backward dQ = dX K (N = head dim, + 8: K's time block) and, at D = 128,
+# dQᵀ = Kᵀ dXᵀ (N = queries per step); both operands in shared memory, read transposed
 
 
 def wrap(items: list[str], indent: int) -> str:

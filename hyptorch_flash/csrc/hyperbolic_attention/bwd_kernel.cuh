@@ -83,14 +83,6 @@
 #ifndef HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M
 #define HYPTORCH_BWD_D64_ARCCOSH_BLOCK_M 64
 #endif
-// Kernel 1 with wgmma (sm_90a, one-part inputs) adds dQ_i to the float32 dQ rows in global memory by bulk
-// asynchronous reductions (cp.reduce.async.bulk .add.f32: each warp stages its 16 rows × (D or D/2) columns in
-// shared memory, and lanes 0-15 add one row each) instead of 16 two-float atomics per thread and step: the L2 gets
-// 128-256-byte rows, the warps issue stores and one instruction per row. Opt-in (-DHYPTORCH_BWD_DQ_BULK=1):
-// compile-checked, not yet run on a GPU.
-#ifndef HYPTORCH_BWD_DQ_BULK
-#define HYPTORCH_BWD_DQ_BULK 0
-#endif
 // Kernel 1 with wgmma at D = 128 loads the next query tile (Q_i, dO_i, dO_lo,i into the second query buffer, the
 // row fields into registers) right after the step's dV_j/dK_j products have landed, instead of at the start of the
 // next step, where every step waited for the global loads (the prefetch at the start of a step, as at D = 64,
@@ -110,6 +102,14 @@
 // loop). Same products. Opt-in (-DHYPTORCH_BWD_OVERWRITE_FIRST=1): compile-checked, not yet run on a GPU.
 #ifndef HYPTORCH_BWD_OVERWRITE_FIRST
 #define HYPTORCH_BWD_OVERWRITE_FIRST 0
+#endif
+// Kernel 1 with wgmma at D = 128: dQ_iᵀ = K_jᵀ dX_ijᵀ by wgmma (m64nMk16 per 64-column block of D, K_j read
+// M-major from its 128-byte swizzled blocks, dXᵀ N-major from the dxt tile in the 64-byte (32 queries) or 32-byte
+// (16) swizzle), issued right after the dV_j/dK_j products and waited for with them, instead of the mma.sync dQ in
+// 16-column chunks after dV_j/dK_j have landed; dQ_i then goes out as float32 atomics of the transposed
+// accumulators. Opt-in (-DHYPTORCH_BWD_D128_DQ_WGMMA=1): compile-checked, not yet run on a GPU.
+#ifndef HYPTORCH_BWD_D128_DQ_WGMMA
+#define HYPTORCH_BWD_D128_DQ_WGMMA 0
 #endif
 // Query tile of kernel 1 (and 2) at D = 128 for the dot scores (lorentz_dot, euclidean): 32 halves the per-step
 // overhead (barriers, row fields, dQ atomics) per query against 16 (-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16, for A/B).
@@ -174,11 +174,6 @@ struct Tile {
   // row sums otherwise reduced across lanes with shuffles): dQ is m64n72 (attention_bwd_kv_kernel)
   static constexpr bool kRowSumsTC = kWgmma && kFamily == FAMILY_DOT && kBlockM == 64;
   static constexpr int kKTimeElems = kRowSumsTC ? kBlockN * 64 : 0;
-  // HYPTORCH_BWD_DQ_BULK: kernel 1's dQ_i staging rows (float32, padded by 8 floats so that a warp's float2
-  // stores of its accumulators hit every bank twice, the minimum for 256 bytes)
-  static constexpr bool kDqBulk = HYPTORCH_BWD_DQ_BULK && kWgmma;
-  static constexpr int kDqStageStride = kHeadDim + 8;
-  static constexpr int kDqStageBytes = kDqBulk ? kBlockM * kDqStageStride * 4 : 0;
   // One-part inputs: the row fields hold L_i·log2 e, so tile_step's
   // P = exp2(coef·log2e·u − L_i·log2e) is one FFMA, and dP − D_i is two FFMA. Split inputs keep the unscaled
   // form and the original order of dP − D_i: float32-level P, and the rounding the float32 gradient grid was
@@ -198,13 +193,12 @@ struct Tile {
   template <typename T>
   static constexpr int smem_bytes() {
     return (kParts * (2 * kBlockN * kHeadDim + kBlockN * kBlockM) + kKTimeElems) * (int)sizeof(T) +
-           kQueryBuffers * query_buffer_bytes<T>() + kFloats * (int)sizeof(float) + kDqStageBytes + kAlignSlack;
+           kQueryBuffers * query_buffer_bytes<T>() + kFloats * (int)sizeof(float) + kAlignSlack;
   }
-  // kernel 2 uses one query buffer: the second one and the dQ staging rows, last in the layout, are not
-  // allocated (more CTAs per SM)
+  // kernel 2 uses one query buffer: the second one, last in the layout, is not allocated (more CTAs per SM)
   template <typename T>
   static constexpr int one_query_buffer_smem_bytes() {
-    return smem_bytes<T>() - (kQueryBuffers - 1) * query_buffer_bytes<T>() - kDqStageBytes;
+    return smem_bytes<T>() - (kQueryBuffers - 1) * query_buffer_bytes<T>();
   }
 };
 
@@ -392,10 +386,9 @@ struct Smem {
   float* key;  // [kKeyFields][kBlockN]
   float* row_part;  // [kWarps][kBlockM][2]: per-warp partial row sums (R_i, RX_i)
   float* scal;      // [kWarps][2]
-  float* dq_stage;  // [kBlockM][kDqStageStride] (Tile::kDqBulk; kernel 1 only)
   // buf selects one of the two Q_i/dO_i/row-field buffers (kernel 1 prefetches the next query tile into
   // the other while it computes); K/V and dxt are single. Layout: K/V | dxt | Q/dO/dO-lo buffer 0 |
-  // floats | Q/dO/dO-lo buffer 1 | dQ staging (last, so kernel 2, which uses buffer 0 only, allocates
+  // floats | Q/dO/dO-lo buffer 1 (last, so kernel 2, which uses buffer 0 only, allocates
   // one_query_buffer_smem_bytes). Split inputs have one query buffer (buf = 0).
   __device__ explicit Smem(char* base, int buf = 0) {
     k = reinterpret_cast<T*>(base);
@@ -411,8 +404,6 @@ struct Smem {
     q = query0 + buf * (Tl::kQueryTiles * q_part + Tl::kFloats * (int)(sizeof(float) / sizeof(T)));
     dout = q + kParts * q_part;
     dout_lo = dout + q_part;
-    dq_stage = reinterpret_cast<float*>(query0 + Tl::kQueryBuffers * Tl::kQueryTiles * q_part +
-                                        Tl::kFloats * (int)(sizeof(float) / sizeof(T)));
   }
 };
 
@@ -1019,27 +1010,6 @@ __device__ __forceinline__ void store_warp_rows(float* dst,
   }
 }
 
-// HYPTORCH_BWD_DQ_BULK, per warp: dq_stage_acquire before the warp writes its staging rows (the bulk reductions
-// its lanes 0-15 issued from them in the previous step have read them); dq_stage_release after: the warp's 16
-// staged rows (kCols floats each, kStride apart) are added to the float32 rows dst (kHeadDim apart; rows from
-// rows_left on lie past N and are skipped), one bulk reduction per row.
-__device__ __forceinline__ void dq_stage_acquire(int lane) {
-  if (lane < 16) bulk_wait_read<0>();
-  __syncwarp();
-}
-
-template <int kHeadDim, int kStride, int kCols>
-__device__ __forceinline__ void dq_stage_release(float* dst, const float* stage, int rows_left, int lane) {
-  fence_proxy_async();  // the staging stores are read by the bulk reductions (async proxy)
-  __syncwarp();
-  if (lane < 16) {
-    if (lane < rows_left) {
-      bulk_reduce_add_f32(dst + (size_t)lane * kHeadDim, smem_addr(stage + lane * kStride), kCols * 4);
-    }
-    bulk_commit();
-  }
-}
-
 __device__ __forceinline__ void add_float2(float* dst, float x, float y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x, y));
@@ -1163,6 +1133,8 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   // wgmma with 64-query tiles: dQ_i by one warpgroup product (below); with HYPTORCH_BWD_EARLY_SCORES the next
   // step's S/dP are issued together with it (kEarlyScores)
   constexpr bool wgmma_dq = use_wgmma && kDk && Tl::kBlockM == 64;
+  // HYPTORCH_BWD_D128_DQ_WGMMA: dQ_iᵀ by wgmma at D = 128 (below)
+  constexpr bool wgmma_dqt = use_wgmma && kDk && kHeadDim == 128 && HYPTORCH_BWD_D128_DQ_WGMMA;
   constexpr bool kEarlyScores = wgmma_dq && kPrefetch && HYPTORCH_BWD_EARLY_SCORES && kFamily == FAMILY_DOT;
   // HYPTORCH_BWD_SPLIT_STEP: the first half's dV/dK products issued between the halves of the element-wise work
   constexpr bool kSplitStep = use_wgmma && HYPTORCH_BWD_SPLIT_STEP && Tl::kBlockM >= 32;  // (two k-steps or more)
@@ -1249,7 +1221,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     if constexpr (use_wgmma) {
       issue_kv_products(std::integral_constant<int, kSplitStep ? kKSteps / 2 : 0>{},
                         std::integral_constant<int, kKSteps>{});
-      if constexpr (kHeadDim == 128) {
+      if constexpr (kHeadDim == 128 && !wgmma_dqt) {
         // dQ_i by mma.sync below: dV_j, dK_j first, so their A operands' registers are free for it (at D = 64 the
         // distance scores' dQ, by mma.sync too, runs while they do)
         wgmma_wait<0>();
@@ -1280,6 +1252,61 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     if constexpr (kDk && !use_wgmma) {
       if constexpr (!kDv) to_a_operands<T, kHeadDim, kFamily, kParts>(dp, ax);
       acc_mma_kn<T, kHeadDim, kFamily, kParts>(dk, ax, sm.q);
+    }
+
+    // wgmma at D = 128 (HYPTORCH_BWD_D128_DQ_WGMMA): dQ_iᵀ (D × kBlockM) = K_jᵀ dX_ijᵀ as two m64 products (64-column
+    // blocks c of D), A = K_j's block c read M-major, B = dXᵀ read N-major; issued on every path (ptxas serialises
+    // wgmma issued on some paths only), then waited for with dV_j, dK_j. Accumulator (c, n8 tile n, e) of warp w,
+    // lane (g, t): dQ_i[query 8n + 2t + (e & 1)][column 64c + 16w + g + 8(e >> 1)].
+    if constexpr (wgmma_dqt) {
+      store_dxt<T, kHeadDim, kFamily, kParts>(sm.dxt, ax);
+      fence_proxy_async();  // the dxt stores are read by wgmma
+      __syncthreads();
+      float dqt[2][Tl::kBlockM / 8][4];
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+#pragma unroll
+        for (int n = 0; n < Tl::kBlockM / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dqt[c][n][e] = 0.f;
+        }
+        fence_registers(dqt[c]);
+      }
+      constexpr uint32_t kDxtRow = Tl::kBlockM * 2;  // bytes per key of the dxt tile (its swizzle width)
+      const uint32_t k_lo = smem_desc_lo(smem_addr(sm.k), Tl::kBlockN * 128), dxt = smem_addr(sm.dxt);
+      wgmma_fence();
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+#pragma unroll
+        for (int kk = 0; kk < Tl::kBlockN / 16; ++kk) {  // keys 16kk … 16kk + 15
+          wgmma_ss_tt<T, Tl::kBlockM>(dqt[c], smem_desc_at(k_lo, c * (Tl::kBlockN * 128) + kk * (16 * 128), 1024),
+                                      smem_desc_narrow<kDxtRow>(dxt + kk * 16 * kDxtRow, 0, 8 * kDxtRow));
+        }
+      }
+      wgmma_commit();
+      wgmma_wait<0>();  // (also dV_j, dK_j above)
+      fence_registers(dv);
+      fence_registers(dk);
+      fence_registers(dqt[0]);
+      fence_registers(dqt[1]);
+      if (kLatePrefetch && i0 + Tl::kBlockM < N) {  // (as after the dV_j/dK_j wait of the mma.sync dQ)
+        prefetch(i0 + Tl::kBlockM, buf ^ 1);
+        next_rows = load_row_raw<kHeadDim, kFamily, kParts>(p, bh, i0 + Tl::kBlockM);
+      }
+      if (p.dq_atomic) {
+        float* const dst = p.dq_acc + ((size_t)bh * N + i0) * kHeadDim + 16 * warp + g;
+#pragma unroll
+        for (int n = 0; n < Tl::kBlockM / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int q = 8 * n + 2 * t + (e & 1);
+            if (i0 + q < N) {
+              atomicAdd(dst + (size_t)q * kHeadDim + 8 * (e >> 1), dqt[0][n][e]);
+              atomicAdd(dst + (size_t)q * kHeadDim + 64 + 8 * (e >> 1), dqt[1][n][e]);
+            }
+          }
+        }
+      }
     }
 
     // wgmma with 64-query tiles: dQ_i (64 queries × D) = dX_ij K_j by one warpgroup product, A = dXᵀ and B = K_j
@@ -1325,24 +1352,10 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
       }
       fence_registers(dq);
       if (p.dq_atomic) {
-        if constexpr (Tl::kDqBulk) {  // the warp's 16 rows, whole
-          float* const stage = sm.dq_stage + warp * 16 * Tl::kDqStageStride;
-          dq_stage_acquire(lane);
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-#pragma unroll
-            for (int n = 0; n < kHeadDim / 8; ++n) {
-              *reinterpret_cast<float2*>(stage + (g + 8 * hh) * Tl::kDqStageStride + n * 8 + 2 * t) =
-                  make_float2(dq[n][2 * hh], dq[n][2 * hh + 1]);
-            }
-          }
-          dq_stage_release<kHeadDim, Tl::kDqStageStride, kHeadDim>(
-              p.dq_acc + ((size_t)bh * N + i0 + warp * 16) * kHeadDim, stage, N - (i0 + warp * 16), lane);
-        }
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           const int i = i0 + warp * 16 + g + 8 * hh;
-          if (!Tl::kDqBulk && i < N) {
+          if (i < N) {
             float* dst = p.dq_acc + ((size_t)bh * N + i) * kHeadDim + 2 * t;
 #pragma unroll
             for (int n = 0; n < kHeadDim / 8; ++n) add_float2(dst + n * 8, dq[n][2 * hh], dq[n][2 * hh + 1]);
@@ -1358,14 +1371,11 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     }
     if (kDk && p.dq_atomic) {
       // dQ_i += dX_ij K_j (fp32 atomics), R_i and RX_i likewise
-      if constexpr (!wgmma_dq) {
+      if constexpr (!wgmma_dq && !wgmma_dqt) {
         store_dxt<T, kHeadDim, kFamily, kParts>(sm.dxt, ax);
         __syncthreads();
         // in chunks of kDqChunk columns, so the chunk's accumulators fit next to dK_j, dV_j
         const int row0 = 16 * (warp % Tl::kRowGroups), col_begin = (warp / Tl::kRowGroups) * Tl::kDqCols;
-        constexpr bool kBulk = use_wgmma && Tl::kDqBulk;  // (the warp's 16 rows × kDqCols columns from col_begin)
-        float* const stage = sm.dq_stage + row0 * Tl::kDqStageStride + col_begin;
-        if constexpr (kBulk) dq_stage_acquire(lane);
 #pragma unroll 1
         for (int col0 = col_begin; col0 < (warp / Tl::kRowGroups + 1) * Tl::kDqCols; col0 += Tl::kDqChunk) {
           float acc[Tl::kDqChunk / 8][4];
@@ -1380,18 +1390,11 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
               const int i = i0 + row0 + g + 8 * hh;
-              if constexpr (kBulk) {
-                *reinterpret_cast<float2*>(stage + (g + 8 * hh) * Tl::kDqStageStride + col0 - col_begin + n * 8 + 2 * t) =
-                    make_float2(acc[n][2 * hh], acc[n][2 * hh + 1]);
-              } else if (i < N) {
+              if (i < N) {
                 add_float2(p.dq_acc + ((size_t)bh * N + i) * kHeadDim + col0 + n * 8 + 2 * t, acc[n][2 * hh], acc[n][2 * hh + 1]);
               }
             }
           }
-        }
-        if constexpr (kBulk) {
-          dq_stage_release<kHeadDim, Tl::kDqStageStride, Tl::kDqCols>(
-              p.dq_acc + ((size_t)bh * N + i0 + row0) * kHeadDim + col_begin, stage, N - (i0 + row0), lane);
         }
       }
       for (int r = threadIdx.x; r < (tc_rows ? 0 : Tl::kBlockM); r += Tl::kThreads) {
@@ -1427,10 +1430,6 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   }
   cp_async_wait<0>();  // K_j/V_j copies are still in flight when no query tile was visited
   if constexpr (kEarlyScores) score_wgmma_wait(sp, dp);  // the S/dP issued after the last tile
-  // the dQ staging rows are read before the CTA's shared memory goes away
-  if constexpr (use_wgmma && Tl::kDqBulk) {
-    if (lane < 16) bulk_wait_read<0>();
-  }
 
   // Write dK_j, dV_j (fp32, this query head) and the key sums
 #pragma unroll

@@ -22,6 +22,19 @@ __device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t smem_byte_addr, uin
          ((uint64_t)(stride_bytes >> 4) << 32) | (1ull << 62);
 }
 
+// The descriptor of a narrower swizzle: rows of kRowBytes = 64 or 32 bytes (the 64- or 32-byte swizzle: 16-byte
+// chunks XOR-ed with row bits 1-2 or bit 2, i.e. address bits 7-8 or 7, in 8-row atoms of 8 · kRowBytes bytes,
+// atom-aligned so the base-offset field is 0). MN-major operands: stride = 8 · kRowBytes between groups of 8 rows of
+// the reduction dim; leading = bytes between kRowBytes / 2-element blocks of the M/N dim (unused within one block).
+template <int kRowBytes>
+__device__ __forceinline__ uint64_t smem_desc_narrow(uint32_t smem_byte_addr, uint32_t leading_bytes,
+                                                     uint32_t stride_bytes) {
+  static_assert(kRowBytes == 64 || kRowBytes == 32, "the 64- and 32-byte swizzles (128: smem_desc_sw128)");
+  constexpr uint64_t kMode = kRowBytes == 64 ? 2 : 3;  // layout type: 1 = 128-byte, 2 = 64-byte, 3 = 32-byte swizzle
+  return (uint64_t)((smem_byte_addr & 0x3FFFF) >> 4) | ((uint64_t)(leading_bytes >> 4) << 16) |
+         ((uint64_t)(stride_bytes >> 4) << 32) | (kMode << 62);
+}
+
 // The same descriptor in two steps, for the k-steps of one tile: smem_desc_lo once per tile, then
 // smem_desc_at(lo, offset) = smem_desc_sw128(tile + offset, ...) with one 32-bit add (the start-address field,
 // address / 16 in 14 bits, never carries for shared-memory addresses, all below 256 KiB) instead of masking and
@@ -37,22 +50,6 @@ __device__ __forceinline__ uint64_t smem_desc_at(uint32_t desc_lo, uint32_t offs
 // Orders this thread's earlier shared-memory writes through the generic proxy (plain stores, cp.async)
 // before later reads through the async proxy (wgmma operands); a barrier follows before the first wgmma.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-// Bulk asynchronous reduction (TMA unit): dst[0 .. bytes/4) += the float32 values at shared-memory address src,
-// element-wise atomic in global memory; dst and src 16-byte aligned, bytes a multiple of 16. Committed per
-// thread into bulk groups; bulk_wait_read<N> returns once at most N of this thread's groups still read
-// shared memory (then the source may be overwritten).
-__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
-               ::"l"(dst), "r"(src), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-
-template <int kPending>
-__device__ __forceinline__ void bulk_wait_read() {
-  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
-}
 
 // Before the first wgmma of a group: makes the warpgroup's register writes (accumulators, A fragments)
 // visible to the tensor cores.

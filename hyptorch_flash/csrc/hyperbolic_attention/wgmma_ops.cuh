@@ -301,6 +301,33 @@ __device__ __forceinline__ void wgmma_rs_bt<__half, 136>(float (&d)[17][4], cons
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 }
 
+// D (64×16, fp32) += A (64×16, shared memory, M-major) · B (16×16, shared memory, N-major)
+template <>
+__device__ __forceinline__ void wgmma_ss_tt<__nv_bfloat16, 16, true>(float (&d)[2][4], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"  // scale-d = 1: accumulate
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7"
+      "}, %8, %9, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+          "+f"(d[1][2]), "+f"(d[1][3])
+      : "l"(desc_a), "l"(desc_b));
+}
+
+// D (64×32, fp32) += A (64×16, shared memory, M-major) · B (16×32, shared memory, N-major)
+template <>
+__device__ __forceinline__ void wgmma_ss_tt<__nv_bfloat16, 32, true>(float (&d)[4][4], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"  // scale-d = 1: accumulate
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, %16, %17, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+          "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+      : "l"(desc_a), "l"(desc_b));
+}
+
 // D (64×64, fp32) += A (64×16, shared memory, M-major) · B (16×64, shared memory, N-major)
 template <>
 __device__ __forceinline__ void wgmma_ss_tt<__nv_bfloat16, 64, true>(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b) {
@@ -335,6 +362,33 @@ __device__ __forceinline__ void wgmma_ss_tt<__nv_bfloat16, 72, true>(float (&d)[
           "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
           "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
           "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3])
+      : "l"(desc_a), "l"(desc_b));
+}
+
+// D (64×16, fp32) += A (64×16, shared memory, M-major) · B (16×16, shared memory, N-major)
+template <>
+__device__ __forceinline__ void wgmma_ss_tt<__half, 16, true>(float (&d)[2][4], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"  // scale-d = 1: accumulate
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7"
+      "}, %8, %9, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+          "+f"(d[1][2]), "+f"(d[1][3])
+      : "l"(desc_a), "l"(desc_b));
+}
+
+// D (64×32, fp32) += A (64×16, shared memory, M-major) · B (16×32, shared memory, N-major)
+template <>
+__device__ __forceinline__ void wgmma_ss_tt<__half, 32, true>(float (&d)[4][4], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"  // scale-d = 1: accumulate
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, %16, %17, p, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+          "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
       : "l"(desc_a), "l"(desc_b));
 }
 
@@ -465,6 +519,33 @@ __device__ __forceinline__ void wgmma_ss<__half, 64, false>(float (&d)[8][4], ui
       : "l"(desc_a), "l"(desc_b));
 }
 
+// D (64×16, fp32) = A (64×16, shared memory, M-major) · B (16×16, shared memory, N-major)
+template <>
+__device__ __forceinline__ void wgmma_ss_tt<__nv_bfloat16, 16, false>(float (&d)[2][4], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"  // scale-d = 0: overwrite
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7"
+      "}, %8, %9, p, 1, 1, 1, 1;\n}\n"
+      : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]),
+          "=f"(d[1][2]), "=f"(d[1][3])
+      : "l"(desc_a), "l"(desc_b));
+}
+
+// D (64×32, fp32) = A (64×16, shared memory, M-major) · B (16×32, shared memory, N-major)
+template <>
+__device__ __forceinline__ void wgmma_ss_tt<__nv_bfloat16, 32, false>(float (&d)[4][4], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"  // scale-d = 0: overwrite
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, %16, %17, p, 1, 1, 1, 1;\n}\n"
+      : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]),
+          "=f"(d[1][2]), "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]),
+          "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]), "=f"(d[3][3])
+      : "l"(desc_a), "l"(desc_b));
+}
+
 // D (64×64, fp32) = A (64×16, shared memory, M-major) · B (16×64, shared memory, N-major)
 template <>
 __device__ __forceinline__ void wgmma_ss_tt<__nv_bfloat16, 64, false>(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b) {
@@ -499,6 +580,33 @@ __device__ __forceinline__ void wgmma_ss_tt<__nv_bfloat16, 72, false>(float (&d)
           "=f"(d[4][2]), "=f"(d[4][3]), "=f"(d[5][0]), "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]),
           "=f"(d[6][0]), "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), "=f"(d[7][0]), "=f"(d[7][1]),
           "=f"(d[7][2]), "=f"(d[7][3]), "=f"(d[8][0]), "=f"(d[8][1]), "=f"(d[8][2]), "=f"(d[8][3])
+      : "l"(desc_a), "l"(desc_b));
+}
+
+// D (64×16, fp32) = A (64×16, shared memory, M-major) · B (16×16, shared memory, N-major)
+template <>
+__device__ __forceinline__ void wgmma_ss_tt<__half, 16, false>(float (&d)[2][4], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"  // scale-d = 0: overwrite
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7"
+      "}, %8, %9, p, 1, 1, 1, 1;\n}\n"
+      : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]),
+          "=f"(d[1][2]), "=f"(d[1][3])
+      : "l"(desc_a), "l"(desc_b));
+}
+
+// D (64×32, fp32) = A (64×16, shared memory, M-major) · B (16×32, shared memory, N-major)
+template <>
+__device__ __forceinline__ void wgmma_ss_tt<__half, 32, false>(float (&d)[4][4], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"  // scale-d = 0: overwrite
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, %16, %17, p, 1, 1, 1, 1;\n}\n"
+      : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]), "=f"(d[1][1]),
+          "=f"(d[1][2]), "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]), "=f"(d[2][2]), "=f"(d[2][3]),
+          "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]), "=f"(d[3][3])
       : "l"(desc_a), "l"(desc_b));
 }
 
