@@ -34,6 +34,7 @@
 // and added with round-to-nearest, Kahan-compensated per-head sums: see the comments where each is used.
 #pragma once
 
+#include <cfloat>
 #include <cstdint>
 #include <math_constants.h>
 #include <type_traits>
@@ -110,6 +111,14 @@
 // accumulators. Opt-in (-DHYPTORCH_BWD_D128_DQ_WGMMA=1): compile-checked, not yet run on a GPU.
 #ifndef HYPTORCH_BWD_D128_DQ_WGMMA
 #define HYPTORCH_BWD_D128_DQ_WGMMA 0
+#endif
+// Arccosh scores (distance, poincare_distance), one-part inputs: 1/√(z² − 1) by one SFU reciprocal square root and
+// √(z² − 1) as (z² − 1) times it, instead of an SFU square root and an SFU reciprocal: 3 SFU operations per score
+// (with lg2 and ex2) instead of 4, where the SFU (16 lanes per clock per SM) bounds the element-wise step. z² − 1 is
+// clamped to FLT_MAX (z ≳ 1.8e19, far past any distance bf16/fp16 inputs resolve: the product stays finite).
+// Opt-in (-DHYPTORCH_BWD_ACOSH_RSQRT=1): compile-checked, not yet run on a GPU.
+#ifndef HYPTORCH_BWD_ACOSH_RSQRT
+#define HYPTORCH_BWD_ACOSH_RSQRT 0
 #endif
 // Query tile of kernel 1 (and 2) at D = 128 for the dot scores (lorentz_dot, euclidean): 32 halves the per-step
 // overhead (barriers, row fields, dQ atomics) per query against 16 (-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16, for A/B).
@@ -352,9 +361,22 @@ __device__ __forceinline__ void score_terms(float dot, float qw, float qsq, floa
     // arccosh with its argument clamped to ≥ 1 + eps (arccosh' is infinite at 1: the diagonal)
     const float zmin = 1.f + hc.acosh_eps;
     const float zc = fmaxf(z, zmin);
+#if HYPTORCH_BWD_ACOSH_RSQRT
+    float root, inv_root;  // √(z² − 1) and its reciprocal
+    if constexpr (!kAccurate) {
+      const float r2 = fminf((zc - 1.f) * (zc + 1.f), FLT_MAX);
+      inv_root = fast_rsqrt(r2);
+      root = r2 * inv_root;
+    } else {
+      root = sqrt_f<kAccurate>((zc - 1.f) * (zc + 1.f));
+      inv_root = rcp_f<kAccurate>(root);
+    }
+    const float acosh_z = kLn2 * fast_log2(zc + root);  // arccosh(z) = ln(z + sqrt(z² − 1))
+#else
     const float root = sqrt_f<kAccurate>((zc - 1.f) * (zc + 1.f));
     const float acosh_z = kLn2 * fast_log2(zc + root);  // arccosh(z) = ln(z + sqrt(z² − 1))
     const float inv_root = rcp_f<kAccurate>(root);
+#endif
     float ds_dz;
     if (hc.squared) {
       u = -hc.kappa * acosh_z * acosh_z;

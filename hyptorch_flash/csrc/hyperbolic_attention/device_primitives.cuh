@@ -170,6 +170,12 @@ __device__ __forceinline__ float fast_sqrt(float x) {
   return y;
 }
 
+__device__ __forceinline__ float fast_rsqrt(float x) {  // rsqrt(+inf) = 0
+  float y;
+  asm("rsqrt.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ float fast_rcp(float x) {  // rcp(+inf) = 0
   float y;
   asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
