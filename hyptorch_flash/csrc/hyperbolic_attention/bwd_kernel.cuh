@@ -1284,6 +1284,12 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
       store_dxt<T, kHeadDim, kFamily, kParts>(sm.dxt, ax);
       fence_proxy_async();  // the dxt stores are read by wgmma
       __syncthreads();
+      // HYPTORCH_BWD_D128_PREFETCH: the next tile's loads run during all three products (the other buffer was last
+      // read in the previous step: every warp passed this step's first barrier since)
+      if (kLatePrefetch && i0 + Tl::kBlockM < N) {
+        prefetch(i0 + Tl::kBlockM, buf ^ 1);
+        next_rows = load_row_raw<kHeadDim, kFamily, kParts>(p, bh, i0 + Tl::kBlockM);
+      }
       float dqt[2][Tl::kBlockM / 8][4];
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
@@ -1311,10 +1317,6 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
       fence_registers(dk);
       fence_registers(dqt[0]);
       fence_registers(dqt[1]);
-      if (kLatePrefetch && i0 + Tl::kBlockM < N) {  // (as after the dV_j/dK_j wait of the mma.sync dQ)
-        prefetch(i0 + Tl::kBlockM, buf ^ 1);
-        next_rows = load_row_raw<kHeadDim, kFamily, kParts>(p, bh, i0 + Tl::kBlockM);
-      }
       if (p.dq_atomic) {
         float* const dst = p.dq_acc + ((size_t)bh * N + i0) * kHeadDim + 16 * warp + g;
 #pragma unroll
