@@ -13,7 +13,8 @@
 # kernel that GPUs other than sm_90a run, -DHYPTORCH_BWD_WGMMA=0), bwd_ab (same-process A/B of the backward against
 # its switchable paths turned off one at a time: dev/ab_bwd_opt_in.py), bwd_ncu (Nsight Compute on the backward's
 # kernel 1 at D = 64 and 128: stall reasons, scheduler and memory statistics, the hottest SASS lines), fwd_opt_in
-# (the forward tests with -DHYPTORCH_FWD_DESC_LO=1 and a same-process A/B against the default).
+# (the forward opt-ins in $FWD_OPT_IN, by default -DHYPTORCH_FWD_DESC_LO=1 -DHYPTORCH_FWD_HILO_ONE_GROUP=1: the
+# forward and backward tests with both, a same-process A/B of the default against each).
 # Each step has its own time limit and a failing step does not stop the next ones; the script exits
 # non-zero if any step failed. On the lent device, install geoopt first (the device README's notes).
 set -uo pipefail
@@ -83,10 +84,12 @@ cuda_build.load(); cuda_backward.load_extension()" ;;
           --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
           python3 dev/one_fwd_bwd.py "$d"
       done ;;
-    fwd_opt_in)
-      HYPTORCH_FLASH_NVCC_EXTRA=-DHYPTORCH_FWD_DESC_LO=1 step fwd_opt_in_tests 400 python3 -m pytest -q -x \
-        -p no:warnings tests/test_cuda_forward.py tests/test_out_dtype.py
-      step fwd_opt_in_ab 300 bash -c 'cd dev && python3 ab_fwd_tiles.py "" -DHYPTORCH_FWD_DESC_LO=1' ;;
+    fwd_opt_in)  # $FWD_OPT_IN: the forward opt-ins' nvcc flags, tested together and A/B'd one by one
+      FWD_OPT_IN=${FWD_OPT_IN:--DHYPTORCH_FWD_DESC_LO=1 -DHYPTORCH_FWD_HILO_ONE_GROUP=1}
+      read -ra fwd_flags <<<"$FWD_OPT_IN"
+      HYPTORCH_FLASH_NVCC_EXTRA=$FWD_OPT_IN step fwd_opt_in_tests 400 python3 -m pytest -q -x \
+        -p no:warnings tests/test_cuda_forward.py tests/test_out_dtype.py tests/test_cuda_backward.py
+      step fwd_opt_in_ab 300 bash -c 'cd dev && python3 ab_fwd_tiles.py "" "$@"' _ "${fwd_flags[@]}" ;;
     *) echo "unknown step: $name"; failed+=("$name") ;;
   esac
 done

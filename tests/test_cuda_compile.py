@@ -45,7 +45,7 @@ BWD_FILES = [p for p in CU_FILES if re.match(r"bwd_hd\d+_", p.name)]
 BWD_OPT_IN_FLAGS = ("-DHYPTORCH_BWD_SPLIT_STEP=1", "-DHYPTORCH_BWD_D128_PREFETCH=1", "-DHYPTORCH_BWD_FULL_TILE_LOADS=1",
                     "-DHYPTORCH_BWD_OVERWRITE_FIRST=1", "-DHYPTORCH_BWD_D128_DQ_WGMMA=1", "-DHYPTORCH_BWD_ACOSH_RSQRT=1")
 # and the forward's (attention_fwd_kernel.cuh), on its wgmma files
-FWD_OPT_IN_FLAGS = ("-DHYPTORCH_FWD_DESC_LO=1",)
+FWD_OPT_IN_FLAGS = ("-DHYPTORCH_FWD_DESC_LO=1", "-DHYPTORCH_FWD_HILO_ONE_GROUP=1")
 VARIANTS = {(MMA_SYNC_FLAG,): "mma_sync", BWD_OPT_OUT_FLAGS: "bwd_opt_out", BWD_MMA_SYNC_FLAGS: "mma_sync_bwd",
             BWD_OPT_IN_FLAGS: "bwd_opt_in", FWD_OPT_IN_FLAGS: "fwd_opt_in"}
 CASES = ([(p, ()) for p in CU_FILES] + [(p, (MMA_SYNC_FLAG,)) for p in MMA_SYNC_FILES] +

@@ -64,6 +64,13 @@ constexpr bool kFwdWgmmaArch = false;
 #ifndef HYPTORCH_FWD_DESC_LO
 #define HYPTORCH_FWD_DESC_LO 0
 #endif
+// The forward for the backward (P·V with P as hi + lo, not pipelined) with wgmma: both terms' A fragments formed
+// first and their products issued as one group, waited for once, instead of hi issued, waited for, then lo formed,
+// issued and waited for (the lo fragments take the registers of the score tile, dead by then). Same products in the
+// same order (the same O). Opt-in (-DHYPTORCH_FWD_HILO_ONE_GROUP=1): compile-checked, not yet run on a GPU.
+#ifndef HYPTORCH_FWD_HILO_ONE_GROUP
+#define HYPTORCH_FWD_HILO_ONE_GROUP 0
+#endif
 #ifndef HYPTORCH_FWD_BLOCK_N_D128
 #define HYPTORCH_FWD_BLOCK_N_D128 HYPTORCH_FWD_BLOCK_N_D128_DEFAULT
 #endif
@@ -906,6 +913,30 @@ __global__ void __launch_bounds__(FwdTile<kHeadDim, kDistance, kParts>::kThreads
         wgmma_wait<1>();  // S_{i,j+1}; P_ij V_j may still run
 #pragma unroll
         for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_s[rt]);
+      } else if constexpr (p_hi_lo && HYPTORCH_FWD_HILO_ONE_GROUP) {
+        // Not pipelined, hi + lo: both terms' fragments, then their products as one group
+        uint32_t pv_lo[kBlockN / 16][kRowTiles][kParts][4];
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) p_operands(kk, pv_lo[kk], true);
+        fence_pv_registers();
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk)
+#pragma unroll
+          for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(pv_lo[kk][rt]);
+        wgmma_fence();
+        issue_pv(pv_a);
+        issue_pv(pv_lo);
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int rt = 0; rt < kRowTiles; ++rt) fence_registers(acc_o[rt]);
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk)
+#pragma unroll
+          for (int rt = 0; rt < kRowTiles; ++rt) {
+            fence_registers(pv_a[kk][rt]);
+            fence_registers(pv_lo[kk][rt]);
+          }
       } else {
         // Not pipelined: P·V now, one term at a time.
 #pragma unroll
