@@ -20,7 +20,7 @@ trap 'rm -rf "$work"' EXIT
 sass() {  # sass DIR FILE OUT [flags]: the function bodies' SASS (addresses and encodings kept)
   local dir=$1 file=$2 out=$3
   shift 3
-  nvcc "${NVCC_ARGS[@]}" "$@" "$dir/$file" -o "$work/obj.o"
+  nvcc "${NVCC_ARGS[@]}" "$@" "$dir/$file" -o "$work/obj.o" 2>"$work/nvcc.txt" || { cat "$work/nvcc.txt" >&2; return 1; }
   # (anonymous namespaces are named after the source path: normalised)
   "$CUOBJDUMP" -sass "$work/obj.o" | grep -v 'Fatbin\|code for\|arch =\|host =\|compile_size\|identifier\|headerflags\|^\s*$' |
     sed 's/_GLOBAL__N__[0-9a-f]*_/_GLOBAL__N__/' >"$out"
