@@ -8,8 +8,9 @@
 # Steps: build, tests, sanitizer, sanitizer_fp32, fwd_quick, fwd_sweep, fwd_fp32, bwd, bwd_fp32, bwd_memory, bwd_flex,
 # bwd_opt_in (the backward opt-ins in $BWD_OPT_IN, by default -DHYPTORCH_BWD_D128_PREFETCH=1
 # -DHYPTORCH_BWD_FULL_TILE_LOADS=1 -DHYPTORCH_BWD_OVERWRITE_FIRST=1 -DHYPTORCH_BWD_D128_DQ_WGMMA=1
-# -DHYPTORCH_BWD_ACOSH_RSQRT=1 -DHYPTORCH_BWD_PAIR_ROUND=1: the tests and the bf16 sanitizer with all of them, a same-process A/B of the default against each and against all of them, its
-# builds overlapping the tests, ~8 min), bwd_mma_sync (the backward tests with the mma.sync
+# -DHYPTORCH_BWD_ACOSH_RSQRT=1 -DHYPTORCH_BWD_PAIR_ROUND=1: the tests and the bf16 sanitizer with all of them, a
+# same-process A/B of the default against each and against all of them, its builds overlapping the tests, ~8 min;
+# if the tests failed, the bf16 gradient checks with each one alone), bwd_mma_sync (the backward tests with the mma.sync
 # kernel that GPUs other than sm_90a run, -DHYPTORCH_BWD_WGMMA=0), bwd_ab (same-process A/B of the backward against
 # its switchable paths turned off one at a time: dev/ab_bwd_opt_in.py), bwd_ncu (Nsight Compute on the backward's
 # kernel 1 at D = 64 and 128: stall reasons, scheduler and memory statistics, the hottest SASS lines), fwd_opt_in
@@ -70,7 +71,15 @@ cuda_build.load(); cuda_backward.load_extension()" ;;
       HYPTORCH_FLASH_NVCC_EXTRA=$BWD_OPT_IN PYTORCH_NO_CUDA_MEMORY_CACHING=1 step bwd_opt_in_sanitizer 200 \
         compute-sanitizer --tool memcheck --error-exitcode 1 python3 tests/cuda_sanitizer_cases.py bfloat16
       wait "$ab_build" || failed+=(bwd_opt_in_ab_build)
-      step bwd_opt_in_ab 400 bash -c 'cd dev && python3 ab_bwd_opt_in.py "" "$@"' _ "${opt_in_flags[@]}" ;;
+      step bwd_opt_in_ab 400 bash -c 'cd dev && python3 ab_bwd_opt_in.py "" "$@"' _ "${opt_in_flags[@]}"
+      if [[ " ${failed[*]} " == *" bwd_opt_in_tests "* ]]; then
+        # which one: the bf16 gradient checks with each alone (built already, for the A/B)
+        for flag in "${opt_in_flags[@]::${#opt_in_flags[@]}-1}"; do
+          single=${flag#-DHYPTORCH_BWD_}
+          HYPTORCH_FLASH_NVCC_EXTRA=$flag step "bwd_opt_in_only_${single%%=*}" 120 python3 -m pytest -q \
+            -p no:warnings tests/test_cuda_backward.py -k "within_twice and bfloat16"
+        done
+      fi ;;
     bwd_mma_sync)
       HYPTORCH_FLASH_NVCC_EXTRA=-DHYPTORCH_BWD_WGMMA=0 step bwd_mma_sync_tests 400 python3 -m pytest -q \
         --maxfail=40 -p no:warnings tests/test_cuda_backward.py ;;

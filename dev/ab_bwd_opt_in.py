@@ -15,17 +15,14 @@ import torch
 import torch.nn.functional as F
 
 import hyptorch_flash as hf
-from ab_common import build_settings, setting_build_name, timed  # dev/ab_common.py
+from ab_common import build_settings, timed  # dev/ab_common.py
 from hyptorch_flash.ops import cuda_backward, cuda_build
 
 
 def build(setting: str):
-    """The backward extension with extra nvcc flags ``setting``; the default ("") is the package's own."""
-    if not setting:
-        return cuda_backward.load_extension()
-    name = setting_build_name("hyptorch_flash_bwd_ab_", setting)
-    return cuda_build.jit_build(name, cuda_backward.sources(), cuda_backward.hashed_sources(),
-                                cuda_build.NVCC_FLAGS + setting.split())
+    """The backward extension with extra nvcc flags ``setting``: the build the tests get with
+    HYPTORCH_FLASH_NVCC_EXTRA=setting (same name and cache key)."""
+    return cuda_backward.build_extension(cuda_build.extra_nvcc_flags(setting, cuda_build.FORWARD_MACROS))
 
 
 def fwd_bwd(q, k, v, dout, score):

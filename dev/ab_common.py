@@ -1,5 +1,4 @@
 """Shared parts of the dev/ A/B scripts: CUDA-event timing, the benchmark problems, the command line."""
-import hashlib
 import statistics
 import sys
 
@@ -37,8 +36,3 @@ def build_settings(argv=None):
     args = sys.argv[1:] if argv is None else argv
     build_only = bool(args) and args[0] == "--build-only"
     return (args[1:] if build_only else args or [""]), build_only
-
-
-def setting_build_name(prefix: str, setting: str) -> str:
-    """A JIT build name per nvcc-flag setting (a hash of the flags)."""
-    return prefix + hashlib.sha1(setting.encode()).hexdigest()[:10]

@@ -12,18 +12,19 @@ the same inputs is timed once per head dimension, as the yardstick for ratios.
 
 import torch.nn.functional as F
 
-from ab_common import build_settings, forward_problems, setting_build_name, timed  # dev/ab_common.py
+from ab_common import build_settings, forward_problems, timed  # dev/ab_common.py
 from hyptorch_flash.ops import cuda_build
 
 
 def build(setting: str):
-    """The forward extension built with extra nvcc flags ``setting``; the default ("") is the package's own."""
+    """The forward extension built with extra nvcc flags ``setting``: the build the tests get with
+    HYPTORCH_FLASH_NVCC_EXTRA=setting (same name and cache key); the default ("") is the package's own."""
     if not setting:
         return cuda_build.load()
-    sources = cuda_build.extension_sources()
+    extra = cuda_build.extra_nvcc_flags(setting, cuda_build.BACKWARD_MACROS)
     hashed = sorted(p for p in cuda_build.CSRC.iterdir() if p.suffix in (".cpp", ".cu", ".cuh", ".h"))
-    name = setting_build_name("hyptorch_flash_ab_", setting)
-    return cuda_build.jit_build(name, sources, hashed, cuda_build.NVCC_FLAGS + setting.split())
+    return cuda_build.jit_build(cuda_build.build_name(cuda_build.EXTENSION_NAME, extra),
+                                cuda_build.extension_sources(), hashed, cuda_build.NVCC_FLAGS + extra)
 
 
 def main():

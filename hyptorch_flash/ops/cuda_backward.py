@@ -93,11 +93,17 @@ def hashed_sources():
             if p.name.startswith(("bwd_", "binding_bwd")) or p.name in shared]
 
 
+def build_extension(extra: list[str]):
+    """The backward extension built with extra nvcc flags ``extra`` (JIT, ninja, cached under a file lock)."""
+    return cuda_build.jit_build(cuda_build.build_name(EXTENSION_NAME, extra), sources(), hashed_sources(),
+                                cuda_build.NVCC_FLAGS + extra)
+
+
 def load_extension():
-    """The backward extension (JIT-built on first use with ninja, cached, under a file lock)."""
+    """The backward extension (built on first use, with $HYPTORCH_FLASH_NVCC_EXTRA's backward switches)."""
     global _module
     if _module is None:
-        _module = cuda_build.jit_build(EXTENSION_NAME, sources(), hashed_sources(), cuda_build.nvcc_flags())
+        _module = build_extension(cuda_build.environment_extra_flags(cuda_build.FORWARD_MACROS))
     return _module
 
 

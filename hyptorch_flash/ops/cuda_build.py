@@ -35,11 +35,28 @@ def extension_sources() -> list[Path]:
     return [CSRC / "binding.cpp", *sorted(CSRC.glob("attention_fwd*.cu"))]
 
 
-def nvcc_flags() -> list[str]:
-    # $HYPTORCH_FLASH_NVCC_EXTRA: extra nvcc flags for tuning experiments, for both extensions (e.g.
-    # -DHYPTORCH_FWD_BLOCK_N_D64=32);
-    # they are part of the cache key, so each setting gets its own build.
-    return NVCC_FLAGS + os.environ.get("HYPTORCH_FLASH_NVCC_EXTRA", "").split()
+# Macro prefixes of each extension's tuning switches (attention_fwd_kernel.cuh, bwd_kernel.cuh)
+FORWARD_MACROS, BACKWARD_MACROS = "-DHYPTORCH_FWD_", "-DHYPTORCH_BWD_"
+
+
+def extra_nvcc_flags(flags: str, other_macros: str) -> list[str]:
+    """The extra nvcc flags ``flags`` (a space-separated string) that concern an extension: without the other
+    extension's switches (``other_macros``, a prefix), which its code never reads, so that they neither change
+    its cache key nor rebuild it."""
+    return [f for f in flags.split() if not f.startswith(other_macros)]
+
+
+def build_name(base: str, extra: list[str]) -> str:
+    """``base``, or with extra nvcc flags ``base`` and a hash of them: one module name per setting, so that
+    builds of several settings load into one process (the A/B scripts in dev/)."""
+    return f"{base}_{hashlib.sha1(' '.join(extra).encode()).hexdigest()[:10]}" if extra else base
+
+
+def environment_extra_flags(other_macros: str) -> list[str]:
+    """$HYPTORCH_FLASH_NVCC_EXTRA (extra nvcc flags for tuning experiments, e.g. -DHYPTORCH_FWD_BLOCK_N_D64=32)
+    for one extension (extra_nvcc_flags); part of the build's name and cache key, so each setting gets its own
+    build."""
+    return extra_nvcc_flags(os.environ.get("HYPTORCH_FLASH_NVCC_EXTRA", ""), other_macros)
 
 
 def _fingerprint(hashed_files: list[Path], arch: str, nvcc_flags: list[str]) -> str:
@@ -97,7 +114,8 @@ def jit_build(name: str, sources: list[Path], hashed_files: list[Path], nvcc_fla
 
 def _jit_build():
     hashed = [p for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".cu", ".cuh", ".h")]
-    return jit_build(EXTENSION_NAME, extension_sources(), hashed, nvcc_flags())
+    extra = environment_extra_flags(BACKWARD_MACROS)
+    return jit_build(build_name(EXTENSION_NAME, extra), extension_sources(), hashed, NVCC_FLAGS + extra)
 
 
 def load():
