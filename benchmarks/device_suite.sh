@@ -8,10 +8,10 @@
 # Steps: build, tests, sanitizer, sanitizer_fp32, fwd_quick, fwd_sweep, fwd_fp32, bwd, bwd_fp32, bwd_memory, bwd_flex,
 # bwd_opt_in (the backward opt-ins in $BWD_OPT_IN, by default -DHYPTORCH_BWD_D128_PREFETCH=1
 # -DHYPTORCH_BWD_FULL_TILE_LOADS=1 -DHYPTORCH_BWD_OVERWRITE_FIRST=1 -DHYPTORCH_BWD_D128_DQ_WGMMA=1
-# -DHYPTORCH_BWD_ACOSH_RSQRT=1 -DHYPTORCH_BWD_PAIR_ROUND=1: the tests and the bf16 sanitizer with all of them, a
-# same-process A/B of the default against each and against all of them, its builds overlapping the tests, ~8 min;
-# if the tests failed, the bf16 gradient checks with each one alone), bwd_mma_sync (the backward tests with the mma.sync
-# kernel that GPUs other than sm_90a run, -DHYPTORCH_BWD_WGMMA=0), bwd_ab (same-process A/B of the backward against
+# -DHYPTORCH_BWD_ACOSH_RSQRT=1 -DHYPTORCH_BWD_PAIR_ROUND=1 -DHYPTORCH_BWD_TMA_LOADS=1: the tests and the bf16
+# sanitizer with all of them, a same-process A/B of the default against each and against all of them, its builds
+# overlapping the tests, ~8 min; if the tests failed, the bf16 gradient checks with each one alone), bwd_mma_sync
+# (the backward tests with the mma.sync kernel that GPUs other than sm_90a run, -DHYPTORCH_BWD_WGMMA=0), bwd_ab (same-process A/B of the backward against
 # its switchable paths turned off one at a time: dev/ab_bwd_opt_in.py), bwd_ncu (Nsight Compute on the backward's
 # kernel 1 at D = 64 and 128: stall reasons, scheduler and memory statistics, the hottest SASS lines), fwd_opt_in
 # (the forward opt-ins in $FWD_OPT_IN, by default -DHYPTORCH_FWD_DESC_LO=1 -DHYPTORCH_FWD_HILO_ONE_GROUP=1: the
@@ -59,7 +59,7 @@ cuda_build.load(); cuda_backward.load_extension()" ;;
     bwd_flex) step bwd_flex 300 python3 benchmarks/bench_cuda_backward.py --dims 64 \
       --scores distance flex_distance --iters 5 ;;
     bwd_opt_in)  # $BWD_OPT_IN: the opt-ins' nvcc flags, tested together and A/B'd one by one
-      BWD_OPT_IN=${BWD_OPT_IN:--DHYPTORCH_BWD_D128_PREFETCH=1 -DHYPTORCH_BWD_FULL_TILE_LOADS=1 -DHYPTORCH_BWD_OVERWRITE_FIRST=1 -DHYPTORCH_BWD_D128_DQ_WGMMA=1 -DHYPTORCH_BWD_ACOSH_RSQRT=1 -DHYPTORCH_BWD_PAIR_ROUND=1}
+      BWD_OPT_IN=${BWD_OPT_IN:--DHYPTORCH_BWD_D128_PREFETCH=1 -DHYPTORCH_BWD_FULL_TILE_LOADS=1 -DHYPTORCH_BWD_OVERWRITE_FIRST=1 -DHYPTORCH_BWD_D128_DQ_WGMMA=1 -DHYPTORCH_BWD_ACOSH_RSQRT=1 -DHYPTORCH_BWD_PAIR_ROUND=1 -DHYPTORCH_BWD_TMA_LOADS=1}
       read -ra opt_in_flags <<<"$BWD_OPT_IN"
       opt_in_flags+=("$BWD_OPT_IN")  # (and all of them together)
       # the A/B's extensions (one per setting) compile on the CPUs while the tests run on the GPU

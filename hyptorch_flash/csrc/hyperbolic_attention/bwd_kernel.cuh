@@ -39,6 +39,11 @@
 #include <math_constants.h>
 #include <type_traits>
 
+#if HYPTORCH_BWD_TMA_LOADS
+#include <cuda.h>          // CUtensorMap
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+#endif
+
 #include "bwd_params.cuh"
 #include "device_primitives.cuh"
 #include "hopper_primitives.cuh"
@@ -127,6 +132,15 @@
 // Opt-in (-DHYPTORCH_BWD_PAIR_ROUND=1): compile-checked, not yet run on a GPU.
 #ifndef HYPTORCH_BWD_PAIR_ROUND
 #define HYPTORCH_BWD_PAIR_ROUND 0
+#endif
+// Kernel 1 with wgmma (sm_90a, one-part inputs) loads its query tiles Q_i, dO_i, dO_lo,i with the TMA unit: one
+// thread issues a tensor load per 64-column block (the 128-byte swizzle of the tiles is the tensor map's), completing
+// a shared-memory barrier per query buffer that the others wait for, instead of every thread issuing 4-8 16-byte
+// cp.async per tile with their addresses (rows past N come back as zeros either way). The launcher encodes the three
+// tensor maps (encode_tile_map). Opt-in (-DHYPTORCH_BWD_TMA_LOADS=1): compile-checked, not yet run on a GPU; needs
+// the driver's cuTensorMapEncodeTiled (CUDA 12+).
+#ifndef HYPTORCH_BWD_TMA_LOADS
+#define HYPTORCH_BWD_TMA_LOADS 0
 #endif
 // Query tile of kernel 1 (and 2) at D = 128 for the dot scores (lorentz_dot, euclidean): 32 halves the per-step
 // overhead (barriers, row fields, dQ atomics) per query against 16 (-DHYPTORCH_BWD_D128_DOT_BLOCK_M=16, for A/B).
@@ -1140,7 +1154,12 @@ enum KvGrads : int { KV_ALL = 0, KV_DV = 1, KV_DK = 2 };
 
 template <typename T, int kHeadDim, int kFamily, int kParts, int kGrads>
 __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
-    attention_bwd_kv_kernel(const BwdParams p) {
+    attention_bwd_kv_kernel(const BwdParams p
+#if HYPTORCH_BWD_TMA_LOADS
+                            , const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap do_map,
+                            const __grid_constant__ CUtensorMap dlo_map  // (encode_tile_map; unused off sm_90a)
+#endif
+    ) {
   constexpr bool kDv = kGrads != KV_DK, kDk = kGrads != KV_DV;
   using Tl = Tile<kHeadDim, kFamily, kParts>;
   using Sm = Smem<T, kHeadDim, kFamily, kParts>;
@@ -1159,6 +1178,29 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   const int N = p.n_queries, M = p.n_keys;
   const HeadConst hc = head_const<kFamily, (kParts > 1)>(p, h);
   const bool has_lo = kParts == 1 && p.dout_lo != nullptr;
+  // HYPTORCH_BWD_TMA_LOADS: query tiles by TMA, one barrier per query buffer (initialised here, published by the
+  // barrier after the key fields), tma_phase bit b the parity of buffer b's next completion
+#if HYPTORCH_BWD_TMA_LOADS
+  constexpr bool kTmaLoads = use_wgmma;
+  __shared__ alignas(8) uint64_t tma_bar[2];
+  uint32_t tma_phase = 0;
+  if constexpr (kTmaLoads) {
+    if (threadIdx.x == 0) {
+      mbar_init(smem_addr(&tma_bar[0]), 1);
+      mbar_init(smem_addr(&tma_bar[1]), 1);
+      mbar_init_fence();
+    }
+  }
+#endif
+  // wait for query buffer b's tiles (HYPTORCH_BWD_TMA_LOADS; with cp.async, cp_async_wait does)
+  auto wait_query_tiles = [&](int b) {
+#if HYPTORCH_BWD_TMA_LOADS
+    if constexpr (kTmaLoads) {
+      mbar_wait(smem_addr(&tma_bar[b]), (tma_phase >> b) & 1u);
+      tma_phase ^= 1u << b;
+    }
+#endif
+  };
   if constexpr (use_wgmma) {
     // wgmma always reads dO_lo (score_wgmma_issue): without one, both buffers' tiles stay zero
     if (!has_lo) {
@@ -1215,6 +1257,26 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   // Q_i, dO_i and the row fields of query tile i0 → buffer buf (cp.async, in flight while the CTA computes)
   auto prefetch = [&](int i0, int buf) {
     const Sm sb(smem_raw, buf);
+#if HYPTORCH_BWD_TMA_LOADS
+    if constexpr (kTmaLoads) {
+      if (threadIdx.x == 0) {
+        const uint32_t bar = smem_addr(&tma_bar[buf]);
+        constexpr uint32_t kTileBytes = Tl::kBlockM * kHeadDim * sizeof(T);
+        mbar_arrive_expect_tx(bar, (has_lo ? 3u : 2u) * kTileBytes);
+        // 64-column blocks of swz_tile's layout, kBlockM · 128 bytes apart
+        auto tile = [&](const CUtensorMap& map, const T* dst) {
+#pragma unroll
+          for (int cb = 0; cb < kHeadDim / 64; ++cb) {
+            tma_load_3d(&map, smem_addr(dst) + cb * (Tl::kBlockM * 128), bar, 64 * cb, i0, bh);
+          }
+        };
+        tile(q_map, sb.q);
+        tile(do_map, sb.dout);
+        if (has_lo) tile(dlo_map, sb.dout_lo);
+      }
+      return;
+    }
+#endif
     const size_t offset = (size_t)bh * N * kHeadDim;
     load_parts<T, Tl::kBlockM, kHeadDim, Tl::kThreads, kParts, Sm::q_part>(
         sb.q, static_cast<const T*>(p.q) + offset, p.q_part_stride, i0, N);
@@ -1251,6 +1313,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   float sp[Tl::kQTiles][4], dp[Tl::kQTiles][4];
   if constexpr (kEarlyScores) {
     cp_async_wait<0>();
+    if (i_begin < N) wait_query_tiles(0);
     fence_proxy_async();
     __syncthreads();
     score_wgmma_issue<T, kHeadDim, kFamily>(Sm(smem_raw, 0), sp, dp);
@@ -1264,6 +1327,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
     }
     if constexpr (!kEarlyScores) {  // (kEarlyScores: tile i0 was waited for before its S/dP were issued)
       cp_async_wait<0>();
+      wait_query_tiles(buf);
       if constexpr (use_wgmma) fence_proxy_async();  // cp.async (and the zeroing above) wrote tiles wgmma reads
     }
     __syncthreads();  // tile i0 has landed, and every warp is done with the previous step's buffers
@@ -1422,7 +1486,10 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
       store_dxt<T, kHeadDim, kFamily, kParts>(sm.dxt, ax);
       // kEarlyScores: the next tile (prefetched at this step's start) has landed; after the step's last tile,
       // the other buffer's stale tiles feed S/dP nobody reads
-      if constexpr (kEarlyScores) cp_async_wait<0>();
+      if constexpr (kEarlyScores) {
+        cp_async_wait<0>();
+        if (i0 + Tl::kBlockM < N) wait_query_tiles(buf ^ 1);
+      }
       fence_proxy_async();  // the dxt stores (kEarlyScores: and the next tile's cp.async) are read by wgmma
       __syncthreads();
       constexpr int kDqCols = kHeadDim + (tc_rows ? 8 : 0);  // + R_i's n8 tile: [k0 hi, mid | lo, 0 | 0, 0 | 0, 0]
@@ -1671,6 +1738,33 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
   }
 }
 
+#if HYPTORCH_BWD_TMA_LOADS
+// HYPTORCH_BWD_TMA_LOADS: the tensor map of a (B·H, N, D) bf16/fp16 tensor (q, dout_s, dout_lo) for kernel 1's query
+// tile loads: dimensions (D, N, B·H), boxes of 64 columns × box_rows × 1 in the 128-byte swizzle, zeros past the end.
+template <typename T>
+cudaError_t encode_tile_map(CUtensorMap* map, const void* data, const BwdParams& p, int head_dim, int box_rows) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;  // (the driver's, looked up once)
+  if (encode == nullptr) {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                                           &found);
+    if (e != cudaSuccess) return e;
+    if (found != cudaDriverEntryPointSuccess || fn == nullptr) return cudaErrorNotSupported;
+    encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }
+  const cuuint64_t dims[3] = {(cuuint64_t)head_dim, (cuuint64_t)p.n_queries, (cuuint64_t)p.batch * p.heads};
+  const cuuint64_t strides[2] = {(cuuint64_t)head_dim * sizeof(T), (cuuint64_t)p.n_queries * head_dim * sizeof(T)};
+  const cuuint32_t box[3] = {64, (cuuint32_t)box_rows, 1}, element_strides[3] = {1, 1, 1};
+  const CUtensorMapDataType type =
+      std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUresult r = encode(map, type, 3, const_cast<void*>(data), dims, strides, box, element_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+#endif
+
 template <typename T, int kHeadDim, int kFamily, int kParts>
 cudaError_t launch(const BwdParams& p, int stage, cudaStream_t stream) {
   using Tl = Tile<kHeadDim, kFamily, kParts>;
@@ -1692,10 +1786,30 @@ cudaError_t launch(const BwdParams& p, int stage, cudaStream_t stream) {
   }
   if (stage != 1) return cudaErrorInvalidValue;
   const dim3 grid_kv((p.n_keys + Tl::kBlockN - 1) / Tl::kBlockN, p.batch * p.heads);
+#if HYPTORCH_BWD_TMA_LOADS
+  // (zero and unused where kernel 1 has no wgmma path: split inputs, GPUs other than sm_90)
+  CUtensorMap q_map{}, do_map{}, dlo_map{};
+  if constexpr (Tl::kWgmma && kParts == 1) {
+    int device = 0, major = 0;
+    err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err != cudaSuccess) return err;
+    if (major == 9 && p.n_queries > 0) {
+      err = encode_tile_map<T>(&q_map, p.q, p, kHeadDim, Tl::kBlockM);
+      if (err == cudaSuccess) err = encode_tile_map<T>(&do_map, p.dout_s, p, kHeadDim, Tl::kBlockM);
+      if (err == cudaSuccess && p.dout_lo != nullptr) err = encode_tile_map<T>(&dlo_map, p.dout_lo, p, kHeadDim, Tl::kBlockM);
+      if (err != cudaSuccess) return err;
+    }
+  }
+#endif
   auto run_kv = [&](auto kernel) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return e;
+#if HYPTORCH_BWD_TMA_LOADS
+    kernel<<<grid_kv, Tl::kThreads, smem, stream>>>(p, q_map, do_map, dlo_map);
+#else
     kernel<<<grid_kv, Tl::kThreads, smem, stream>>>(p);
+#endif
     return cudaGetLastError();
   };
   if constexpr (Tl::kKvTwoPasses) {

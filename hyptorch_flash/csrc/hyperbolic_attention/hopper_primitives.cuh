@@ -51,6 +51,35 @@ __device__ __forceinline__ uint64_t smem_desc_at(uint32_t desc_lo, uint32_t offs
 // before later reads through the async proxy (wgmma operands); a barrier follows before the first wgmma.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// Shared-memory barriers (mbarrier) and TMA tile loads, for kernels that load tiles with the tensor memory
+// accelerator: one thread announces a barrier's byte count and issues the loads, which complete the barrier's phase
+// when their bytes have landed; the other threads wait for that phase (parity 0, 1, 0, … per use).
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
+}
+
+// After mbar_init, before a barrier (__syncthreads) and the first use: the initialisation is seen by the TMA unit.
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+
+// The box of the 3-D tensor map `map` (a __grid_constant__ kernel parameter) at coordinates (c0 fastest, c1, c2)
+// → shared memory at dst, completing `bar`'s transaction bytes; box elements outside the tensor are zero.
+__device__ __forceinline__ void tma_load_3d(const void* map, uint32_t dst, uint32_t bar, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], "
+      "[%2];\n" ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2) : "memory");
+}
+
 // Before the first wgmma of a group: makes the warpgroup's register writes (accumulators, A fragments)
 // visible to the tensor cores.
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
