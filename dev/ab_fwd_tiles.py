@@ -21,10 +21,7 @@ def build(setting: str):
     HYPTORCH_FLASH_NVCC_EXTRA=setting (same name and cache key); the default ("") is the package's own."""
     if not setting:
         return cuda_build.load()
-    extra = cuda_build.extra_nvcc_flags(setting, cuda_build.BACKWARD_MACROS)
-    hashed = sorted(p for p in cuda_build.CSRC.iterdir() if p.suffix in (".cpp", ".cu", ".cuh", ".h"))
-    return cuda_build.jit_build(cuda_build.build_name(cuda_build.EXTENSION_NAME, extra),
-                                cuda_build.extension_sources(), hashed, cuda_build.NVCC_FLAGS + extra)
+    return cuda_build.build_extension(cuda_build.extra_nvcc_flags(setting, cuda_build.BACKWARD_MACROS))
 
 
 def main():

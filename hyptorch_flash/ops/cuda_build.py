@@ -112,10 +112,14 @@ def jit_build(name: str, sources: list[Path], hashed_files: list[Path], nvcc_fla
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _jit_build():
+def build_extension(extra: list[str]):
+    """The forward extension built with extra nvcc flags ``extra`` (JIT, ninja, cached under a file lock)."""
     hashed = [p for p in sorted(CSRC.iterdir()) if p.suffix in (".cpp", ".cu", ".cuh", ".h")]
-    extra = environment_extra_flags(BACKWARD_MACROS)
     return jit_build(build_name(EXTENSION_NAME, extra), extension_sources(), hashed, NVCC_FLAGS + extra)
+
+
+def _jit_build():
+    return build_extension(environment_extra_flags(BACKWARD_MACROS))
 
 
 def load():

@@ -1453,7 +1453,7 @@ __global__ void __launch_bounds__(Tile<kHeadDim, kFamily, kParts>::kThreads, 1)
 #pragma unroll
         for (int kk = 0; kk < Tl::kBlockN / 16; ++kk) {  // keys 16kk … 16kk + 15
           wgmma_ss_tt<T, Tl::kBlockM>(dqt[c], smem_desc_at(k_lo, c * (Tl::kBlockN * 128) + kk * (16 * 128), 1024),
-                                      smem_desc_narrow<kDxtRow>(dxt + kk * 16 * kDxtRow, 0, 8 * kDxtRow));
+                                      smem_desc_swizzled<kDxtRow>(dxt + kk * 16 * kDxtRow, 0, 8 * kDxtRow));
         }
       }
       wgmma_commit();

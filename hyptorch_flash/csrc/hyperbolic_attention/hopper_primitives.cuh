@@ -16,23 +16,22 @@ namespace hyptorch_flash {
 //     leading = unused by this mode (the 16 reduction elements of one wgmma lie inside one 128-byte row).
 //   MN-major operand (V in P·V: contiguous along the output dim): stride = 1024 bytes between groups of
 //     8 rows (keys); leading = bytes between the 64-column blocks of the output dim.
-__device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t smem_byte_addr, uint32_t leading_bytes,
-                                                    uint32_t stride_bytes) {
-  return (uint64_t)((smem_byte_addr & 0x3FFFF) >> 4) | ((uint64_t)(leading_bytes >> 4) << 16) |
-         ((uint64_t)(stride_bytes >> 4) << 32) | (1ull << 62);
-}
-
-// The descriptor of a narrower swizzle: rows of kRowBytes = 64 or 32 bytes (the 64- or 32-byte swizzle: 16-byte
-// chunks XOR-ed with row bits 1-2 or bit 2, i.e. address bits 7-8 or 7, in 8-row atoms of 8 · kRowBytes bytes,
-// atom-aligned so the base-offset field is 0). MN-major operands: stride = 8 · kRowBytes between groups of 8 rows of
-// the reduction dim; leading = bytes between kRowBytes / 2-element blocks of the M/N dim (unused within one block).
+// smem_desc_swizzled<kRowBytes>: the same for rows of 128, 64 or 32 bytes (the 128-, 64- or 32-byte swizzle: 16-byte
+// chunks XOR-ed with address bits 7-9, 7-8 or 7, in 8-row atoms of 8 · kRowBytes bytes, atom-aligned so the
+// base-offset field is 0); for MN-major operands stride = 8 · kRowBytes between groups of 8 rows of the reduction
+// dim, leading = bytes between kRowBytes / 2-element blocks of the M/N dim (unused within one block).
 template <int kRowBytes>
-__device__ __forceinline__ uint64_t smem_desc_narrow(uint32_t smem_byte_addr, uint32_t leading_bytes,
-                                                     uint32_t stride_bytes) {
-  static_assert(kRowBytes == 64 || kRowBytes == 32, "the 64- and 32-byte swizzles (128: smem_desc_sw128)");
-  constexpr uint64_t kMode = kRowBytes == 64 ? 2 : 3;  // layout type: 1 = 128-byte, 2 = 64-byte, 3 = 32-byte swizzle
+__device__ __forceinline__ uint64_t smem_desc_swizzled(uint32_t smem_byte_addr, uint32_t leading_bytes,
+                                                       uint32_t stride_bytes) {
+  static_assert(kRowBytes == 128 || kRowBytes == 64 || kRowBytes == 32, "the 128-, 64- and 32-byte swizzles");
+  constexpr uint64_t kMode = kRowBytes == 128 ? 1 : kRowBytes == 64 ? 2 : 3;  // the descriptor's layout type
   return (uint64_t)((smem_byte_addr & 0x3FFFF) >> 4) | ((uint64_t)(leading_bytes >> 4) << 16) |
          ((uint64_t)(stride_bytes >> 4) << 32) | (kMode << 62);
+}
+
+__device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t smem_byte_addr, uint32_t leading_bytes,
+                                                    uint32_t stride_bytes) {
+  return smem_desc_swizzled<128>(smem_byte_addr, leading_bytes, stride_bytes);
 }
 
 // The same descriptor in two steps, for the k-steps of one tile: smem_desc_lo once per tile, then
